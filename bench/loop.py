@@ -1,0 +1,341 @@
+"""End-to-end: epochs of ``fastvae``'s training loop against its peers, on Fashion-MNIST, interleaved in one run.
+
+Loops (``LOOPS``), each training its own copy of the same model (same seed, same initial weights), batch
+size 128 and Adam with lr 1e-3:
+
+- ``fastvae``: ``fastvae.train.fit(model, images, TrainConfig(...))``, the real loop (data on the device,
+  one permutation per epoch, fused ops, fused Adam). Its epoch time is the one ``fit`` measures around the
+  training steps of an epoch (``epoch_time_s``); the evaluation, image grids and checkpoint that ``fit``
+  runs at each epoch end are reported apart (``wall_epoch_s``).
+- ``plain``: the pytorch/examples VAE loop (``examples/vae/main.py``): a ``DataLoader`` over torchvision's
+  ``FashionMNIST(transform=ToTensor())`` with ``batch_size=128, shuffle=True`` (and ``num_workers=1,
+  pin_memory=True`` on CUDA), ``optimizer.zero_grad()``, forward, ``loss.backward()``,
+  ``train_loss += loss.item()``, ``optimizer.step()``. torchvision cannot be installed beside this CPU
+  build of torch, so ``TorchvisionFashionMNIST`` reproduces its dataset exactly: ``__getitem__`` builds a
+  PIL image from the uint8 array and applies ``to_tensor`` (torchvision's ``ToTensor`` for PIL images).
+  The model's modules are the same; the reparameterization, KL and balanced loss are written in plain
+  PyTorch (``bench.ops.eager_reparameterize_kl`` and ``eager_balanced_mse``): the same objective as fastvae's.
+- ``pythae`` (when ``pythae`` imports): pythae 0.1.2's ``BaseTrainer.train_step`` (one epoch: its
+  ``DataLoader`` over ``BaseDataset`` in memory, its callbacks) on a ``pythae.models.VAE`` whose encoder and
+  decoder are the same modules; pythae's own VAE loss (``0.5 * sum of squared errors + KL``, batch mean).
+  Only the training pass is timed (``train`` would also deep-copy the model every epoch and save it).
+
+One epoch of each loop in turn (fastvae's epoch, then the others from its epoch-end callback), for
+``epochs`` rounds; times are the median and the 20th/80th percentiles over epochs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import io
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .ops import eager_balanced_mse, eager_reparameterize_kl
+
+LOOPS = ("fastvae", "plain", "pythae")
+MODELS = ("dense", "conv")
+BATCH = 128
+LR = 1e-3
+
+
+@dataclass
+class LoopRow:
+    """One loop on one model: epoch times in seconds over ``epochs`` epochs of ``images`` images."""
+
+    device: str
+    model: str
+    loop: str
+    epochs: int
+    images: int
+    epoch_s: float | None = None
+    p20_s: float | None = None
+    p80_s: float | None = None
+    first_epoch_s: float | None = None
+    images_per_s: float | None = None
+    vs_plain: float | None = None
+    wall_epoch_s: float | None = None
+    note: str = ""
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+# --------------------------------------------------------------------------------------------------
+# torchvision's FashionMNIST and ToTensor, reproduced
+# --------------------------------------------------------------------------------------------------
+def to_tensor(pic) -> Tensor:
+    """torchvision.transforms.functional.to_tensor for a PIL image: ``(C, H, W)`` float in [0, 1]."""
+    img = torch.from_numpy(np.array(pic, np.uint8, copy=True))
+    img = img.view(pic.size[1], pic.size[0], len(pic.getbands()))
+    img = img.permute((2, 0, 1)).contiguous()
+    return img.to(dtype=torch.get_default_dtype()).div(255)
+
+
+class TorchvisionFashionMNIST(Dataset):
+    """``torchvision.datasets.FashionMNIST(root, train=True, transform=ToTensor())`` without torchvision:
+    ``data`` uint8 ``(N, 28, 28)``, ``targets`` int64 ``(N,)``; ``__getitem__`` returns ``(image, target)``
+    with the image made by ``PIL.Image.fromarray(data[i].numpy(), mode "L")`` and ``to_tensor``."""
+
+    def __init__(self, data: Tensor, targets: Tensor, transform: Callable | None = to_tensor):
+        if data.dtype != torch.uint8 or data.dim() != 3:
+            raise ValueError(f"data must be uint8 (N, H, W), got {data.dtype} of shape {tuple(data.shape)}")
+        self.data, self.targets, self.transform = data, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img, target = self.data[index], int(self.targets[index])
+        img = Image.fromarray(img.numpy())  # a 2-D uint8 array is mode "L"
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def load_fashion_mnist(limit: int = 0) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST's training split through ``fastvae.data.load_dataset``: float images ``(N, 1, 28, 28)``
+    and labels, cut to the first ``limit`` images when ``limit``."""
+    from fastvae.data import load_dataset
+
+    images, labels = load_dataset("fashion-mnist", split="train", download=False)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def as_uint8(images: Tensor) -> Tensor:
+    """``(N, 1, H, W)`` float images that were ``uint8 / 255`` back to ``uint8 (N, H, W)``, exactly."""
+    return (images[:, 0] * 255).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loops
+# --------------------------------------------------------------------------------------------------
+def build(model_name: str) -> nn.Module:
+    """The benchmark's models with seeded initial weights: ``dense`` 784-256-64-32-16, ``conv`` fastvae's ConvVAE."""
+    from fastvae.models import ConvVAE, DenseVAE
+
+    torch.manual_seed(0)
+    if model_name == "dense":
+        return DenseVAE((1, 28, 28), latent_dim=16, hidden=(256, 64, 32))
+    if model_name == "conv":
+        return ConvVAE((1, 28, 28), latent_dim=16)
+    raise ValueError(f"model must be one of {MODELS}, got {model_name!r}")
+
+
+class PlainLoop:
+    """pytorch/examples' VAE training loop over the torchvision-style dataset (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, images: Tensor, labels: Tensor, device: torch.device):
+        self.model, self.device = model.to(device), device
+        kwargs = {"num_workers": 1, "pin_memory": True} if device.type == "cuda" else {}
+        dataset = TorchvisionFashionMNIST(as_uint8(images), labels)
+        self.loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, **kwargs)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+        self.running_mse = torch.ones((), device=device)
+
+    def epoch(self) -> float:
+        model, optimizer = self.model, self.optimizer
+        model.train()
+        train_loss = 0.0
+        for batch_idx, (data, _) in enumerate(self.loader):
+            data = data.to(self.device)
+            optimizer.zero_grad()
+            mu, logvar = model.encode(data)
+            z, kl = eager_reparameterize_kl(mu, logvar)
+            recon_batch = model.decode(z)
+            loss = eager_balanced_mse(recon_batch, data, self.running_mse)[0] + kl
+            loss.backward()
+            train_loss += loss.item()
+            optimizer.step()
+        return train_loss / len(self.loader)
+
+
+class PythaeLoop:
+    """pythae's ``BaseTrainer`` on a ``pythae.models.VAE`` made of the model's encoder and decoder."""
+
+    def __init__(self, model: nn.Module, images: Tensor, labels: Tensor, device: torch.device, out_dir: str):
+        from pythae.data.datasets import BaseDataset
+        from pythae.models import VAE, VAEConfig
+        from pythae.models.base.base_utils import ModelOutput
+        from pythae.models.nn import BaseDecoder, BaseEncoder
+        from pythae.trainers import BaseTrainer, BaseTrainerConfig
+
+        class Encoder(BaseEncoder):
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                mu, logvar = self.net(x).chunk(2, dim=-1)
+                return ModelOutput(embedding=mu, log_covariance=logvar)
+
+        class Decoder(BaseDecoder):
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, z):
+                return ModelOutput(reconstruction=self.net(z))
+
+        for name in ("pythae", "pythae.trainers", "pythae.trainers.base_trainer.base_trainer", "pythae.models"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        config = VAEConfig(input_dim=tuple(images.shape[1:]), latent_dim=model.latent_dim, reconstruction_loss="mse")
+        vae = VAE(config, encoder=Encoder(model.encoder), decoder=Decoder(model.decoder))
+        training = BaseTrainerConfig(output_dir=out_dir, per_device_train_batch_size=BATCH, num_epochs=1_000_000,
+                                     learning_rate=LR, optimizer_cls="Adam", no_cuda=device.type != "cuda")
+        with _silenced():
+            self.trainer = BaseTrainer(vae, train_dataset=BaseDataset(images.cpu(), labels.cpu()), training_config=training)
+            self.trainer.prepare_training()
+        self.n_epoch = 0
+
+    def epoch(self) -> float:
+        self.n_epoch += 1
+        with _silenced():
+            return self.trainer.train_step(self.n_epoch)
+
+
+@contextlib.contextmanager
+def _silenced():
+    """pythae's progress bars and console printer write to stdout/stderr at every step; keep them out of the log."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def pythae_available() -> str | None:
+    """None when pythae imports, else why not."""
+    try:
+        importlib.import_module("pythae")
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run_model(model_name: str, device: torch.device, images: Tensor, labels: Tensor, epochs: int,
+              loops: Sequence[str], log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Interleaved epochs of ``loops`` on ``model_name``: ``{loop: {"times": [...], "wall": [...], "note": str}}``."""
+    from fastvae.train import TrainConfig, fit
+
+    results = {name: {"times": [], "wall": [], "note": ""} for name in loops}
+    others: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="fastvae-bench-loop-") as tmp:
+        if "plain" in loops:
+            others["plain"] = PlainLoop(build(model_name), images, labels, device)
+        if "pythae" in loops:
+            others["pythae"] = PythaeLoop(build(model_name), images, labels, device, f"{tmp}/pythae")
+
+        def run_others(k: int) -> None:
+            names = list(others)
+            for name in names[k % len(names):] + names[:k % len(names)] if names else []:
+                seconds = _timed(others[name].epoch, device)
+                results[name]["times"].append(seconds)
+                log(f"  {model_name:6s} epoch {k + 1}/{epochs} {name:8s} {seconds:8.2f} s")
+
+        if "fastvae" not in loops:
+            for k in range(epochs):
+                run_others(k)
+            return results
+
+        marks = {"start": time.perf_counter()}
+
+        def at_epoch_end(*, epoch, metrics, epoch_end, **_):
+            if not epoch_end:
+                return
+            now = time.perf_counter()
+            results["fastvae"]["times"].append(float(metrics["epoch_time_s"]))
+            results["fastvae"]["wall"].append(now - marks["start"])
+            log(f"  {model_name:6s} epoch {epoch}/{epochs} {'fastvae':8s} {metrics['epoch_time_s']:8.2f} s "
+                f"({now - marks['start']:.2f} s with its evaluation and checkpoint)")
+            run_others(epoch - 1)
+            marks["start"] = time.perf_counter()
+
+        config = TrainConfig(dataset="fashion-mnist", model=model_name, epochs=epochs, batch_size=BATCH, lr=LR,
+                             device=str(device), out=f"{tmp}/fastvae", progress=False, tensorboard=False,
+                             log_every=50, n_samples=16)
+        fit(build(model_name), images, config, callbacks=[at_epoch_end])
+    return results
+
+
+def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None = None,
+              models: Sequence[str] | None = None, log: Callable[[str], None] = print) -> tuple[list[LoopRow], str]:
+    """Every loop on every model; returns the rows and a note on what ran (printed with the ratios)."""
+    from .ops import device_name
+
+    models = tuple(models or MODELS)
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise ValueError(f"loop models must be among {MODELS}, got {bad}")
+    epochs = epochs or (1 if quick else 3)
+    if epochs < 1:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    limit = 512 if quick else 0
+    images, labels = load_fashion_mnist(limit)
+    missing = pythae_available()
+    loops = [name for name in LOOPS if name != "pythae" or missing is None]
+    note = (f"Fashion-MNIST train split, {images.shape[0]} images, batch {BATCH}, Adam lr {LR}, {epochs} epoch(s) "
+            "of each loop, interleaved. `plain`: pytorch/examples' VAE loop with a DataLoader over a torchvision-"
+            "equivalent FashionMNIST dataset (PIL image + ToTensor per sample; torchvision itself is not installable "
+            "beside this torch build), the same model and balanced objective in plain PyTorch. `pythae`: pythae "
+            "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: fit()'s "
+            "own epoch_time_s (training steps); wall_epoch_s adds its per-epoch evaluation, image grids and "
+            "checkpoint. `time / plain` is epoch time over the plain loop's: below 1 is faster.")
+    if missing is not None:
+        note += f" pythae not run: {missing}."
+    rows: list[LoopRow] = []
+    dev = device_name(device)
+    for model_name in models:
+        log(f"loop: {model_name} on {dev}, {images.shape[0]} images, {epochs} epoch(s) per loop")
+        results = run_model(model_name, device, images, labels, epochs, loops, log)
+        plain = results.get("plain", {}).get("times")
+        plain_median = float(np.median(plain)) if plain else None
+        for name in loops:
+            times = results[name]["times"]
+            row = LoopRow(dev, model_name, name, len(times), images.shape[0])
+            if times:
+                p20, p50, p80 = np.percentile(np.asarray(times), [20, 50, 80])
+                row.epoch_s, row.p20_s, row.p80_s = float(p50), float(p20), float(p80)
+                row.first_epoch_s = float(times[0])
+                row.images_per_s = images.shape[0] / row.epoch_s
+                row.vs_plain = row.epoch_s / plain_median if plain_median else None
+            if results[name]["wall"]:
+                row.wall_epoch_s = float(np.median(results[name]["wall"]))
+                row.note = f"{row.wall_epoch_s:.2f} s per epoch with fit's evaluation, grids and checkpoint"
+            rows.append(row)
+    print_ratios(rows, log)
+    return rows, note
+
+
+def print_ratios(rows: Sequence[LoopRow], log: Callable[[str], None] = print) -> None:
+    """The epoch-time ratios between loops, per model."""
+    for model_name in dict.fromkeys(r.model for r in rows):
+        times = {r.loop: r.epoch_s for r in rows if r.model == model_name and r.epoch_s}
+        parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in (("fastvae", "plain"), ("pythae", "plain"), ("fastvae", "pythae"))
+                 if a in times and b in times]
+        speed = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+        log(f"loop {model_name}: epoch {speed}; time ratios {', '.join(parts) or '–'}")

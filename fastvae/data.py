@@ -1,0 +1,304 @@
+"""Datasets as tensors on the target device: ``load_dataset(name, root=None, split="train", device="cpu")``.
+
+Every dataset comes back whole as ``(images, labels)``: ``images`` float32 ``(N, C, H, W)`` scaled to
+``[0, 1]``, ``labels`` int64 ``(N,)`` (``-1`` where a file has none). The training loop shuffles it with a
+seeded permutation per epoch and slices batches with ``index_select``: no per-sample Python work.
+
+Names (``DATASETS``) and where they are looked for, in order:
+
+- ``fashion-mnist``, ``mnist``: IDX files (gzipped or not) in torchvision's folder layout
+  ``ROOT/FashionMNIST/raw/`` or ``ROOT/MNIST/raw/``, then ``ROOT`` itself, then (Fashion-MNIST) Debian's
+  ``/usr/share/datasets/fashion-mnist/`` (``apt-get install dataset-fashion-mnist``); then torchvision's
+  download into ``ROOT`` when ``download`` is true and torchvision imports.
+- ``cifar10``: the python pickles ``ROOT/cifar-10-batches-py/`` (torchvision's layout, read without
+  torchvision), else torchvision's download.
+- ``celeba``: ``ROOT/celeba/img_align_celeba/*.jpg`` and ``list_eval_partition.txt`` (torchvision's layout),
+  centre-cropped to 140x140 and resized to 64x64 (Dai & Wipf's preprocessing), cached once as
+  ``ROOT/celeba/celeba64-SPLIT.npy``; else torchvision's download.
+- ``digits``: scikit-learn's 8x8 digits, always available offline (first 1500 images train, last 297 test).
+- a path to a ``.npy`` or ``.npz`` file of images: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``, uint8
+  (divided by 255) or float in ``[0, 1]``. An ``.npz`` holds the images under ``images``/``x``/``x_train``
+  (and optionally ``x_test``/``images_test`` for the test split, ``labels``/``y``/``y_train``/``y_test``).
+
+``ROOT`` is ``root``, else ``$FASTVAE_DATA``, else ``./data``. A dataset found nowhere raises
+``DatasetNotFoundError`` listing the places looked in and how to get it.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "as_images", "default_root", "resolve_dataset",
+           "fashion_mnist_available"]
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "digits")
+SPLITS = ("train", "test")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_TORCHVISION_FOLDER = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset was found in none of the places searched; the message lists them and how to get it."""
+
+
+def default_root() -> Path:
+    """``$FASTVAE_DATA`` when set, else ``./data``."""
+    return Path(os.environ.get("FASTVAE_DATA") or "data")
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------------
+def as_images(array, *, name: str = "images") -> Tensor:
+    """``(N, C, H, W)`` float32 in ``[0, 1]`` from a numpy array or tensor of images.
+
+    Accepted: ``(N, H, W)`` (one channel), ``(N, H, W, C)`` with ``C`` in (1, 3, 4) (channels last), or
+    ``(N, C, H, W)``; uint8 values are divided by 255, float values must already lie in ``[0, 1]``.
+    """
+    x = torch.as_tensor(array) if not isinstance(array, Tensor) else array
+    if x.dtype == torch.bool or x.dtype.is_complex or not (x.dtype == torch.uint8 or x.dtype.is_floating_point):
+        raise TypeError(f"{name} must hold uint8 or floating values, got {x.dtype}")
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    elif x.dim() == 4:
+        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"{name} must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if x.dtype == torch.uint8:
+        return x.contiguous().float().div_(255.0)
+    x = x.float().contiguous()
+    lo, hi = float(x.min()), float(x.max())
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ValueError(f"{name}: float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return x
+
+
+def _labels(array, n: int) -> Tensor:
+    if array is None:
+        return torch.full((n,), -1, dtype=torch.int64)
+    labels = torch.as_tensor(np.asarray(array)).reshape(-1).to(torch.int64)
+    if labels.numel() != n:
+        raise ValueError(f"labels: expected {n} labels, got {labels.numel()}")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+# --------------------------------------------------------------------------------------------------
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (``.gz`` or raw) as a uint8 array: ``(N, H, W)`` images or ``(N,)`` labels."""
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+        data = bytearray(handle.read())  # writable, so torch.from_numpy needs no copy
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but the file holds {array.size} bytes")
+    return array.reshape(shape)
+
+
+def _idx_dirs(name: str, root: Path) -> list[Path]:
+    dirs = [root / _TORCHVISION_FOLDER[name] / "raw", root / name, root]
+    if name == "fashion-mnist":
+        dirs.append(DEBIAN_FASHION_MNIST)
+    return dirs
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_idx(name: str, root: Path, split: str, download: bool):
+    images_stem, labels_stem = _IDX_FILES[split]
+    dirs = _idx_dirs(name, root)
+    for directory in dirs:
+        images, labels = _find_idx(directory, images_stem), _find_idx(directory, labels_stem)
+        if images is not None and labels is not None:
+            return read_idx(images), read_idx(labels)
+    error = _torchvision_download(name, root, download)
+    if error is None:
+        return _load_idx(name, root, split, download=False)
+    how = [f"put {images_stem}[.gz] and {labels_stem}[.gz] in {dirs[0]}"]
+    if name == "fashion-mnist":
+        how.insert(0, "on Debian or Ubuntu: apt-get install dataset-fashion-mnist")
+    how.append(f"or pip install torchvision and run online (the download goes to {root}); {error}")
+    raise DatasetNotFoundError(_not_found(name, [str(d) for d in dirs], how))
+
+
+def fashion_mnist_available(root: str | Path | None = None) -> bool:
+    """Whether Fashion-MNIST's IDX files are on this machine (no download)."""
+    root = Path(root) if root is not None else default_root()
+    return any(_find_idx(d, _IDX_FILES["train"][0]) and _find_idx(d, _IDX_FILES["test"][0])
+               for d in _idx_dirs("fashion-mnist", root))
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10, CelebA
+# --------------------------------------------------------------------------------------------------
+def _load_cifar10(root: Path, split: str, download: bool):
+    folder = root / "cifar-10-batches-py"
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    if not all((folder / f).is_file() for f in files):
+        error = _torchvision_download("cifar10", root, download)
+        if error is not None:
+            raise DatasetNotFoundError(_not_found("cifar10", [str(folder)], [
+                f"pip install torchvision and run online (the download goes to {root})",
+                f"or unpack cifar-10-python.tar.gz into {root}", error]))
+    images, labels = [], []
+    for f in files:
+        with open(folder / f, "rb") as handle:
+            batch = pickle.load(handle, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch["labels"]))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+_CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+
+def _load_celeba(root: Path, split: str, download: bool):
+    folder = root / "celeba"
+    cache = folder / f"celeba64-{split}.npy"
+    if cache.is_file():
+        return np.load(cache), None
+    partition, images_dir = folder / "list_eval_partition.txt", folder / "img_align_celeba"
+    if not (partition.is_file() and images_dir.is_dir()):
+        error = _torchvision_download("celeba", root, download)
+        if error is not None:
+            raise DatasetNotFoundError(_not_found("celeba", [str(folder)], [
+                f"pip install torchvision and run online (the download goes to {root}; Google Drive limits it)",
+                f"or unpack img_align_celeba.zip and list_eval_partition.txt into {folder}", error]))
+    from PIL import Image
+
+    wanted = _CELEBA_SPLITS[split]
+    names = [line.split()[0] for line in partition.read_text().splitlines()
+             if line.strip() and int(line.split()[1]) == wanted]
+    out = np.empty((len(names), 64, 64, 3), dtype=np.uint8)
+    for i, file in enumerate(names):  # once, then cached
+        with Image.open(images_dir / file) as image:
+            w, h = image.size
+            left, top = (w - 140) // 2, (h - 140) // 2
+            out[i] = np.asarray(image.convert("RGB").crop((left, top, left + 140, top + 140))
+                                .resize((64, 64), Image.BILINEAR))
+    np.save(cache, out)
+    return out, None
+
+
+def _torchvision_download(name: str, root: Path, download: bool) -> str | None:
+    """Download ``name`` with torchvision into ``root``; None on success, else why it did not happen."""
+    if not download:
+        return "download=False"
+    try:
+        import torchvision.datasets as tvd
+    except Exception:
+        return "torchvision is not installed"
+    try:
+        if name == "celeba":
+            tvd.CelebA(str(root), split="all", download=True)
+        else:
+            cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[name]
+            for train in (True, False):
+                cls(str(root), train=train, download=True)
+    except Exception as error:  # offline, quota, checksum
+        return f"torchvision's download failed: {error}"
+    return None
+
+
+def _not_found(name: str, looked: list[str], how: list[str]) -> str:
+    return (f"dataset {name!r} not found. Looked in: {', '.join(looked)}. To get it: " + "; ".join(how)
+            + ". (scikit-learn's 'digits' works offline.)")
+
+
+# --------------------------------------------------------------------------------------------------
+# digits, files
+# --------------------------------------------------------------------------------------------------
+def _load_digits(split: str):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    cut = slice(0, 1500) if split == "train" else slice(1500, None)
+    return images[cut], digits.target[cut]
+
+
+_NPZ_IMAGES = {"train": ("images", "x", "x_train", "images_train"), "test": ("x_test", "images_test")}
+_NPZ_LABELS = {"train": ("labels", "y", "y_train", "labels_train"), "test": ("y_test", "labels_test")}
+
+
+def _load_file(path: Path, split: str):
+    if not path.is_file():
+        raise DatasetNotFoundError(f"dataset file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        if split == "test":
+            raise ValueError(f"{path} holds one array and so no test split; use an .npz with x_test")
+        return np.load(path, allow_pickle=False), None
+    with np.load(path, allow_pickle=False) as archive:
+        keys = set(archive.files)
+        image_key = next((k for k in _NPZ_IMAGES[split] if k in keys), None)
+        if image_key is None:
+            raise ValueError(f"{path}: no {split} images; expected one of the keys {_NPZ_IMAGES[split]}, found {sorted(keys)}")
+        label_key = next((k for k in _NPZ_LABELS[split] if k in keys), None)
+        return archive[image_key], (archive[label_key] if label_key else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public
+# --------------------------------------------------------------------------------------------------
+def resolve_dataset(name: str, root: str | Path | None = None) -> str:
+    """``auto`` becomes ``fashion-mnist`` when its files are on this machine, else ``digits``; other names pass."""
+    if name == "auto":
+        return "fashion-mnist" if fashion_mnist_available(root) else "digits"
+    return name
+
+
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train", device: str | torch.device = "cpu",
+                 *, download: bool = True) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` of dataset ``name`` (see the module docstring) on ``device``.
+
+    Args:
+        name: one of ``DATASETS``, ``auto`` (Fashion-MNIST if present, else digits), or a ``.npy``/``.npz`` path.
+        root: the data folder (default ``$FASTVAE_DATA`` or ``./data``).
+        split: ``train`` or ``test``.
+        device: where the tensors go.
+        download: let torchvision download a dataset that is not found (needs torchvision and a network).
+
+    Returns:
+        ``images`` float32 ``(N, C, H, W)`` in ``[0, 1]`` and ``labels`` int64 ``(N,)`` (-1 when unknown).
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"load_dataset: name must be a dataset name or a file path, got {type(name).__name__}")
+    if split not in SPLITS:
+        raise ValueError(f"load_dataset: split must be one of {SPLITS}, got {split!r}")
+    root = Path(root) if root is not None else default_root()
+    name = resolve_dataset(str(name), root)
+    if name in ("fashion-mnist", "mnist"):
+        images, labels = _load_idx(name, root, split, download)
+    elif name == "cifar10":
+        images, labels = _load_cifar10(root, split, download)
+    elif name == "celeba":
+        images, labels = _load_celeba(root, split, download)
+    elif name == "digits":
+        images, labels = _load_digits(split)
+    elif str(name).endswith((".npy", ".npz")):
+        images, labels = _load_file(Path(name), split)
+    else:
+        raise ValueError(f"load_dataset: name must be one of {DATASETS}, 'auto' or a .npy/.npz file, got {name!r}")
+    images = as_images(np.ascontiguousarray(images), name=f"{name} images")
+    return images.to(device), _labels(labels, images.shape[0]).to(device)

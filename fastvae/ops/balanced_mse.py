@@ -1,0 +1,200 @@
+"""The balanced reconstruction loss (Asperti & Trentin 2020): ``balanced_mse`` and ``BalancedMSE``.
+
+A Gaussian negative log-likelihood whose variance ``gamma^2`` is a running estimate of the MSE.
+The custom op ``fastvae::balanced_mse`` returns the loss and the sum of squared errors in one pass;
+the running estimate is then updated from that sum (all-reduced over ranks under torch.distributed)
+outside the op, so the op itself mutates nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import backend, reference
+from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, finite_check_enabled
+from ._layout import as_rows
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+def _rows(x: Tensor) -> Tensor:
+    """``(N, *)`` as ``(N, prod(*))``."""
+    return as_rows(x, x[0].numel() if x.dim() > 1 else 1)
+
+
+def _loss_shape(x: Tensor, reduction: str) -> torch.Size:
+    if reduction == "none":
+        return x.shape
+    if reduction == "per_sample":
+        return x.shape[:1]
+    return torch.Size()
+
+
+def _accumulation(x_hat: Tensor, x: Tensor) -> torch.dtype:
+    return reference.accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
+
+
+@torch.library.custom_op("fastvae::balanced_mse", mutates_args=())
+def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, full: bool) -> tuple[Tensor, Tensor]:
+    """``(loss, sum((x_hat - x)^2))`` with variance ``gamma2``; the sum is not differentiable."""
+    if not backend.use_triton(x_hat):
+        loss = reference.balanced_mse_loss(x_hat, x, gamma2, reduction=reduction, full=full)
+        return loss, reference.squared_error_sum(x_hat, x)
+    loss, sse = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), gamma2, reduction, full)
+    return loss.view(_loss_shape(x_hat, reduction)), sse.view(())
+
+
+@torch.library.custom_op("fastvae::balanced_mse_backward", mutates_args=())
+def _balanced_mse_backward_op(
+    grad: Tensor, x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, need_x_hat: bool, need_x: bool
+) -> tuple[Tensor, Tensor]:
+    """``(d/dx_hat, d/dx)``; a gradient not needed comes back as an empty tensor."""
+    if not backend.use_triton(x_hat):
+        grad_x_hat, grad_x = reference.balanced_mse_backward(grad, x_hat, x, gamma2, reduction)
+    else:
+        grad_rows = _rows(grad) if reduction == "none" else grad.reshape(-1)
+        grad_x_hat, grad_x = backend.kernels().balanced_mse.backward(
+            grad_rows, _rows(x_hat), _rows(x), gamma2, reduction, need_x_hat, need_x
+        )
+        grad_x_hat = grad_x_hat.view(x_hat.shape) if need_x_hat else grad_x_hat
+        grad_x = grad_x.view(x.shape) if need_x else grad_x
+    return (grad_x_hat if need_x_hat else x_hat.new_empty(0)), (grad_x if need_x else x.new_empty(0))
+
+
+@_balanced_mse_op.register_fake
+def _(x_hat, x, gamma2, reduction, full):
+    acc = _accumulation(x_hat, x)
+    loss_dtype = x_hat.dtype if reduction == "none" else acc
+    return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=loss_dtype), x_hat.new_empty((), dtype=acc)
+
+
+@_balanced_mse_backward_op.register_fake
+def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x):
+    return x_hat.new_empty(x_hat.shape if need_x_hat else (0,)), x.new_empty(x.shape if need_x else (0,))
+
+
+def _setup(ctx, inputs, output):
+    x_hat, x, gamma2, reduction, _ = inputs
+    ctx.save_for_backward(x_hat, x, gamma2)
+    ctx.reduction = reduction
+    ctx.mark_non_differentiable(output[1])
+
+
+def _grad(ctx, grad_loss, _grad_sse):
+    x_hat, x, gamma2 = ctx.saved_tensors
+    need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x)
+    return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None
+
+
+_balanced_mse_op.register_autograd(_grad, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------------------- public API
+UPDATE_RULES = reference.UPDATE_RULES
+
+
+def _check_running_mse(op: str, running_mse: object, device: torch.device) -> Tensor:
+    if not isinstance(running_mse, Tensor) or not running_mse.dtype.is_floating_point or running_mse.numel() != 1:
+        described = f"{running_mse.dtype} of shape {tuple(running_mse.shape)}" if isinstance(running_mse, Tensor) else type(running_mse).__name__
+        raise ValueError(f"{op}: running_mse must be a one-element floating tensor holding a positive value, got {described}")
+    if running_mse.device != device:
+        raise ValueError(f"{op}: running_mse must be on the device of x_hat ({device}), got {running_mse.device}")
+    # reading the value waits for the GPU, so on CUDA it is checked only with FASTVAE_CHECK_FINITE=1;
+    # torch.compile cannot branch on it at all
+    if (running_mse.device.type == "cpu" and not torch.compiler.is_compiling()) or finite_check_enabled():
+        value = float(running_mse.detach().reshape(()))
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{op}: running_mse must be positive and finite, got {value}")
+    return running_mse
+
+
+def batch_mse(sse: Tensor, numel: int) -> Tensor:
+    """``sse / numel``, summed over all ranks first when torch.distributed is initialized."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        totals = torch.stack([sse.detach().double(), torch.tensor(float(numel), dtype=torch.float64, device=sse.device)])
+        dist.all_reduce(totals)
+        return (totals[0] / totals[1]).to(sse.dtype)
+    return sse.detach() / numel
+
+
+def balanced_mse(
+    x_hat: Tensor,
+    x: Tensor,
+    running_mse: Tensor,
+    *,
+    momentum: float = 0.99,
+    rule: str = "min-ema",
+    update: bool = True,
+    reduction: str = "batchmean",
+    full: bool = False,
+) -> Tensor:
+    r"""The balanced reconstruction loss: a Gaussian NLL whose variance is a running estimate of the MSE.
+
+    .. math::
+        \ell = \frac{(\hat x - x)^2}{2\gamma^2} + \frac{\log \gamma^2}{2} \;\Big(+ \frac{\log 2\pi}{2}
+        \text{ when full}\Big), \qquad \gamma^2 = \texttt{running\_mse}
+
+    It equals ``nn.GaussianNLLLoss(full=full, reduction="sum")(x_hat, x, gamma^2)`` divided by the
+    batch size for ``batchmean``. No gradient flows through ``gamma^2``.
+
+    Args:
+        x_hat, x: ``(N, *)``, same shape and device, floating (they may differ in dtype, as under autocast).
+        running_mse: one-element floating tensor (> 0) on the same device: ``gamma^2``. When ``update``,
+            it is updated in place after the forward from ``batch_mse = mean((x_hat - x)^2)`` (over all
+            ranks under torch.distributed): ``min-ema``: ``r = min(r, m r + (1 - m) batch_mse)``;
+            ``ema``: ``r = m r + (1 - m) batch_mse``, with ``m = momentum``.
+        reduction: ``none`` (shape of x), ``per_sample`` (sum over all but dim 0: ``(N,)``),
+            ``batchmean`` (total / N) or ``sum``; reduced losses are float32 for half inputs.
+
+    Example::
+
+        >>> running_mse = torch.ones(())
+        >>> loss = fastvae.balanced_mse(decoder(z), x, running_mse)   # running_mse now updated
+    """
+    op = "balanced_mse"
+    check_float_tensor(op, "x_hat", x_hat)
+    check_float_tensor(op, "x", x)
+    if x_hat.shape != x.shape:
+        raise ValueError(f"{op}: x_hat and x must have the same shape, got {tuple(x_hat.shape)} and {tuple(x.shape)}")
+    if x_hat.device != x.device:
+        raise ValueError(f"{op}: x_hat and x must be on the same device, got {x_hat.device} and {x.device}")
+    _check_running_mse(op, running_mse, x_hat.device)
+    check_choice(op, "reduction", reduction, REDUCTIONS)
+    check_choice(op, "rule", rule, UPDATE_RULES)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+    check_finite(op, x_hat=x_hat, x=x, running_mse=running_mse)
+    # the loss and its backward use gamma^2 as it was before this call's in-place update
+    gamma2 = running_mse.detach().clone() if update else running_mse.detach()
+    loss, sse = torch.ops.fastvae.balanced_mse(x_hat, x, gamma2, reduction, full)
+    if update:
+        reference.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
+    return loss
+
+
+class BalancedMSE(nn.Module):
+    """``balanced_mse`` as a module: ``running_mse`` is a buffer (saved in the state_dict and in
+    checkpoints, start value ``init``), updated only in training mode. ``gamma = sqrt(running_mse)``."""
+
+    def __init__(self, momentum: float = 0.99, rule: str = "min-ema", reduction: str = "batchmean", full: bool = False, init: float = 1.0):
+        super().__init__()
+        check_choice("BalancedMSE", "rule", rule, UPDATE_RULES)
+        check_choice("BalancedMSE", "reduction", reduction, REDUCTIONS)
+        if not init > 0:
+            raise ValueError(f"BalancedMSE: init must be positive, got {init}")
+        self.momentum, self.rule, self.reduction, self.full = momentum, rule, reduction, full
+        self.register_buffer("running_mse", torch.tensor(float(init)))
+
+    @property
+    def gamma(self) -> Tensor:
+        return self.running_mse.sqrt()
+
+    def forward(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        return balanced_mse(
+            x_hat, x, self.running_mse, momentum=self.momentum, rule=self.rule,
+            update=self.training, reduction=self.reduction, full=self.full,
+        )
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, rule={self.rule!r}, reduction={self.reduction!r}, full={self.full}"

@@ -1,0 +1,178 @@
+"""The balanced reconstruction loss in one pass, and its backward.
+
+Inputs are ``(N, M)`` views (a batch of N samples of M elements each) tiled by ``BLOCK_R x BLOCK_D``
+tiles; program ``p`` owns tile ``(p // n_col_blocks, p % n_col_blocks)``. Everything the forward
+returns follows from squared errors: per element ``err^2 / (2 gamma^2) + c`` with
+``c = log(gamma^2) / 2 (+ log(2 pi) / 2)``, so a row's loss is ``row_sse / (2 gamma^2) + M c`` and the
+total is ``sse / (2 gamma^2) + N M c``. Each program writes its tile's partial sums; the last program
+to arrive (ticket) adds them up in a fixed order, writes the sum of squared errors for the running
+estimate and, for the reduced modes, the loss. One launch, deterministic.
+
+LOSS_MODE: 1 elementwise (``none``), 2 one value per row (``per_sample``), 3 one total (``batchmean``/``sum``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import accumulation_type, last_to_arrive, launch, partial_block, release_ticket, row_tile, sum_partials, ticket
+from .aot import Spec, image_pair
+
+LOSS_ELEMENTWISE, LOSS_PER_ROW, LOSS_TOTAL = 1, 2, 3
+_LOSS_MODES = {"none": LOSS_ELEMENTWISE, "per_sample": LOSS_PER_ROW, "batchmean": LOSS_TOTAL, "sum": LOSS_TOTAL}
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@triton.jit
+def balanced_mse_fwd_kernel(
+    x_hat_ptr, x_ptr, gamma2_ptr, loss_ptr, sse_ptr, partial_ptr, row_partial_ptr, ticket_ptr,
+    N, M, n_col_blocks,
+    stride_xh_r, stride_xh_c, stride_x_r, stride_x_c,
+    loss_scale, log_2pi_term, n_elements,
+    LOSS_MODE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_block = pid // n_col_blocks
+    col_block = pid % n_col_blocks
+    rows = row_block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = col_block.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    mask = row_mask[:, None] & (cols < M)[None, :]
+    x_hat = tl.load(x_hat_ptr + rows[:, None] * stride_xh_r + cols[None, :] * stride_xh_c, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + rows[:, None] * stride_x_r + cols[None, :] * stride_x_c, mask=mask, other=0.0).to(ACC)
+    gamma2 = tl.load(gamma2_ptr).to(ACC)
+    half_inv_gamma2 = 0.5 / gamma2
+    const = 0.5 * tl.log(gamma2) + log_2pi_term
+    err = x_hat - x
+    sq = err * err  # zero where masked
+    if LOSS_MODE == 1:
+        loss = sq * half_inv_gamma2 + const
+        tl.store(loss_ptr + rows[:, None] * M + cols[None, :], loss.to(loss_ptr.dtype.element_ty), mask=mask)
+    row_sse = tl.sum(sq, axis=1)
+    if LOSS_MODE == 2:
+        tl.store(row_partial_ptr + col_block.to(tl.int64) * N + rows, row_sse, mask=row_mask)
+    if last_to_arrive(partial_ptr, ticket_ptr, tl.sum(row_sse, axis=0)):
+        sse = sum_partials(partial_ptr, tl.num_programs(0), BLOCK_P)
+        tl.store(sse_ptr, sse)
+        if LOSS_MODE == 3:
+            total = sse * half_inv_gamma2 + n_elements * const
+            tl.store(loss_ptr, total * loss_scale)
+        if LOSS_MODE == 2:
+            for start in range(0, N, BLOCK_P):
+                out_rows = start + tl.arange(0, BLOCK_P)
+                out_mask = out_rows < N
+                acc = tl.zeros([BLOCK_P], dtype=ACC)
+                for block in range(0, n_col_blocks):
+                    acc += tl.load(row_partial_ptr + block * N + out_rows, mask=out_mask, other=0.0, volatile=True)
+                tl.store(loss_ptr + out_rows, acc * half_inv_gamma2 + M * const, mask=out_mask)
+        release_ticket(ticket_ptr)
+
+
+@triton.jit
+def balanced_mse_bwd_kernel(
+    grad_ptr, x_hat_ptr, x_ptr, gamma2_ptr, grad_x_hat_ptr, grad_x_ptr,
+    N, M, n_col_blocks,
+    stride_xh_r, stride_xh_c, stride_x_r, stride_x_c, stride_g_r, stride_g_c,
+    grad_scale,
+    NEED_X_HAT: tl.constexpr, NEED_X: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (cols < M)[None, :]
+    x_hat = tl.load(x_hat_ptr + rows[:, None] * stride_xh_r + cols[None, :] * stride_xh_c, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + rows[:, None] * stride_x_r + cols[None, :] * stride_x_c, mask=mask, other=0.0).to(ACC)
+    # the reduced gradient broadcasts through zero strides: (r, 0) per row, (0, 0) for a total
+    g = tl.load(grad_ptr + rows[:, None] * stride_g_r + cols[None, :] * stride_g_c, mask=mask, other=0.0).to(ACC)
+    gamma2 = tl.load(gamma2_ptr).to(ACC)
+    grad_x_hat = g * grad_scale * (x_hat - x) / gamma2
+    flat = rows[:, None] * M + cols[None, :]
+    if NEED_X_HAT:
+        tl.store(grad_x_hat_ptr + flat, grad_x_hat.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)
+    if NEED_X:
+        tl.store(grad_x_ptr + flat, (-grad_x_hat).to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiles(N: int, M: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_R, BLOCK_D, num_warps, n_col_blocks)``: tiles of at most 4096 elements across both dims."""
+    block_r, block_d, num_warps = row_tile(N, M)
+    return block_r, block_d, num_warps, triton.cdiv(M, block_d)
+
+
+def _acc_dtype(x_hat: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x_hat.dtype, x.dtype) else torch.float32
+
+
+def forward(x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reduction: str, full: bool):
+    """``(loss, sse)`` for ``(N, M)`` views: ``loss`` contiguous ``(N, M)`` (dtype of x_hat), ``(N,)`` or one
+    element (accumulation dtype) by reduction; ``sse`` the one-element sum of squared errors."""
+    N, M = x_hat.shape
+    block_r, block_d, num_warps, n_col_blocks = _tiles(N, M)
+    n_programs = triton.cdiv(N, block_r) * n_col_blocks
+    acc = _acc_dtype(x_hat, x)
+    mode = _LOSS_MODES[reduction]
+    device = x_hat.device
+    if mode == LOSS_ELEMENTWISE:
+        loss = torch.empty((N, M), dtype=x_hat.dtype, device=device)
+    else:
+        loss = torch.empty(N if mode == LOSS_PER_ROW else 1, dtype=acc, device=device)
+    sse = torch.empty(1, dtype=acc, device=device)
+    partials = torch.empty(n_programs, dtype=acc, device=device)
+    row_partials = torch.empty((n_col_blocks, N), dtype=acc, device=device) if mode == LOSS_PER_ROW else None
+    launch(
+        balanced_mse_fwd_kernel, (n_programs,),
+        x_hat, x, gamma2, loss, sse, partials, row_partials, ticket(device),
+        N, M, n_col_blocks, x_hat.stride(0), x_hat.stride(1), x.stride(0), x.stride(1),
+        1.0 / N if reduction == "batchmean" else 1.0, _HALF_LOG_2PI if full else 0.0, float(N * M),
+        LOSS_MODE=mode, ACC=accumulation_type(acc),
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(max(n_programs, N if mode == LOSS_PER_ROW else 1)),
+        num_warps=num_warps,
+    )
+    return loss, sse
+
+
+def backward(grad: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reduction: str, need_x_hat: bool, need_x: bool):
+    """``(grad_x_hat, grad_x)`` as contiguous ``(N, M)`` tensors (None where not needed). ``grad``: the
+    gradient of the loss: ``(N, M)`` with any strides, ``(N,)`` or one element, by reduction."""
+    N, M = x_hat.shape
+    block_r, block_d, num_warps, n_col_blocks = _tiles(N, M)
+    if reduction == "none":
+        grad_strides = (grad.stride(0), grad.stride(1))
+    elif reduction == "per_sample":
+        grad_strides = (grad.stride(0), 0)
+    else:
+        grad_strides = (0, 0)
+    grad_x_hat = torch.empty((N, M), dtype=x_hat.dtype, device=x_hat.device) if need_x_hat else None
+    grad_x = torch.empty((N, M), dtype=x.dtype, device=x.device) if need_x else None
+    launch(
+        balanced_mse_bwd_kernel, (triton.cdiv(N, block_r) * n_col_blocks,),
+        grad, x_hat, x, gamma2, grad_x_hat, grad_x,
+        N, M, n_col_blocks, x_hat.stride(0), x_hat.stride(1), x.stride(0), x.stride(1), *grad_strides,
+        1.0 / N if reduction == "batchmean" else 1.0,
+        NEED_X_HAT=need_x_hat, NEED_X=need_x, ACC=accumulation_type(_acc_dtype(x_hat, x)),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_x_hat, grad_x
+
+
+# The launches CI compiles for every NVIDIA target (kernels/aot.py): the training path of each pass.
+def _aot_forward(x_hat, x):
+    forward(x_hat, x, torch.ones((), dtype=torch.float32), "batchmean", False)
+
+
+def _aot_backward(x_hat, x):
+    grad = torch.ones(1, dtype=_acc_dtype(x_hat, x))
+    backward(grad, x_hat, x, torch.ones((), dtype=torch.float32), "batchmean", True, False)
+
+
+AOT_SPECS = [
+    Spec("balanced_mse", "forward", "batchmean loss and SSE (LOSS_MODE=3)", image_pair, _aot_forward,
+         traffic={"balanced_mse_fwd_kernel": (2, 0)}),
+    Spec("balanced_mse", "backward", "grad x_hat only, batchmean (NEED_X_HAT)", image_pair, _aot_backward,
+         traffic={"balanced_mse_bwd_kernel": (2, 1)}),
+]

@@ -1,0 +1,34 @@
+"""fastvae: fused Triton ops and a lean training loop for variational autoencoders.
+
+`kernels/` holds the Triton kernels alone; it is installed as the subpackage `fastvae.kernels`
+through `package_dir`, so the library imports it as `fastvae.kernels` and can live without it
+(no Triton on the machine) by falling back to the plain-PyTorch reference.
+"""
+from setuptools import setup
+
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10"]
+TRAIN = ["tqdm>=4.60", "matplotlib>=3.7", "pillow>=9", "scikit-learn>=1.2"]
+
+setup(
+    name="fastvae",
+    version="0.1.0",
+    description="Fused Triton ops and a lean training loop for variational autoencoders",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastvae", "fastvae.ops", "fastvae.cli", "fastvae.kernels"],
+    package_dir={"fastvae": "fastvae", "fastvae.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "numpy>=1.24",
+        "triton>=3.2; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "train": TRAIN,
+        "test": TEST + TRAIN,
+        "vision": ["torchvision"],
+        "fid": ["scipy>=1.10"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["fastvae=fastvae.cli:main"]},
+)

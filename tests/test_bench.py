@@ -1,0 +1,115 @@
+"""The benchmark suite runs and writes its files (no assertion about time), and what it measures is right:
+the eager compositions agree with the reference, the launch and saved-bytes counters count what they say,
+the torchvision-style dataset gives torchvision's tensors."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+import fastvae
+from bench import ops as bench_ops
+from bench.__main__ import main as bench_main
+from bench.loop import TorchvisionFashionMNIST, as_uint8, load_fashion_mnist
+from fastvae import reference
+
+
+def _csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_quick_run_writes_tables_csv_and_charts(tmp_path):
+    assert bench_main(["--quick", "--only", "balanced_mse,loop", "--loop-models", "dense", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "cpu.md").read_text()
+    for mode in ("forward", "backward", "forward+backward"):
+        assert f"### balanced_mse: {mode}" in md
+    assert "| case | eager ms [p20, p80] | compile ms [p20, p80] | fused ms [p20, p80] | fused/eager | fused/compile |" in md
+    assert "## Training loop" in md
+    rows = _csv(tmp_path / "cpu.csv")
+    assert set(bench_ops.Row.columns()) <= set(rows[0])
+    measured = {(r["provider"], r["mode"]) for r in rows if r["op"] == "balanced_mse" and r["median_ms"]}
+    assert measured == {(p, m) for p in bench_ops.PROVIDERS for m in bench_ops.MODES}
+    fused_forward = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "forward")
+    assert int(fused_forward["triton_launches"]) >= 1  # counted in interpret mode, in a subprocess
+    assert int(fused_forward["saved_beyond_inputs"]) <= 8  # the op saves its inputs and gamma^2 only
+    loops = {r["loop"]: r for r in _csv(tmp_path / "cpu_loop.csv")}
+    expected = {"fastvae", "plain"} | ({"pythae"} if importlib.util.find_spec("pythae") else set())
+    assert set(loops) == expected
+    assert all(float(r["epoch_s"]) > 0 and float(r["images_per_s"]) > 0 for r in loops.values())
+    assert float(loops["plain"]["vs_plain"]) == pytest.approx(1.0)
+    png = tmp_path / "cpu_balanced_mse.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second run of another op keeps the first run's rows and sections
+    assert bench_main(["--quick", "--only", "moments", "--providers", "eager,fused", "--out", str(tmp_path)]) == 0
+    ops_now = {r["op"] for r in _csv(tmp_path / "cpu.csv")}
+    assert ops_now == {"balanced_mse", "moments"}
+    md = (tmp_path / "cpu.md").read_text()
+    assert "### moments: forward" in md and "### balanced_mse: forward" in md and "## Training loop" in md
+
+
+def test_unknown_name_is_refused():
+    with pytest.raises(SystemExit, match="unknown name 'nope'"):
+        bench_main(["--quick", "--only", "nope"])
+
+
+def test_fastvae_cli_has_bench():
+    from fastvae.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--only", "moments"])
+    assert args.command == "bench" and args.quick and args.only == "moments" and callable(args.func)
+
+
+def test_eager_compositions_agree_with_the_reference():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(64, 8), torch.randn(64, 8)
+    z, kl = bench_ops.eager_reparameterize_kl(mu, logvar)
+    torch.testing.assert_close(kl, reference.kl_divergence(mu, logvar, reduction="batchmean"))
+    assert z.shape == mu.shape
+
+    x = torch.rand(8, 1, 28, 28)
+    x_hat = x + 0.1 * torch.randn_like(x)
+    r_eager, r_ref = torch.full((), 0.5), torch.full((), 0.5)
+    (loss,) = bench_ops.eager_balanced_mse(x_hat, x, r_eager)
+    torch.testing.assert_close(loss, reference.balanced_mse(x_hat, x, r_ref))
+    torch.testing.assert_close(r_eager, r_ref)
+
+    z = 3 + 2 * torch.randn(500, 8)
+    for got, want in zip(bench_ops.eager_moments(z), reference.moments(z)):
+        torch.testing.assert_close(got, want)
+    target_mean, target_var = torch.zeros(8), torch.full((8,), 0.8)
+    torch.testing.assert_close(bench_ops.eager_renormalize(z, target_mean, target_var)[0],
+                               reference.renormalize(z, target_mean, target_var))
+    for got, want in zip(bench_ops.eager_variance_law(mu, logvar), reference.variance_law(mu, logvar)):
+        torch.testing.assert_close(got, want)
+
+
+def test_kernel_counter_counts_computing_aten_ops_only():
+    a, b = torch.randn(16, 4), torch.randn(16, 4)
+    cpu = torch.device("cpu")
+    assert bench_ops.count_kernels(lambda: (a * b).sum(), cpu) == 2
+    assert bench_ops.count_kernels(lambda: a.view(-1).t().unsqueeze(0), cpu) == 0
+    assert bench_ops.count_kernels(lambda: a.to(torch.float64), cpu) == 1  # a copy counts once
+
+
+def test_saved_for_backward_separates_inputs_from_intermediates():
+    mu = torch.randn(128, 16, requires_grad=True)
+    logvar = torch.randn(128, 16, requires_grad=True)
+    total, beyond = bench_ops.saved_for_backward(bench_ops.eager_reparameterize_kl, (mu, logvar))
+    assert beyond >= 128 * 16 * 4  # autograd of the composition keeps at least one intermediate
+    total, beyond = bench_ops.saved_for_backward(lambda m, v: fastvae.reparameterize_kl(m, v), (mu, logvar))
+    assert total == 2 * 128 * 16 * 4 + 8 and beyond == 8  # mu, logvar and the int64 seed
+
+
+def test_torchvision_style_dataset_gives_torchvision_tensors():
+    images, labels = load_fashion_mnist(limit=64)
+    dataset = TorchvisionFashionMNIST(as_uint8(images), labels)
+    assert len(dataset) == 64
+    image, target = dataset[5]
+    assert image.dtype == torch.float32 and image.shape == (1, 28, 28)
+    assert torch.equal(image, images[5]) and target == int(labels[5])
+    with pytest.raises(ValueError, match="uint8"):
+        TorchvisionFashionMNIST(images[:, 0], labels)

@@ -1,0 +1,135 @@
+"""Two-stage generation: renormalization targets, shapes, the variance report, training, the command end to end."""
+import json
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import two_stage
+from fastvae.cli import main
+from fastvae.data import load_dataset
+from fastvae.models import DenseVAE, SecondStageVAE
+
+
+def _first(latent=4):
+    return DenseVAE((1, 8, 8), latent_dim=latent, hidden=(32,)).eval()
+
+
+def _target(d=4):
+    mu = torch.randn(500, d) * torch.tensor([0.5, 1.0, 0.1, 2.0])[:d] + 0.3
+    logvar = torch.randn(500, d) * 0.2 - 1.0
+    return mu, logvar, two_stage.AggregatePosterior.from_latents(mu, logvar)
+
+
+def test_aggregate_posterior_is_the_variance_law():
+    mu, logvar, target = _target()
+    torch.testing.assert_close(target.mean, mu.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(target.var, torch.var(mu, 0, correction=0) + logvar.exp().mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_per_dim_renormalization_hits_the_variance_law_targets():
+    _, _, target = _target()
+    z = torch.randn(2000, 4) * torch.tensor([0.1, 0.3, 2.0, 0.05]) - 1.0
+    out = two_stage.renormalize_latents(z, "per_dim", target)
+    mean, var = torch.mean(out, 0), torch.var(out, 0, correction=0)
+    torch.testing.assert_close(mean, target.mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(var, target.var, rtol=1e-3, atol=0)  # eps = 1e-6 against var 0.0025 at worst
+
+
+def test_scalar_renormalization_is_one_factor_and_none_is_identity():
+    _, _, target = _target()
+    z = torch.randn(1000, 4) * torch.tensor([0.1, 0.3, 2.0, 0.05]) + 0.5
+    out = two_stage.renormalize_latents(z, "scalar", target)
+    factor = target.var.mean().sqrt() / torch.var(z, 0, correction=0).sqrt().mean()
+    torch.testing.assert_close(out, z * factor, rtol=1e-5, atol=1e-6)
+    assert two_stage.renormalize_latents(z, "none", None) is z
+    with pytest.raises(ValueError, match="mode"):
+        two_stage.renormalize_latents(z, "affine", target)
+    with pytest.raises(ValueError, match="target"):
+        two_stage.renormalize_latents(z, "per_dim", None)
+    with pytest.raises(ValueError, match="at least 2"):
+        two_stage.renormalize_latents(z[:1], "scalar", target)
+
+
+def test_generation_shapes_and_shared_draws():
+    first, second = _first(), SecondStageVAE((4,), 4, hidden=(16,)).eval()
+    _, _, target = _target()
+    z, x = two_stage.generate(first, second, 50, seed=3, mode="none")
+    assert z.shape == (50, 4) and x.shape == (50, 1, 8, 8) and 0 <= float(x.min()) and float(x.max()) <= 1
+    with torch.no_grad():
+        u = torch.randn(50, 4, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(z, second.decode(u))
+    z_dim, _ = two_stage.generate(first, second, 50, seed=3, mode="per_dim", target=target)
+    torch.testing.assert_close(z_dim, fastvae.renormalize(z, target.mean, target.var))
+    settings = two_stage.setting_latents(first, second, 50, target, seed=3)
+    assert list(settings) == [name for name, _, _ in two_stage.SETTINGS]
+    torch.testing.assert_close(settings["second-stage"], z)
+    assert list(two_stage.setting_latents(first, None, 50, target)) == ["first-stage"]
+    with pytest.raises(ValueError, match="n must be"):
+        two_stage.generate(first, second, 0)
+
+
+def test_variance_report_against_direct_computation():
+    first, second = _first(), SecondStageVAE((4,), 4, hidden=(16,)).eval()
+    images, _ = load_dataset("digits", split="train")
+    report = two_stage.variance_report(first, second, images[:400], n=3000, seed=1)
+    with torch.no_grad():
+        mu, logvar = first.encode(images[:400])
+    agg = torch.var(mu, 0, correction=0) + logvar.exp().mean(0)
+    assert report["aggregate_posterior"]["var"] == pytest.approx(agg.tolist(), rel=1e-4)
+    assert report["data_pixel_var"] == pytest.approx(float(images[:400].flatten(1).var(0, correction=0).mean()), rel=1e-5)
+    rows = report["settings"]
+    assert list(rows) == [name for name, _, _ in two_stage.SETTINGS]
+    assert rows["first-stage"]["latent_var"] == pytest.approx([1.0] * 4, abs=0.1)  # N(0, I) draws
+    assert rows["second-stage + per_dim"]["latent_var"] == pytest.approx(agg.tolist(), rel=1e-3)
+    z = two_stage.setting_latents(first, second, 3000, two_stage.aggregate_posterior(first, images[:400]), seed=1)["second-stage"]
+    with torch.no_grad():
+        x = first.decode(z)
+    assert rows["second-stage"]["pixel_var"] == pytest.approx(float(x.flatten(1).var(0, correction=0).mean()), rel=1e-4)
+    assert "aggregate posterior" in two_stage.format_variance_report(report)
+
+
+def test_resample_callback_redraws_from_the_posterior():
+    mu, logvar = torch.randn(20, 4), torch.randn(20, 4) * 0.1
+    data = fastvae.reparameterize(mu, logvar, seed=5)
+    before = data.clone()
+    callback = two_stage._Resample(data, mu, logvar, seed=5)
+    callback(epoch=1, epoch_end=False)
+    torch.testing.assert_close(data, before)
+    callback(epoch=1, epoch_end=True)
+    assert not torch.equal(data, before) and callback.draws == 2
+    torch.testing.assert_close(data, fastvae.reparameterize(mu, logvar, seed=5 + 7919))
+
+
+@pytest.mark.parametrize("source", ["sample", "mean"])
+def test_train_second_stage(tmp_path, source):
+    images, _ = load_dataset("digits", split="train")
+    first = _first()
+    config = two_stage.second_stage_config(fastvae.TrainConfig(dataset="digits", latent=4), tmp_path / source,
+                                           epochs=2, batch_size=256, progress=False, hidden=[16])
+    second, result, target = two_stage.train_second_stage(first, images[:512], config, source=source)
+    assert isinstance(second, SecondStageVAE) and second.input_shape == (4,) and result.step == 4
+    loaded, _ = fastvae.load(tmp_path / source)
+    for a, b in zip(second.state_dict().values(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(target.var, two_stage.aggregate_posterior(first, images[:512]).var)
+    with pytest.raises(ValueError, match="source"):
+        two_stage.train_second_stage(first, images[:512], config, source="modes")
+
+
+def test_two_stage_command_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--latent", "4",
+                 "--out", str(run), "--no-progress", "--no-tensorboard"]) == 0
+    assert main(["two-stage", str(run), "--epochs", "1", "--n", "300", "--hidden", "16", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "second-stage + per_dim" in printed
+    folder = run / "two_stage"
+    report = json.loads((folder / "report.json").read_text())
+    assert set(report["settings"]) == {name for name, _, _ in two_stage.SETTINGS} and report["n"] == 300
+    assert report["settings"]["second-stage + per_dim"]["latent_var"] == pytest.approx(report["aggregate_posterior"]["var"], rel=1e-3)
+    for name in ("samples.png", "variance.png", "checkpoint.pt"):
+        assert (folder / name).stat().st_size > 0
+    assert isinstance(two_stage.load_second_stage(run), SecondStageVAE)
+    assert main(["two-stage", str(run), "--n", "300"]) == 0
+    assert "reusing the second stage" in capsys.readouterr().out
