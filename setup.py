@@ -29,6 +29,7 @@ setup(
         "vision": ["torchvision"],
         "fid": ["scipy>=1.10"],
         "tensorboard": ["tensorboard"],
+        "bench": ["pythae==0.1.2"],
     },
     entry_points={"console_scripts": ["fastvae=fastvae.cli:main"]},
 )

@@ -15,6 +15,9 @@ size 128 and Adam with lr 1e-3:
   PIL image from the uint8 array and applies ``to_tensor`` (torchvision's ``ToTensor`` for PIL images).
   The model's modules are the same; the reparameterization, KL and balanced loss are written in plain
   PyTorch (``bench.ops.eager_reparameterize_kl`` and ``eager_balanced_mse``): the same objective as fastvae's.
+- ``tensors``: a careful hand-written loop over in-memory tensors (``TensorLoop``): the images as one tensor,
+  one ``randperm`` per epoch, ``index_select`` batches, fused Adam, the loss read once per epoch, and the same
+  plain-PyTorch objective as ``plain``. fastvae's loop must beat it to show that its ops pay, not only its data path.
 - ``pythae`` (when ``pythae`` imports): pythae 0.1.2's ``BaseTrainer.train_step`` (one epoch: its
   ``DataLoader`` over ``BaseDataset`` in memory, its callbacks) on a ``pythae.models.VAE`` whose encoder and
   decoder are the same modules; pythae's own VAE loss (``0.5 * sum of squared errors + KL``, batch mean).
@@ -42,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .ops import eager_balanced_mse, eager_reparameterize_kl
 
-LOOPS = ("fastvae", "plain", "pythae")
+LOOPS = ("fastvae", "tensors", "plain", "pythae")
 MODELS = ("dense", "conv")
 BATCH = 128
 LR = 1e-3
@@ -164,6 +167,37 @@ class PlainLoop:
         return train_loss / len(self.loader)
 
 
+class TensorLoop:
+    """A careful hand-written loop over in-memory tensors: the images as one tensor on the device, one
+    ``randperm`` per epoch, batches by ``index_select``, fused Adam, the loss summed on the device and read
+    once per epoch; the same eager objective as ``PlainLoop``. What fastvae's loop must beat without its ops."""
+
+    def __init__(self, model: nn.Module, images: Tensor, device: torch.device):
+        self.model, self.device = model.to(device), device
+        self.images = images.to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR, fused=True)
+        self.running_mse = torch.ones((), device=device)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def epoch(self) -> float:
+        model, optimizer, images = self.model, self.optimizer, self.images
+        model.train()
+        order = torch.randperm(len(images), generator=self.generator).to(self.device)
+        total = torch.zeros((), device=self.device)
+        batches = 0
+        for start in range(0, len(images), BATCH):
+            data = images.index_select(0, order[start:start + BATCH])
+            mu, logvar = model.encode(data)
+            z, kl = eager_reparameterize_kl(mu, logvar)
+            loss = eager_balanced_mse(model.decode(z), data, self.running_mse)[0] + kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            batches += 1
+        return total.item() / batches
+
+
 class PythaeLoop:
     """pythae's ``BaseTrainer`` on a ``pythae.models.VAE`` made of the model's encoder and decoder."""
 
@@ -245,6 +279,8 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
     results = {name: {"times": [], "wall": [], "note": ""} for name in loops}
     others: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="fastvae-bench-loop-") as tmp:
+        if "tensors" in loops:
+            others["tensors"] = TensorLoop(build(model_name), images, device)
         if "plain" in loops:
             others["plain"] = PlainLoop(build(model_name), images, labels, device)
         if "pythae" in loops:
@@ -301,7 +337,9 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
     note = (f"Fashion-MNIST train split, {images.shape[0]} images, batch {BATCH}, Adam lr {LR}, {epochs} epoch(s) "
             "of each loop, interleaved. `plain`: pytorch/examples' VAE loop with a DataLoader over a torchvision-"
             "equivalent FashionMNIST dataset (PIL image + ToTensor per sample; torchvision itself is not installable "
-            "beside this torch build), the same model and balanced objective in plain PyTorch. `pythae`: pythae "
+            "beside this torch build), the same model and balanced objective in plain PyTorch. `tensors`: a careful "
+            "hand-written loop over the images held as one tensor (randperm, index_select, fused Adam, one loss "
+            "read per epoch), the same objective as `plain`. `pythae`: pythae "
             "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: fit()'s "
             "own epoch_time_s (training steps); wall_epoch_s adds its per-epoch evaluation, image grids and "
             "checkpoint. `time / plain` is epoch time over the plain loop's: below 1 is faster.")
@@ -335,7 +373,8 @@ def print_ratios(rows: Sequence[LoopRow], log: Callable[[str], None] = print) ->
     """The epoch-time ratios between loops, per model."""
     for model_name in dict.fromkeys(r.model for r in rows):
         times = {r.loop: r.epoch_s for r in rows if r.model == model_name and r.epoch_s}
-        parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in (("fastvae", "plain"), ("pythae", "plain"), ("fastvae", "pythae"))
+        pairs = (("fastvae", "plain"), ("tensors", "plain"), ("pythae", "plain"), ("fastvae", "tensors"), ("fastvae", "pythae"))
+        parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in pairs
                  if a in times and b in times]
         speed = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
         log(f"loop {model_name}: epoch {speed}; time ratios {', '.join(parts) or '–'}")

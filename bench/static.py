@@ -154,8 +154,9 @@ class ModelRow:
 def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], aot.Spec], kernels: dict[tuple[str, str], int],
                 elements: int, element_size: int) -> Side | None:
     """Launches and bytes of the fused ``op``: ATen ops as counted, each ``fastvae::`` custom op as the
-    kernels of its spec. None when a custom op has no spec of ``op`` itself (an op that reuses another
-    op's custom op with other flags, as ``variance_law`` does ``moments_backward``, is not modelled)."""
+    kernels of its spec. A custom op of another op's name counts as ``op``'s own spec for that pass
+    (``variance_law`` runs ``moments_backward`` with HAS_LOGVAR, compiled as variance_law's backward spec).
+    None when there is no such spec."""
     total_launches, total_bytes, triton_launches = 0, 0, 0
     for launch in launches:
         if not launch.fused:
@@ -163,9 +164,10 @@ def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], ao
             total_bytes += launch.read + launch.written
             continue
         name = launch.name.removeprefix("fastvae::")
-        key = (name.removesuffix("_backward"), "backward" if name.endswith("_backward") else "forward")
+        pass_ = "backward" if name.endswith("_backward") else "forward"
+        key = (op, pass_)
         spec = specs.get(key)
-        if spec is None or key[0] != op:
+        if spec is None:
             return None
         n_kernels = kernels.get(key, len(spec.traffic))
         total_launches += n_kernels

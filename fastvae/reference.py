@@ -10,6 +10,7 @@ reduced losses come back in the accumulation dtype (float32 for half-precision i
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -17,6 +18,9 @@ from torch import Tensor
 # --------------------------------------------------------------------------------------------------
 # Philox 4x32-10, as Triton's tl.randn draws it
 # --------------------------------------------------------------------------------------------------
+# Written for few ATen ops, as each costs microseconds of dispatch, which dominates on small
+# tensors: the four 32-bit lanes travel as two stacked (2, N) tensors, so one op serves two lanes, and
+# a round is 4 ops. Words are uint32 bit patterns, in int64 (zero-extended) or in int32 (as they are).
 _M32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
@@ -24,63 +28,98 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 _INT32_TO_UNIFORM = 4.6566127342e-10  # the largest scale with (2**31 - 1) * scale < 1 in float32
+_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)  # where the halves of an int64 lie in memory
 
 
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values in int64 ``b``.
+def _make_philox_constants(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The round multipliers ``[[A], [B]]`` (2, 1) and the key bumps ``[r KEY_A, r KEY_B]`` of round
+    ``r`` (rounds, 2), int64, made by ops on ``device`` (no host-to-device copy to wait on)."""
+    lane = torch.arange(2, dtype=torch.int64, device=device)
+    multipliers = torch.where(lane == 0, _PHILOX_ROUND_A, _PHILOX_ROUND_B).unsqueeze(1)
+    rounds = torch.arange(_PHILOX_ROUNDS, dtype=torch.int64, device=device).unsqueeze(1)
+    return multipliers, rounds * torch.where(lane == 0, _PHILOX_KEY_A, _PHILOX_KEY_B)
 
-    The 64-bit product does not fit in int64, so ``b`` is split into 16-bit halves.
+
+_PHILOX_CPU_CONSTANTS = _make_philox_constants(torch.device("cpu"))
+
+
+def _words(t: Tensor) -> tuple[Tensor, Tensor]:
+    """The low and high 32-bit words of the int64 ``t`` (last dim contiguous), as int32 views."""
+    w = t.view(torch.int32)
+    return w[..., _LO::2], w[..., _HI::2]
+
+
+def _philox_rounds(seed: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The 10 rounds of Philox 4x32 on counters ``(offset_lo, offset_hi, 0, 0)``, key ``(seed_lo, seed_hi)``.
+
+    A round maps ``(c0, c1, c2, c3)`` with key ``(k0, k1)`` to
+    ``(hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0))``, where ``hi`` and ``lo`` are the
+    upper and lower 32 bits of the 64-bit product; then the key grows by ``(KEY_A, KEY_B)`` mod 2**32.
+
+    Returns two int64 ``(2, N)`` tensors, ``N = offsets.numel()``: ``x``, rows ``(c0, c2)`` as uint32
+    values, and the last products, whose low 32-bit words are ``(c3, c1)`` (the upper ones are not).
     """
-    p_lo = a * (b & 0xFFFF)  # < 2**48
-    p_hi = a * (b >> 16)  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
+    device = offsets.device
+    multipliers, bumps = _PHILOX_CPU_CONSTANTS if device.type == "cpu" else _make_philox_constants(device)
+    # The keys of all rounds, (seed_lo + r KEY_A, seed_hi + r KEY_B) mod 2**32: the low words of the sums.
+    seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    keys = _words(bumps + torch.stack((seed & _M32, seed >> 32)))[0]  # (rounds, 2) int32
+    k0s, k1s = (k.unbind(0) for k in keys.unbind(1))
+
+    offsets = offsets.reshape(-1)
+    n = offsets.numel()
+    x = torch.zeros((2, n), dtype=torch.int64, device=device)  # (c0, c2); only low words are written
+    torch.bitwise_and(offsets, _M32, out=x[0])
+    x0, x2 = _words(x)[0]
+    # Two product buffers alternate: a round reads the low words of the last one, (c3, c1), which
+    # before the first round are (0, offset_hi).
+    prods = torch.empty((2, 2, n), dtype=torch.int64, device=device).unbind(0)
+    lo_words, hi_words = zip(*(_words(q) for q in prods))
+    prods[1][0].zero_()
+    torch.bitwise_right_shift(offsets, 32, out=prods[1][1])  # < 2**31 for offsets >= 0
+    t = torch.empty((2, n), dtype=torch.int32, device=device)
+    t0, t1 = t
+    for r in range(_PHILOX_ROUNDS):
+        now, last = r % 2, 1 - r % 2
+        # x and the multipliers are < 2**32, so their products are < 2**64; int64 multiplication wraps
+        # modulo 2**64 (two's complement, on CPU and CUDA alike), so it holds their exact 64 bits.
+        torch.mul(x, multipliers, out=prods[now])  # (A c0, B c2)
+        torch.bitwise_xor(hi_words[now], lo_words[last], out=t)  # (hi(A c0) ^ c3, hi(B c2) ^ c1)
+        torch.bitwise_xor(t1, k0s[r], out=x0)  # the new c0
+        torch.bitwise_xor(t0, k1s[r], out=x2)  # the new c2
+    return x, prods[now]
 
 
 def philox_uint32(seed: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Philox 4x32-10 of counter ``(offset_lo, offset_hi, 0, 0)`` and key ``(seed_lo, seed_hi)``.
 
     ``seed``: one-element int64 tensor; ``offsets``: int64 tensor of counters (>= 0). Returns four
-    int64 tensors of uint32 values, the words of Triton's ``randint4x(seed, offsets)``.
+    int64 tensors of uint32 values, of the shape of ``offsets``, the words of Triton's
+    ``randint4x(seed, offsets)``.
     """
-    seed = seed.reshape(()).to(torch.int64)
-    k0 = (seed & _M32).to(offsets.device)
-    k1 = ((seed >> 32) & _M32).to(offsets.device)
-    c0 = offsets & _M32
-    c1 = (offsets >> 32) & _M32
-    c2 = torch.zeros_like(offsets)
-    c3 = torch.zeros_like(offsets)
-    for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _M32
-        k1 = (k1 + _PHILOX_KEY_B) & _M32
-    return c0, c1, c2, c3
-
-
-def _uint32_to_uniform(x: Tensor) -> Tensor:
-    """Triton's ``uint_to_uniform_float``: bitcast to int32, fold negatives with ``~x``, scale to [0, 1)."""
-    folded = torch.where(x >= 2**31, _M32 - x, x)  # ~int32(x) for the upper half
-    return folded.to(torch.float32) * torch.tensor(_INT32_TO_UNIFORM, dtype=torch.float32)
+    x, p = _philox_rounds(seed, offsets)
+    c3_c1 = p & _M32
+    shape = offsets.shape
+    return x[0].view(shape), c3_c1[1].view(shape), x[1].view(shape), c3_c1[0].view(shape)
 
 
 def philox_randn(seed: Tensor | int, shape: torch.Size | tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
     """Standard normal float32 noise of ``shape``: element ``i`` (flat, row-major) is ``tl.randn(seed, i)``.
 
-    Box-Muller on the first two Philox words, in float32, exactly as Triton computes it, so a seed
-    gives the same noise on the CPU reference and in the kernels (to float rounding of log/cos).
+    Box-Muller on the first two Philox words ``(c0, c1)``, in float32, exactly as Triton computes it:
+    ``u = fold(c) * 4.6566127342e-10`` with ``fold(c) = ~c`` for ``c >= 2**31`` (negative as int32)
+    and ``c`` otherwise, then ``sqrt(-2 log(max(u0, 1e-7))) * cos(2 pi u1)``, every step and constant
+    in float32. So a seed gives the same noise on the CPU reference and in the kernels (to float
+    rounding of log/cos).
     """
     seed = torch.as_tensor(seed, dtype=torch.int64)
-    numel = math.prod(shape)
-    offsets = torch.arange(numel, device=device, dtype=torch.int64)
-    i1, i2, _, _ = philox_uint32(seed, offsets)
-    u1 = torch.clamp_min(_uint32_to_uniform(i1), 1.0e-7)
-    u2 = _uint32_to_uniform(i2)
-    theta = torch.tensor(2 * math.pi, dtype=torch.float32) * u2
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    return (radius * torch.cos(theta)).reshape(shape)
+    offsets = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    x, p = _philox_rounds(seed, offsets)
+    c = torch.stack((_words(x)[0][0], _words(p)[0][1]))  # (c0, c1) as int32
+    c ^= c >> 31  # the fold: ~c where c < 0, c elsewhere
+    u = c.to(torch.float32).mul_(_INT32_TO_UNIFORM)
+    radius = u[0].clamp_min_(1.0e-7).log_().mul_(-2.0).sqrt_()
+    return torch.mul(radius, u[1].mul_(2 * math.pi).cos_()).reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------------

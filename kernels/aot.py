@@ -126,6 +126,16 @@ def batch_slab(dtype: torch.dtype, aligned: bool) -> tuple[torch.Tensor]:
     return (torch.randn(N, 66, dtype=dtype)[:, 33:][None],)
 
 
+def batch_pair(dtype: torch.dtype, aligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu, logvar)`` as two ``(1, N, D)`` views for the variance law: two contiguous ``BATCH_SHAPE``
+    tensors, or the two halves of an ``(N, 2 * 33)`` encoder output."""
+    N, D = BATCH_SHAPE
+    if aligned:
+        return torch.randn(N, D, dtype=dtype)[None], torch.randn(N, D, dtype=dtype)[None]
+    mu, logvar = torch.randn(N, 66, dtype=dtype).chunk(2, dim=-1)
+    return mu[None], logvar[None]
+
+
 # --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import triton.language as tl
 from ._launch import (
     accumulation_type, last_to_arrive, launch, partial_block, release_ticket, row_tile, store_total, sum_partials, ticket,
 )
-from .aot import Spec, batch_slab
+from .aot import Spec, batch_pair, batch_slab
 
 _MAX_COLS = 256  # column blocks of at most 256 columns: wide inputs still spread over programs
 _CPU_PROGRAMS = 4  # the interpreter runs programs one after another: a few chunks are enough there
@@ -156,7 +156,7 @@ def moments_partial_kernel(
         tl.store(out, mean, mask=col_mask)
         tl.store(out + F, m2, mask=col_mask)
         if HAS_LOGVAR:
-            tl.store(out + 2 * F, exp_sum, mask=col_mask)
+            tl.store(out + F + F, exp_sum, mask=col_mask)
 
 
 @triton.jit(do_not_specialize=["N", "rows_per_chunk", "n_chunks"])
@@ -182,7 +182,7 @@ def moments_finish_kernel(
         chunk_m2 = tl.load(part + F, mask=col_mask, other=0.0)
         mean, m2 = _chan_combine(mean, m2, n_before.to(ACC), chunk_mean, chunk_m2, n_chunk)
         if HAS_LOGVAR:
-            exp_sum += tl.load(part + 2 * F, mask=col_mask, other=0.0)
+            exp_sum += tl.load(part + F + F, mask=col_mask, other=0.0)
     _store_moments(
         mean, m2, exp_sum, shift, cols, col_mask, mean_ptr, var_ptr, N, denominator,
         scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, F,
@@ -369,6 +369,12 @@ class _Plan(NamedTuple):
     rows_per_chunk: int
     n_chunks: int
 
+    @property
+    def finish_warps(self) -> int:
+        """Warps of the finish kernels, which handle ``block_d`` columns: one warp per 32 (8 warps for 64
+        columns left most threads idle, and ptxas spilled the fp64 variance-law finish on sm_120)."""
+        return max(1, min(self.num_warps, self.block_d // 32))
+
 
 @functools.lru_cache(maxsize=None)
 def _target_programs(device: torch.device) -> int:
@@ -458,7 +464,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
             N, F, C, plan.rows_per_chunk, plan.n_chunks, N - correction,
             z.stride(0), z.stride(2), stride_tv, tv_hi, tv_lo,
             **flags, BLOCK_D=plan.block_d, BLOCK_P=partial_block(plan.n_col_blocks),
-            num_warps=plan.num_warps,
+            num_warps=plan.finish_warps,
         )
     return mean, var, scalars
 
@@ -538,7 +544,7 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
         launch(
             renormalize_bwd_finish_kernel, (plan.n_col_blocks,),
             work, sum_g, sum_gy, partials, counter, total, F, plan.n_chunks,
-            SCALAR_MODE=scalar_mode, ACC=acc_type, BLOCK_D=plan.block_d, BLOCK_P=block_p, num_warps=plan.num_warps,
+            SCALAR_MODE=scalar_mode, ACC=acc_type, BLOCK_D=plan.block_d, BLOCK_P=block_p, num_warps=plan.finish_warps,
         )
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     tv, stride_tv, tv_hi, tv_lo = _target(target_var)
@@ -582,6 +588,14 @@ def _aot_renormalize_backward(z):
                          scalar_mode=False, eps=1e-6)
 
 
+def _aot_variance_law(mu, logvar):
+    moments(mu, logvar=logvar)
+
+
+def _aot_variance_law_backward(mu, logvar):
+    moments_backward(_aot_stats(mu), _aot_stats(mu), mu, _aot_stats(mu), logvar=logvar)
+
+
 AOT_SPECS = [
     Spec("moments", "forward", "chunked column reduction (FINAL=False)", batch_slab, _aot_moments,
          traffic={"moments_partial_kernel": (1, 0), "moments_finish_kernel": (0, 0)}),
@@ -592,4 +606,8 @@ AOT_SPECS = [
     Spec("renormalize", "backward", "per_dim: chunked column sums, then the gradient", batch_slab, _aot_renormalize_backward,
          traffic={"renormalize_bwd_partial_kernel": (2, 0), "renormalize_bwd_finish_kernel": (0, 0),
                   "renormalize_bwd_kernel": (2, 1)}),
+    Spec("variance_law", "forward", "Var(mu) + E[exp(logvar)] (HAS_LOGVAR)", batch_pair, _aot_variance_law,
+         traffic={"moments_partial_kernel": (2, 0), "moments_finish_kernel": (0, 0)}),
+    Spec("variance_law", "backward", "grad mu and grad logvar (HAS_LOGVAR)", batch_pair, _aot_variance_law_backward,
+         traffic={"moments_bwd_kernel": (2, 2)}),
 ]

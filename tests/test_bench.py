@@ -36,7 +36,7 @@ def test_quick_run_writes_tables_csv_and_charts(tmp_path):
     assert int(fused_forward["triton_launches"]) >= 1  # counted in interpret mode, in a subprocess
     assert int(fused_forward["saved_beyond_inputs"]) <= 8  # the op saves its inputs and gamma^2 only
     loops = {r["loop"]: r for r in _csv(tmp_path / "cpu_loop.csv")}
-    expected = {"fastvae", "plain"} | ({"pythae"} if importlib.util.find_spec("pythae") else set())
+    expected = {"fastvae", "tensors", "plain"} | ({"pythae"} if importlib.util.find_spec("pythae") else set())
     assert set(loops) == expected
     assert all(float(r["epoch_s"]) > 0 and float(r["images_per_s"]) > 0 for r in loops.values())
     assert float(loops["plain"]["vs_plain"]) == pytest.approx(1.0)

@@ -236,6 +236,52 @@ def test_philox_matches_published_known_answer():
     assert [hex(int(w)) for w in words] == ["0x6627e8d5", "0xe169c58d", "0xbc57ac4c", "0x9b00dbd8"]
 
 
+def _philox_python(seed: int, offset: int) -> list[int]:
+    """Philox4x32-10 in Python integers, straight from its definition."""
+    m32 = 0xFFFFFFFF
+    c = [offset & m32, (offset >> 32) & m32, 0, 0]
+    k = [seed & m32, (seed >> 32) & m32]
+    for _ in range(10):
+        pa, pb = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(pb >> 32) ^ c[1] ^ k[0], pb & m32, (pa >> 32) ^ c[3] ^ k[1], pa & m32]
+        k = [(k[0] + 0x9E3779B9) & m32, (k[1] + 0xBB67AE85) & m32]
+    return c
+
+
+def test_philox_matches_python_integers():
+    """Whole words of every lane, seeds with either half at its extremes, counters across 2**32."""
+    seeds = [0, 1, 2**32 - 1, 2**32 + 5, 2**63 - 1, 0x7A3C_0000_FFFF_0001]
+    offsets = [0, 1, 2, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 3, 2**62, 2**63 - 1, 123456789012345]
+    offsets_t = torch.tensor(offsets, dtype=torch.int64).view(3, 4)
+    for seed in seeds:
+        words = torch.stack(reference.philox_uint32(torch.tensor([seed]), offsets_t))
+        assert words.shape == (4, 3, 4)
+        assert words.flatten(1).t().tolist() == [_philox_python(seed, o) for o in offsets], seed
+
+
+def test_randn_is_box_muller_of_the_first_two_words():
+    """Bit for bit the float32 formula: fold to int32 magnitude, scale, clamp, sqrt(-2 log u1) cos(2 pi u2)."""
+    seed, n = torch.tensor([2**40 + 17]), 4099
+    c0, c1, _, _ = reference.philox_uint32(seed, torch.arange(n))
+
+    def uniform(c):
+        folded = torch.where(c >= 2**31, 0xFFFFFFFF - c, c)
+        return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    u1, u2 = torch.clamp_min(uniform(c0), 1.0e-7), uniform(c1)
+    expected = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(torch.tensor(2 * math.pi, dtype=torch.float32) * u2)
+    assert torch.equal(reference.philox_randn(seed, (n,)), expected)
+
+
+def test_philox_reads_no_values_back_to_the_host():
+    """The seed may live on the GPU: the reference only launches ops on it (meta tensors hold no values)."""
+    seed = torch.tensor([3], device="meta")
+    eps = reference.philox_randn(seed, (4, 5), device="meta")
+    assert eps.shape == (4, 5) and eps.dtype == torch.float32
+    words = reference.philox_uint32(seed, torch.arange(6, device="meta").view(2, 3))
+    assert all(w.shape == (2, 3) and w.dtype == torch.int64 for w in words)
+
+
 # ------------------------------------------------------------------------- memory and launches
 def _saved_tensors(fn):
     saved = []
