@@ -156,7 +156,7 @@ def moments_partial_kernel(
         tl.store(out, mean, mask=col_mask)
         tl.store(out + F, m2, mask=col_mask)
         if HAS_LOGVAR:
-            tl.store(out + F + F, exp_sum, mask=col_mask)
+            tl.store(out + F + F, exp_sum, mask=col_mask)  # not 2 * F: a 32-bit product on an address path
 
 
 @triton.jit(do_not_specialize=["N", "rows_per_chunk", "n_chunks"])
@@ -182,7 +182,7 @@ def moments_finish_kernel(
         chunk_m2 = tl.load(part + F, mask=col_mask, other=0.0)
         mean, m2 = _chan_combine(mean, m2, n_before.to(ACC), chunk_mean, chunk_m2, n_chunk)
         if HAS_LOGVAR:
-            exp_sum += tl.load(part + F + F, mask=col_mask, other=0.0)
+            exp_sum += tl.load(part + F + F, mask=col_mask, other=0.0)  # not 2 * F (32 bits)
     _store_moments(
         mean, m2, exp_sum, shift, cols, col_mask, mean_ptr, var_ptr, N, denominator,
         scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, F,
