@@ -262,3 +262,31 @@ def test_finite_check_names_the_tensor(monkeypatch):
     monkeypatch.setenv("FASTVAE_CHECK_FINITE", "1")
     with pytest.raises(ValueError, match="balanced_mse: x_hat holds inf"):
         fastvae.balanced_mse(x_hat, x, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("full", (False, True))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_pass_cpu_form_equals_the_elementwise_definition(dtype, reduction, full):
+    """The CPU implementation (``reference.balanced_mse_forward``: the loss of batchmean and sum from the
+    sum of squared errors in closed form) against the elementwise definition computed in float64."""
+    torch.manual_seed(0)
+    x_hat, x = torch.rand(6, 3, 7, 5).to(dtype), torch.rand(6, 3, 7, 5).to(dtype)
+    gamma2 = torch.tensor(0.037)
+    loss, sse = reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
+    expected = reference.balanced_mse_loss(x_hat.double(), x.double(), gamma2.double(), reduction=reduction, full=full)
+    err2 = (x_hat.double() - x.double()) ** 2
+    scale = (err2 / (2 * 0.037)).sum() if reduction in ("batchmean", "sum") else err2 / (2 * 0.037)
+    rtol = {torch.float64: 1e-12}.get(dtype, 1e-5)  # inputs are exact in every dtype; the sums run in fp32 or fp64
+    assert loss.dtype == (dtype if reduction == "none" else reference.accumulation_dtype(dtype))
+    assert_close_scaled(loss, expected, rtol=rtol, scale=scale if reduction != "per_sample" else err2.sum(dim=(1, 2, 3)) / (2 * 0.037))
+    assert_close_scaled(sse, err2.sum(), rtol=rtol)
+    assert not sse.requires_grad
+
+
+def test_one_pass_cpu_form_is_differentiable():
+    x_hat = torch.rand(4, 10, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(4, 10, dtype=torch.float64)
+    loss, _ = reference.balanced_mse_forward(x_hat, x, torch.tensor(0.5, dtype=torch.float64))
+    loss.backward()
+    torch.testing.assert_close(x_hat.grad, (x_hat - x).detach() / 0.5 / 4)

@@ -38,8 +38,7 @@ def _accumulation(x_hat: Tensor, x: Tensor) -> torch.dtype:
 def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, full: bool) -> tuple[Tensor, Tensor]:
     """``(loss, sum((x_hat - x)^2))`` with variance ``gamma2``; the sum is not differentiable."""
     if not backend.use_triton(x_hat):
-        loss = reference.balanced_mse_loss(x_hat, x, gamma2, reduction=reduction, full=full)
-        return loss, reference.squared_error_sum(x_hat, x)
+        return reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
     loss, sse = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), gamma2, reduction, full)
     return loss.view(_loss_shape(x_hat, reduction)), sse.view(())
 
@@ -50,7 +49,7 @@ def _balanced_mse_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """``(d/dx_hat, d/dx)``; a gradient not needed comes back as an empty tensor."""
     if not backend.use_triton(x_hat):
-        grad_x_hat, grad_x = reference.balanced_mse_backward(grad, x_hat, x, gamma2, reduction)
+        grad_x_hat, grad_x = reference.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
     else:
         grad_rows = _rows(grad) if reduction == "none" else grad.reshape(-1)
         grad_x_hat, grad_x = backend.kernels().balanced_mse.backward(
