@@ -139,6 +139,14 @@ def build(model_name: str) -> nn.Module:
     raise ValueError(f"model must be one of {MODELS}, got {model_name!r}")
 
 
+def eager_objective(model: nn.Module, data: Tensor, running_mse: Tensor) -> Tensor:
+    """The balanced VAE loss of ``data`` in plain PyTorch (the objective of the ``plain`` and ``tensors``
+    loops): encode, reparameterize, decode, balanced reconstruction loss (updating ``running_mse``) + KL."""
+    mu, logvar = model.encode(data)
+    z, kl = eager_reparameterize_kl(mu, logvar)
+    return eager_balanced_mse(model.decode(z), data, running_mse)[0] + kl
+
+
 class PlainLoop:
     """pytorch/examples' VAE training loop over the torchvision-style dataset (see the module docstring)."""
 
@@ -157,10 +165,7 @@ class PlainLoop:
         for batch_idx, (data, _) in enumerate(self.loader):
             data = data.to(self.device)
             optimizer.zero_grad()
-            mu, logvar = model.encode(data)
-            z, kl = eager_reparameterize_kl(mu, logvar)
-            recon_batch = model.decode(z)
-            loss = eager_balanced_mse(recon_batch, data, self.running_mse)[0] + kl
+            loss = eager_objective(model, data, self.running_mse)
             loss.backward()
             train_loss += loss.item()
             optimizer.step()
@@ -187,9 +192,7 @@ class TensorLoop:
         batches = 0
         for start in range(0, len(images), BATCH):
             data = images.index_select(0, order[start:start + BATCH])
-            mu, logvar = model.encode(data)
-            z, kl = eager_reparameterize_kl(mu, logvar)
-            loss = eager_balanced_mse(model.decode(z), data, self.running_mse)[0] + kl
+            loss = eager_objective(model, data, self.running_mse)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -231,6 +231,11 @@ def _sample_dims(x: Tensor) -> tuple[int, ...]:
     return tuple(range(1, x.dim()))
 
 
+def _log_gamma_term(gamma2: Tensor, full: bool) -> Tensor:
+    """The per-element constant of the Gaussian NLL: ``log(gamma^2) / 2`` (``+ log(2 pi) / 2`` when ``full``)."""
+    return torch.log(gamma2) / 2 + (_HALF_LOG_2PI if full else 0.0)
+
+
 def balanced_mse_loss(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reduction: str = "batchmean", full: bool = False) -> Tensor:
     """The Gaussian NLL with variance ``gamma^2 = running_mse`` (no gradient through it), per element
 
@@ -241,23 +246,14 @@ def balanced_mse_loss(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reductio
     acc = accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
     gamma2 = running_mse.detach().to(acc).reshape(())
     err = x_hat.to(acc) - x.to(acc)
-    values = err * err / (2 * gamma2) + torch.log(gamma2) / 2
-    if full:
-        values = values + _HALF_LOG_2PI
+    values = err * err / (2 * gamma2) + _log_gamma_term(gamma2, full)
     return reduce_loss(values, reduction, _sample_dims(x_hat), x_hat.dtype)
-
-
-def squared_error_sum(x_hat: Tensor, x: Tensor) -> Tensor:
-    """``sum((x_hat - x)^2)`` in the accumulation dtype, without gradient: the statistic of the update."""
-    acc = accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
-    with torch.no_grad():
-        err = x_hat.to(acc) - x.to(acc)
-        return (err * err).sum()
 
 
 def balanced_mse_forward(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reduction: str = "batchmean",
                          full: bool = False) -> tuple[Tensor, Tensor]:
-    """``(balanced_mse_loss(...), squared_error_sum(x_hat, x))`` with the error computed once.
+    """``(balanced_mse_loss(...), sum((x_hat - x)^2))``, the error computed once; the sum (the statistic
+    of the running-MSE update, in the accumulation dtype) carries no gradient.
 
     For ``batchmean`` and ``sum`` the loss comes from the sum of squared errors ``S`` in closed form,
     ``S / (2 gamma^2) + M (log(gamma^2) + [log(2 pi)]) / 2`` over the ``M`` elements (divided by N for
@@ -265,14 +261,16 @@ def balanced_mse_forward(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reduc
     implementation of the custom op runs.
     """
     acc = accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
-    flat = (x_hat.to(acc) - x.to(acc)).reshape(-1)
-    sse = torch.dot(flat, flat)
-    if reduction not in ("batchmean", "sum"):
-        return balanced_mse_loss(x_hat, x, running_mse, reduction=reduction, full=full), sse.detach()
     gamma2 = running_mse.detach().to(acc).reshape(())
-    per_element = torch.log(gamma2) / 2 + (_HALF_LOG_2PI if full else 0.0)
-    total = sse / (2 * gamma2) + x_hat.numel() * per_element
-    return (total / x_hat.shape[0] if reduction == "batchmean" else total), sse.detach()
+    err = x_hat.to(acc) - x.to(acc)
+    flat = err.reshape(-1)
+    sse = torch.dot(flat, flat)
+    if reduction in ("batchmean", "sum"):
+        total = sse / (2 * gamma2) + x_hat.numel() * _log_gamma_term(gamma2, full)
+        loss = total / x_hat.shape[0] if reduction == "batchmean" else total
+    else:
+        loss = reduce_loss(err * err / (2 * gamma2) + _log_gamma_term(gamma2, full), reduction, _sample_dims(x_hat), x_hat.dtype)
+    return loss, sse.detach()
 
 
 def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: float = 0.99, rule: str = "min-ema") -> Tensor:
