@@ -142,11 +142,18 @@ def _load_idx(name: str, root: Path, split: str, download: bool):
     raise DatasetNotFoundError(_not_found(name, [str(d) for d in dirs], how))
 
 
+def fashion_mnist_folder(root: str | Path | None = None) -> Path | None:
+    """The folder that holds Fashion-MNIST's IDX files on this machine (no download), or None."""
+    root = Path(root) if root is not None else default_root()
+    for directory in _idx_dirs("fashion-mnist", root):
+        if _find_idx(directory, _IDX_FILES["train"][0]) and _find_idx(directory, _IDX_FILES["test"][0]):
+            return directory.resolve()
+    return None
+
+
 def fashion_mnist_available(root: str | Path | None = None) -> bool:
     """Whether Fashion-MNIST's IDX files are on this machine (no download)."""
-    root = Path(root) if root is not None else default_root()
-    return any(_find_idx(d, _IDX_FILES["train"][0]) and _find_idx(d, _IDX_FILES["test"][0])
-               for d in _idx_dirs("fashion-mnist", root))
+    return fashion_mnist_folder(root) is not None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ Every result names the extractor that produced it (``FeatureExtractor.name``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import warnings
@@ -298,11 +297,11 @@ def fit_classifier_features(
 
 
 def save_classifier(net: FeatureClassifier, info: dict, path: str | os.PathLike) -> None:
+    from .train.checkpoint import save_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": net.state_dict(), "info": info, "version": CLASSIFIER_VERSION}, tmp)
-    os.replace(tmp, path)
+    save_atomic({"state_dict": net.state_dict(), "info": info, "version": CLASSIFIER_VERSION}, path)
 
 
 def load_classifier_extractor(path: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureExtractor:
@@ -312,10 +311,12 @@ def load_classifier_extractor(path: str | os.PathLike, device: str | torch.devic
     shape = tuple(info["image_shape"])
     net = FeatureClassifier(shape[0], info["num_classes"])
     net.load_state_dict(saved["state_dict"])
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    from .train.checkpoint import weights_digest
+
+    digest = weights_digest(saved["state_dict"])[:8]  # of the weights: a retrain to the same weights keeps it
     acc = info.get("test_accuracy")
     name = (f"fastvae classifier features (128-d) trained on {info.get('dataset', '?')}"
-            + (f", test accuracy {acc:.3f}" if acc is not None else "") + f", {path.name} sha256 {digest}")
+            + (f", test accuracy {acc:.3f}" if acc is not None else "") + f", {path.name} weights sha256 {digest}")
     return FeatureExtractor(name, net.to(device), shape)
 
 

@@ -7,21 +7,19 @@ import torch
 from torch import nn
 
 from .models import build_model
-from .train import CHECKPOINT, TrainConfig
+from .train.checkpoint import load_run_checkpoint
+from .train.config import TrainConfig
 
 __all__ = ["load", "load_checkpoint"]
 
 
 def load_checkpoint(run_dir: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
-    """The dict saved in ``run_dir/checkpoint.pt`` (model, optimizer, ..., ``step``, ``epoch``, ``config``).
+    """The dict saved in ``run_dir/checkpoint.pt`` (model, optimizer, ..., ``step``, ``epoch``, ``config``),
+    verified against its sha256; when that file is damaged, the previous checkpoint with a warning.
 
-    ``run_dir`` may also be the checkpoint file itself."""
-    path = Path(run_dir)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: is {run_dir!s} a run folder written by fastvae train?")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    ``run_dir`` may also be the checkpoint file itself. Raises ``FileNotFoundError`` when there is none and
+    ``fastvae.train.CheckpointError`` (a ValueError naming the file) when it cannot be trusted."""
+    return load_run_checkpoint(run_dir, map_location=map_location)
 
 
 def load(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
@@ -29,9 +27,13 @@ def load(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn
 
     Example::
 
+        >>> import fastvae, torch
         >>> model, config = fastvae.load("runs/fashion")
-        >>> x = model.sample(64)                   # (64, 1, 28, 28) in [0, 1]
+        >>> x = model.sample(64, generator=torch.Generator().manual_seed(0))   # (64, 1, 28, 28) in [0, 1]
     """
+    from .train.devices import resolve_device
+
+    device = resolve_device(device)
     state = load_checkpoint(run_dir, map_location=device)
     spec = state.get("model_spec")
     if not spec:

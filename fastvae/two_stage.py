@@ -235,11 +235,13 @@ def format_variance_report(report: dict) -> str:
 
 
 def load_second_stage(run_dir: str | Path, *, device="cpu") -> nn.Module | None:
-    """The second stage saved under ``RUN/two_stage`` by ``fastvae two-stage``, or None when there is none."""
+    """The second stage saved under ``RUN/two_stage`` by ``fastvae two-stage`` for the run's current checkpoint
+    (its ``source.json`` names it), or None when there is none."""
     from .run import load
+    from .train.runfolder import matches_checkpoint
 
     folder = Path(run_dir) / SUBDIR
-    if not (folder / "checkpoint.pt").is_file():
-        return None
+    if not (folder / "checkpoint.pt").is_file() or not matches_checkpoint(folder, run_dir):
+        return None  # none, or one trained on the latents of another checkpoint of the run
     second, _ = load(folder, device=device)
     return second

@@ -2,22 +2,74 @@
 
 Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its parser and sets
 ``func`` to the function that runs it (``func(args) -> int | None``).
+
+``main`` is the one place that turns errors into what a user reads: a bad argument, a missing or damaged file, a
+busy run folder or a device that is not there gives one line ``fastvae COMMAND: error: ...`` on stderr and exit
+status 2, never usage text or a traceback. Commands that write into a run folder (``RUN``) hold its lock while
+they run, and record in their output folder which checkpoint the outputs came from.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+from pathlib import Path
 
 COMMANDS = ("demo", "bench", "train", "analyze", "two_stage", "fid")
 
+# commands that write into the run folder RUN, and the folder of derived outputs each writes (if any)
+_WRITES_INTO_RUN = {
+    "sample": None,
+    "analyze": lambda args: Path(args.out) if args.out else Path(args.run_dir) / "analysis",
+    "two-stage": lambda args: Path(args.run_dir) / "two_stage",
+    "fid": None,
+}
+
+
+class UsageError(Exception):
+    """A command's arguments or inputs are wrong; the message is the whole story."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and a pointer to ``--help``, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastvae", description="Train and study variational autoencoders, fast.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="fastvae", description="Train and study variational autoencoders, fast.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
+
+
+def _expected_errors() -> tuple[type, ...]:
+    from fastvae.train import CheckpointError, RunFolderBusy
+
+    return (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, CheckpointError, RunFolderBusy)
+
+
+@contextlib.contextmanager
+def _run_folder_guard(args):
+    """Lock ``args.run_dir`` for a command that writes into it (when it is a folder); afterwards record the
+    checkpoint its derived outputs came from."""
+    command = getattr(args, "command", None)
+    run_dir = getattr(args, "run_dir", None)
+    if command not in _WRITES_INTO_RUN or run_dir is None or not os.path.isdir(run_dir):
+        yield
+        return
+    from fastvae.train.runfolder import run_lock, write_provenance
+
+    with run_lock(run_dir, f"fastvae {command}"):
+        yield
+        derived = _WRITES_INTO_RUN[command]
+        if derived is not None and derived(args).is_dir():
+            write_provenance(derived(args), run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        with _run_folder_guard(args):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nfastvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as error:
+        if os.environ.get("FASTVAE_DEBUG"):
+            raise
+        message = str(error) or type(error).__name__
+        print(f"fastvae {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

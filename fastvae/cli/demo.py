@@ -24,8 +24,10 @@ def run(args) -> int:
     import fastvae
     from fastvae import backend
 
+    from fastvae.train.devices import resolve_device
+
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     h = torch.randn(args.batch, 2 * args.latent, device=device, requires_grad=True)
     mu, logvar = h.chunk(2, dim=-1)
     start = time.perf_counter()

@@ -104,9 +104,11 @@ def run(args) -> int:
     if second is None:
         print(f"(no second stage in {os.path.join(args.run_dir, two_stage.SUBDIR)}: run `fastvae two-stage {args.run_dir}` "
               "for the second-stage settings)")
+    from fastvae.train.runfolder import provenance
+
     out = args.out or os.path.join(args.run_dir, "fid.json")
     with open(out, "w") as handle:
-        json.dump({"run": os.path.abspath(args.run_dir), "extractor": extractor.name, "dataset": config.dataset,
+        json.dump({"run": os.path.abspath(args.run_dir), "source": provenance(args.run_dir), "extractor": extractor.name, "dataset": config.dataset,
                    "reference": f"test split, {test.shape[0]} images", "seed": args.seed, "settings": rows}, handle, indent=2)
         handle.write("\n")
     print(f"fastvae fid: wrote {out}")

@@ -168,7 +168,10 @@ def balanced_mse(
     gamma2 = running_mse.detach().clone() if update else running_mse.detach()
     loss, sse = torch.ops.fastvae.balanced_mse(x_hat, x, gamma2, reduction, full)
     if update:
-        reference.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
+        mse = batch_mse(sse, x_hat.numel())
+        # a non-finite batch (the loss reports it) leaves the running estimate as it was, instead of poisoning it
+        mse = torch.where(torch.isfinite(mse), mse, running_mse.detach().reshape(mse.shape).to(mse.dtype))
+        reference.update_running_mse(running_mse, mse, momentum=momentum, rule=rule)
     return loss
 
 
@@ -182,6 +185,8 @@ class BalancedMSE(nn.Module):
         check_choice("BalancedMSE", "reduction", reduction, REDUCTIONS)
         if not init > 0:
             raise ValueError(f"BalancedMSE: init must be positive, got {init}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BalancedMSE: momentum must be a number in [0, 1], got {momentum!r}")
         self.momentum, self.rule, self.reduction, self.full = momentum, rule, reduction, full
         self.register_buffer("running_mse", torch.tensor(float(init)))
 

@@ -225,6 +225,10 @@ def moments(z: Tensor, dim: int = 0, correction: int = 0) -> tuple[Tensor, Tenso
     check_float_tensor(op, "z", z)
     dim = check_dim(op, dim, z.dim())
     correction = check_correction(op, correction, z.shape[dim])
+    if z.shape[dim] == 1:
+        import warnings
+
+        warnings.warn(f"{op}: z has one sample along dim {dim}, so every variance is 0", stacklevel=2)
     check_finite(op, z=z)
     return torch.ops.fastvae.moments(z, dim, correction)
 

@@ -1,0 +1,488 @@
+"""``fit(model, data, config)``: the training loop, read top to bottom.
+
+``fit`` checks its arguments, locks the run folder, builds a ``_Run`` (device, optimizer, schedule, resume) and
+runs ``_Run.step`` over each epoch's seeded permutation, then ``_Run.end_of_epoch`` (evaluation, grids,
+callbacks, checkpoint). Losses stay on the device in a small window read once per ``log_every`` steps (and before
+each checkpoint, so that a non-finite loss never reaches a checkpoint). A Ctrl-C (SIGINT) lets the running step
+finish, writes a checkpoint at that step and raises ``TrainingInterrupted``. Under ``torchrun`` the objective
+trains under DDP, each rank takes its shard of every permutation, and only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .._util import derive_seed, eval_mode
+from ..losses import build_loss
+from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .devices import resolve_device
+from .log import MetricsLog
+from .objective import TrainObjective
+from .runfolder import empty_folder, make_folder, run_lock, unique_folder
+
+__all__ = ["TrainResult", "NonFiniteLossError", "TrainingInterrupted", "fit", "evaluate", "epoch_permutation"]
+
+_TERMS = ("total loss", "reconstruction", "KL")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN or infinite loss; the message names the step and the loss term."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a checkpoint at ``step`` was written into ``out_dir``."""
+
+    def __init__(self, out_dir: Path, step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint written to {out_dir / CHECKPOINT}")
+        self.out_dir, self.step = out_dir, step
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` returns: where the run is, how far it went, its last metrics, and the loss policy
+    (``policy.gamma``; its state_dict holds ``running_mse`` or ``log_gamma``)."""
+
+    out_dir: Path
+    step: int
+    epoch: int
+    train_metrics: dict = field(default_factory=dict)
+    test_metrics: dict = field(default_factory=dict)
+    policy: Optional[nn.Module] = None
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The order of the ``n`` training samples in ``epoch``: a CPU permutation from a generator seeded with
+    ``derive_seed(seed, epoch)``, so that a resumed run and every rank draw the same one."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+
+
+def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=None,
+        callbacks: Iterable[Callable] | None = None, resume: bool = False) -> TrainResult:
+    """Train ``model`` on ``data`` as ``config`` says (see ``fastvae.train``); returns a ``TrainResult``.
+
+    Seeds torch's generators with ``config.seed + rank`` (the reparameterization noise); the model arrives
+    initialized. Raises ``NonFiniteLossError`` on a NaN or infinite loss, ``FileExistsError`` when ``config.out``
+    already holds a run (unless ``resume`` or ``config.overwrite``), ``RunFolderBusy`` when another process
+    writes into it, ``TrainingInterrupted`` after a Ctrl-C, ValueError/TypeError on bad arguments.
+    """
+    config = (config or TrainConfig()).validate()
+    images, test_images, callbacks = _check_arguments(model, data, test_data, callbacks, config)
+    rank, world = _distributed()
+    out = _out_folder(config, rank, world)
+    with (run_lock(out, "fastvae train") if rank == 0 else contextlib.nullcontext(out)):
+        _prepare_folder(out, config, resume, rank)
+        run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume)
+        try:
+            with _deferred_interrupt(world == 1) as interrupted:
+                while run.epoch < config.epochs and not run.stopped:
+                    run.train_epoch(interrupted)
+        finally:
+            run.close()
+    return TrainResult(out, run.step, run.epoch, run.train_metrics, run.test_metrics, run.policy)
+
+
+class _Run:
+    """The state of one training run between steps: model, optimizer, schedule, window of losses, position."""
+
+    def __init__(self, model, images, test_images, config: TrainConfig, out: Path, callbacks, rank, world, resume):
+        self.config, self.out, self.callbacks, self.rank, self.world = config, out, callbacks, rank, world
+        self.device = device = resolve_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if config.precision == "fp16" and device.type != "cuda":
+            raise ValueError("TrainConfig.precision fp16 needs CUDA (a GradScaler); use bf16 on the CPU")
+        torch.manual_seed(config.seed + rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.manual_seed(config.seed + rank)
+            torch.backends.cudnn.benchmark = True
+        self.channels_last = device.type == "cuda" and images.dim() == 4
+        self.model = model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.images = images.to(device)
+        self.test_images = test_images.to(device) if test_images is not None else None
+        self.policy = build_loss(config.loss, momentum=config.gamma_momentum, rule=config.gamma_rule).to(device)
+        self.objective = TrainObjective(model, self.policy, kl_weight=config.kl_weight, kl=config.kl,
+                                        sampling=config.sampling, compile=config.compile)
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(self.params, config)
+        self.per_rank = images.shape[0] // world
+        self.steps_per_epoch = (self.per_rank // config.batch_size if config.drop_last
+                                else math.ceil(self.per_rank / config.batch_size))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"fit: drop_last with batch_size {config.batch_size} leaves no batch of {self.per_rank} "
+                             "samples per rank")
+        total = config.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, total))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        self.step = self.epoch = self.start_batch = 0
+        self.last_checkpoint: int | None = None
+        if resume:
+            self._resume()
+        self.train_module: nn.Module = self.objective
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.objective, device_ids=ids)
+        self.log = self.bar = None
+        if rank == 0:
+            config.save(out / "config.json")
+            self.log = MetricsLog(out, keep_until_step=self.step if resume else None, tensorboard=config.tensorboard)
+            if config.progress and sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
+        self.window = torch.zeros(config.log_every, 4, device=device)  # (loss, rec, kl, mse) per step
+        self.slot, self.stopped = 0, False
+        self.train_metrics: dict = {}
+        self.test_metrics: dict = {}
+        self.started = self.window_start = time.perf_counter()
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------------------------------ the epoch
+    def train_epoch(self, interrupted: Callable[[], bool]) -> None:
+        config, B = self.config, self.config.batch_size
+        order = epoch_permutation(self.images.shape[0], config.seed, self.epoch)
+        order = order[self.rank::self.world][:self.per_rank].to(self.device)
+        epoch_start = time.perf_counter()
+        for b in range(self.start_batch, self.steps_per_epoch):
+            self.train_step(self.images.index_select(0, order[b * B:(b + 1) * B]))
+            at_checkpoint = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0
+            self.stopped = bool(config.max_steps) and self.step >= config.max_steps
+            if self.slot == config.log_every or self.stopped:
+                self.flush()
+            for callback in self.callbacks if self.rank == 0 else ():
+                callback(model=self.model, step=self.step, epoch=self.epoch, out_dir=self.out,
+                         metrics=self.train_metrics, epoch_end=False, config=config)
+            mid_epoch = b + 1 < self.steps_per_epoch
+            if mid_epoch and (at_checkpoint or self.stopped or interrupted()):
+                self.save_checkpoint(self.epoch, b + 1)
+                if interrupted():
+                    raise TrainingInterrupted(self.out, self.step)
+                if self.stopped:
+                    return
+        self.end_of_epoch(time.perf_counter() - epoch_start)
+        if interrupted():
+            raise TrainingInterrupted(self.out, self.step)
+
+    def train_step(self, x: Tensor) -> None:
+        """One optimizer step on batch ``x``; its losses go to the window, unread."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss, rec, kl, mse = self.train_module(x)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.config.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        with torch.no_grad():
+            torch.stack((loss.float(), rec.float(), kl.float(), mse.float()), out=self.window[self.slot])
+        self.slot += 1
+
+    def end_of_epoch(self, epoch_time: float) -> None:
+        """Log the window, evaluate, draw the grids, call the callbacks and write the checkpoint."""
+        self.flush()
+        self.epoch += 1
+        self.start_batch = 0
+        config = self.config
+        if self.rank == 0:
+            eval_images = self.test_images if self.test_images is not None else self.images[:2048]
+            metrics = evaluate(self.model, self.policy, eval_images, kl_weight=config.kl_weight,
+                               batch_size=config.eval_batch_size, seed=config.seed, autocast=self.autocast)
+            self.test_metrics = {"split": "test" if self.test_images is not None else "train-subset",
+                                 "epoch": self.epoch, "step": self.step, **metrics, "epoch_time_s": epoch_time,
+                                 "time_s": time.perf_counter() - self.started}
+            self.log.write(self.test_metrics)
+            shape = tuple(self.model.input_shape) if hasattr(self.model, "input_shape") else eval_images.shape[1:]
+            if len(shape) == 3 and shape[0] in (1, 3) and (
+                    self.epoch % config.images_every == 0 or self.epoch == config.epochs):
+                _grids(self.model, eval_images, self.out, self.epoch, config, self.autocast)
+            if config.progress:
+                self._print_epoch(epoch_time)
+            for callback in self.callbacks:
+                callback(model=self.model, step=self.step, epoch=self.epoch, out_dir=self.out,
+                         metrics=self.test_metrics, epoch_end=True, config=config)
+        self.save_checkpoint(self.epoch, 0)
+        if self.world > 1:
+            dist.barrier()
+        self.stopped = bool(config.max_steps) and self.step >= config.max_steps
+
+    # ------------------------------------------------------------------------------------------ the window
+    def _read_window(self) -> Tensor:
+        """Sums of the window's rows and a non-finite flag, over all ranks; stops on a non-finite loss."""
+        rows = self.window[:self.slot].double()
+        stats = torch.cat([rows.sum(0), (~torch.isfinite(rows[:, :3])).any().double().reshape(1)])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        if stats[4] > 0:
+            first = self.step - self.slot + 1
+            message = (_non_finite_message(rows, first, self.epoch, self.out / CHECKPOINT, self.last_checkpoint)
+                       if not bool(torch.isfinite(rows[:, :3]).all()) else
+                       f"non-finite loss on another rank between steps {first} and {self.step}; training stopped")
+            raise NonFiniteLossError(message)
+        return stats
+
+    def flush(self) -> None:
+        """Read the window once: stop on a non-finite loss, else log the means as a training row."""
+        if self.slot == 0:
+            return
+        stats = self._read_window()
+        now = time.perf_counter()
+        loss, rec, kl, mse = (stats[:4] / (self.slot * self.world)).tolist()
+        gamma = self.policy.gamma
+        self.train_metrics = {
+            "split": "train", "epoch": self.epoch + 1, "step": self.step, "loss": loss, "rec": rec, "kl": kl,
+            "mse": mse, "gamma": float(gamma) if gamma is not None else None, "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": self.slot * self.config.batch_size * self.world / max(now - self.window_start, 1e-9),
+            "time_s": now - self.started}
+        if self.log is not None:
+            self.log.write(self.train_metrics)
+        if self.bar is not None:
+            postfix = {k: f"{self.train_metrics[k]:.4g}" for k in ("loss", "rec", "kl")}
+            if gamma is not None:
+                postfix["gamma"] = f"{float(gamma):.4g}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}", refresh=False)
+            self.bar.update(self.step - self.bar.n)
+        self.slot, self.window_start = 0, now
+
+    # ------------------------------------------------------------------------------------------ files
+    def save_checkpoint(self, epoch: int, batch: int) -> None:
+        """Write the checkpoint at (``epoch``, ``batch``) after checking the unread losses are finite."""
+        if self.slot:
+            self._read_window()
+        rngs = [rng_state(self.device)]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state(self.device))
+        if self.rank == 0:
+            save_checkpoint({
+                "format": 1, "model": self.model.state_dict(), "model_spec": getattr(self.model, "spec", None),
+                "loss": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": [{k: v.cpu() for k, v in r.items()} for r in rngs], "epoch": epoch, "batch": batch,
+                "step": self.step, "steps_per_epoch": self.steps_per_epoch, "config": self.config.to_dict(),
+            }, self.out)
+        self.last_checkpoint = self.step
+
+    def _resume(self) -> None:
+        state = load_run_checkpoint(self.out, map_location=self.device,
+                                    on_fallback=lambda m: print(f"fastvae: {m}", file=sys.stderr))
+        if len(state["rng"]) != self.world:
+            raise ValueError(f"fit: the checkpoint was written by {len(state['rng'])} ranks, this run has "
+                             f"{self.world}; resume with the same number of processes")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"fit: the checkpoint has {state['steps_per_epoch']} steps per epoch, this run "
+                             f"{self.steps_per_epoch}; resume with the same data, batch_size and drop_last")
+        self.model.load_state_dict(state["model"])
+        self.policy.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][self.rank], self.device)
+        self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch"]
+        self.last_checkpoint = self.step
+
+    def _print_epoch(self, epoch_time: float) -> None:
+        m = self.test_metrics
+        gamma = "" if m["gamma"] is None else f", gamma {m['gamma']:.4g}"
+        line = (f"epoch {self.epoch}/{self.config.epochs}: {m['split']} loss {m['loss']:.4g}, rec {m['rec']:.4g}, "
+                f"KL {m['kl']:.4g}, MSE {m['mse']:.4g}{gamma} ({epoch_time:.1f} s)")
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _check_arguments(model, data, test_data, callbacks, config: TrainConfig):
+    if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
+        raise TypeError(f"fit: model must have encode(x) -> (mu, logvar) and decode(z) -> x_hat, "
+                        f"got {type(model).__name__}")
+    images = _as_images(data, "data")
+    test_images = _as_images(test_data, "test_data") if test_data is not None else None
+    input_shape = tuple(getattr(model, "input_shape", images.shape[1:]))
+    for name, tensor in (("data", images), ("test_data", test_images)):
+        if tensor is not None and tuple(tensor.shape[1:]) != input_shape:
+            raise ValueError(f"fit: {name} has samples of shape {tuple(tensor.shape[1:])} but the model takes "
+                             f"{input_shape}")
+    callbacks = list(callbacks or [])
+    if not all(callable(cb) for cb in callbacks):
+        raise TypeError("fit: callbacks must be callables")
+    if config.limit:
+        images = images[:config.limit]
+    rank, world = _distributed()
+    if world > 1 and images.shape[0] < world:
+        raise ValueError(f"fit: {images.shape[0]} samples cannot be shared among {world} ranks")
+    return images, test_images, callbacks
+
+
+def _as_images(data, name: str) -> Tensor:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        data = data[0]
+    if not isinstance(data, Tensor):
+        raise TypeError(f"fit: {name} must be a tensor of samples (N, ...) or an (images, labels) pair, "
+                        f"got {type(data).__name__}")
+    if not data.dtype.is_floating_point:
+        raise TypeError(f"fit: {name} must be floating (images scaled to [0, 1]), got {data.dtype}; "
+                        "see fastvae.data.as_images")
+    if data.dim() < 2 or data.shape[0] == 0:
+        raise ValueError(f"fit: {name} must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
+    finite = torch.isfinite(data).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(f"fit: {name} holds NaN or infinite values in {bad.numel()} sample(s), the first at index "
+                         f"{int(bad[0])}; clean the data before training")
+    return data
+
+
+def _out_folder(config: TrainConfig, rank: int, world: int) -> Path:
+    """``config.out``, or a new unique ``runs/fit-TIME`` (named on rank 0 and shared)."""
+    if config.out is not None:
+        return Path(config.out)
+    name = [str(unique_folder(Path("runs") / f"fit-{time.strftime('%Y%m%d-%H%M%S')}")) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _prepare_folder(out: Path, config: TrainConfig, resume: bool, rank: int) -> None:
+    """Refuse to train over a run unless resuming or overwriting; an overwrite starts from an empty folder."""
+    has_run = (out / CHECKPOINT).is_file() or (out / PREVIOUS).is_file()
+    if resume and not has_run:
+        raise FileNotFoundError(f"fit: resume=True but {out / CHECKPOINT} does not exist")
+    if not resume and has_run and not config.overwrite:
+        raise FileExistsError(f"fit: {out} already holds a run ({CHECKPOINT}); resume it, pass overwrite=True "
+                              "(--overwrite) or choose another out folder")
+    if rank == 0:
+        make_folder(out)
+        if not resume and config.overwrite and (has_run or (out / "config.json").is_file()):
+            empty_folder(out)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _optimizer(params: list, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, fused where torch has it for the device (CUDA, CPU), else the foreach implementation."""
+    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, foreach=True, **kwargs)
+
+
+def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup, schedule = config.warmup_steps, config.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+@contextlib.contextmanager
+def _deferred_interrupt(enabled: bool):
+    """While training, the first Ctrl-C (SIGINT) only raises a flag that the loop reads between steps (so it can
+    write a checkpoint at that step); a second Ctrl-C interrupts at once. Yields ``interrupted() -> bool``."""
+    flag = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag.is_set
+        return
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _grids(model: nn.Module, test_images: Tensor, out: Path, epoch: int, config: TrainConfig, autocast) -> None:
+    """A grid of samples (the same ``z`` every epoch) and a grid of test images over their reconstructions."""
+    from .grid import image_grid
+
+    images = make_folder(out / "images")
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad(), autocast():
+        samples = model.sample(config.n_samples, generator=generator)
+        x = test_images[:32]
+        recon = model.decode(model.encode(x)[0])
+    image_grid(samples.float(), images / f"samples-epoch{epoch:03d}.png")
+    image_grid(torch.cat([x[:16], recon[:16].float(), x[16:32], recon[16:32].float()]),
+               images / f"recon-epoch{epoch:03d}.png", nrow=min(16, x.shape[0]))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: float = 1.0, batch_size: int = 1000,
+             seed: int = 0, autocast=contextlib.nullcontext) -> dict:
+    """Loss, reconstruction, KL (per sample) and MSE (per element) of ``images`` in eval mode, with the
+    reparameterization noise seeded per batch (the same every call); gamma of ``policy`` as it stands."""
+    totals = torch.zeros(4, dtype=torch.float64, device=images.device)
+    with eval_mode(model, policy):
+        for k, start in enumerate(range(0, images.shape[0], batch_size)):
+            x = images[start:start + batch_size]
+            with autocast():
+                x_hat, kl = model(x, seed + k)
+                rec = policy(x_hat, x)
+            n = x.shape[0]
+            totals += torch.stack([(rec + kl_weight * kl) * n, rec * n, kl * n,
+                                   (x_hat.float() - x.float()).square().sum() / x[0].numel()]).double()
+    loss, rec, kl, mse = (totals / images.shape[0]).tolist()
+    gamma = policy.gamma
+    return {"loss": loss, "rec": rec, "kl": kl, "mse": mse, "gamma": float(gamma) if gamma is not None else None}
+
+
+def _non_finite_message(window: Tensor, first_step: int, epoch: int, checkpoint: Path, last_good: int | None) -> str:
+    finite = torch.isfinite(window[:, :3])
+    row = int((~finite.all(dim=1)).nonzero()[0])
+    bad = [(_TERMS[j], float(window[row, j])) for j in range(3) if not bool(finite[row, j])]
+    if len(bad) > 1 and bad[0][0] == "total loss":
+        bad = bad[1:]
+    terms = " and ".join(f"the {name} term is {value}" for name, value in bad)
+    kept = (f"the last good checkpoint {checkpoint} (step {last_good}) is left in place" if last_good is not None
+            else "no checkpoint had been written yet")
+    return f"non-finite loss at step {first_step + row} (epoch {epoch + 1}): {terms}; training stopped, {kept}"
