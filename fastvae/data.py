@@ -78,6 +78,10 @@ def as_images(array, *, name: str = "images") -> Tensor:
     if x.dtype == torch.uint8:
         return x.contiguous().float().div_(255.0)
     x = x.float().contiguous()
+    finite = torch.isfinite(x).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(f"{name}: NaN or infinite values in {bad.numel()} sample(s), the first at index {int(bad[0])}")
     lo, hi = float(x.min()), float(x.max())
     if not (0.0 <= lo and hi <= 1.0):
         raise ValueError(f"{name}: float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")

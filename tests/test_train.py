@@ -196,3 +196,55 @@ def test_default_falls_back_to_digits_without_fashion_mnist(tmp_path, monkeypatc
     config = TrainConfig.load(run / "config.json")
     assert config.dataset == "digits" and config.epochs == 1 and config.images_every == 25
     assert (run / "images" / "samples-epoch001.png").is_file()  # the last epoch always has its grids
+
+
+# ---------------------------------------------------------------------------------------- objective options
+def test_kl_modes_and_no_sampling_follow_their_formulas():
+    from fastvae.losses import BetaLoss
+    from fastvae.train.objective import TrainObjective
+
+    model = _tiny()
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+    def mse(x_hat):  # BetaLoss's rec
+        return float((x_hat.detach() - x).square().sum() / 8)
+
+    full = float(0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum() / 8)
+    expected = {"full": full, "quadratic": float(mu.square().sum() / 16), "none": 0.0}
+    for kl, value in expected.items():
+        loss, rec, kl_term, _ = TrainObjective(model, BetaLoss(), kl_weight=0.5, kl=kl, sampling=False)(x)
+        assert float(rec) == pytest.approx(mse(model.decode(mu)), rel=1e-5)  # z = mu
+        assert float(kl_term) == pytest.approx(value, rel=1e-5, abs=1e-7)
+        assert float(loss) == pytest.approx(float(rec) + 0.5 * value, rel=1e-5)
+    torch.manual_seed(3)
+    _, rec_sampled, kl_sampled, _ = TrainObjective(model, BetaLoss(), kl="quadratic")(x)
+    assert float(rec_sampled) != pytest.approx(mse(model.decode(mu)), rel=1e-5)  # z = mu + sigma eps
+    assert float(kl_sampled) == pytest.approx(expected["quadratic"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kl", ["quadratic", "none"])
+def test_fit_trains_with_other_kl_terms_and_without_sampling(tmp_path, fashion, kl):
+    x, x_test = fashion
+    result = fit(_tiny(), x, _config(tmp_path / "run", kl=kl, sampling=False, epochs=1), test_data=x_test)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    if kl == "none":
+        assert all(r["kl"] == 0.0 and r["loss"] == pytest.approx(r["rec"]) for r in train_rows)
+    assert TrainConfig.load(tmp_path / "run" / "config.json").kl == kl and result.step == 8
+
+
+def test_eval_mode_and_derive_seed():
+    from fastvae._util import derive_seed, eval_mode
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).eval()
+    with eval_mode(a, b):
+        assert not a.training and not b.training
+    assert a.training and not b.training
+    with pytest.raises(RuntimeError), eval_mode(a):
+        raise RuntimeError
+    assert a.training
+    assert derive_seed(5, 3) == 5 * 1_000_003 + 3 and derive_seed(5) == 5
+    assert len({derive_seed(s, e) for s in range(4) for e in range(50)}) == 200
+    assert torch.equal(epoch_permutation(100, 5, 3), torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(5, 3))))

@@ -55,7 +55,7 @@ def register(subparsers) -> None:
 
 
 def _config(args, fields: dict):
-    from fastvae.run import load_checkpoint
+    from fastvae.train.checkpoint import load_run_checkpoint
     from fastvae.train.config import RESUMABLE, TrainConfig
 
     if getattr(args, "resume", None) is not None:
@@ -67,7 +67,7 @@ def _config(args, fields: dict):
                              f"only {', '.join(map(_flag, RESUMABLE))} may change")
         if "out" in fields and os.path.abspath(fields["out"]) != os.path.abspath(args.resume):
             raise ValueError("--out must be the resumed run's folder (or left out)")
-        state = load_checkpoint(args.resume)
+        state = load_run_checkpoint(args.resume, on_fallback=lambda message: None)  # fit reports a fallback
         config = TrainConfig.from_dict({**state["config"], **fields, "out": args.resume})
         return config, state
     base = TrainConfig.load(args.config).to_dict() if getattr(args, "config", None) is not None else {}

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -102,9 +103,9 @@ def read_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: damaged (its sha256 differs from the one recorded in {path.name}{_SUFFIX})")
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad bytes
-        what = "truncated or not a PyTorch file" if not data.startswith(b"PK") or "zip" in str(error).lower() \
-            else "not a fastvae checkpoint (it holds objects other than tensors and plain values)"
+    except Exception:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad bytes
+        what = ("not a fastvae checkpoint (it holds objects other than tensors and plain values)"
+                if zipfile.is_zipfile(io.BytesIO(data)) else "truncated or not a PyTorch file")
         raise CheckpointError(f"{path}: {what} ({len(data)} bytes)") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a fastvae checkpoint (a PyTorch file without a 'model' entry)")
