@@ -22,9 +22,11 @@ TINY = ["--dataset", "digits", "--batch-size", "100", "--hidden", "16", "--laten
         "--no-tensorboard", "--n-samples", "4"]
 
 
-def _spawn(*args, cwd=None):
+def _spawn(*args, cwd=None, pythonpath=None):
     """``python -m fastvae ARGS`` as a separate process (stdout and stderr captured)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
     return subprocess.Popen([sys.executable, "-m", "fastvae", *map(str, args)], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -85,12 +87,16 @@ def test_a_live_run_folder_refuses_a_second_writer_naming_the_holder(tmp_path, r
 
 # ------------------------------------------------------------------------------------ 2. auto-named folders
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
-    runs = [_spawn("train", *TINY, "--epochs", "1", "--max-steps", "3", cwd=tmp_path) for _ in range(2)]
+    clock = tmp_path / "clock"  # both processes read the same time, as two runs started in one second do
+    clock.mkdir()
+    (clock / "sitecustomize.py").write_text("import time\ntime.strftime = lambda *args: '20260101-000000'\n")
+    runs = [_spawn("train", *TINY, "--epochs", "1", "--max-steps", "3", cwd=tmp_path, pythonpath=clock)
+            for _ in range(2)]
     for process in runs:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
     folders = sorted((tmp_path / "runs").iterdir())
-    assert len(folders) == 2
+    assert [f.name for f in folders] == ["digits-dense-20260101-000000", "digits-dense-20260101-000000-2"]
     for folder in folders:
         assert TrainConfig.load(folder / "config.json").out == str(folder.relative_to(tmp_path))
         assert load_checkpoint(folder)["step"] == 3
@@ -141,12 +147,13 @@ def _flip_block(path, size=4096):
 def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(run, capsys):
     previous_step = load_checkpoint(run / "checkpoint.prev.pt")["step"]
     _flip_block(run / "checkpoint.pt")
-    with pytest.warns(UserWarning, match=r"checkpoint.pt: damaged .*using the previous checkpoint .*checkpoint.prev.pt"):
+    with pytest.warns(UserWarning, match=r"checkpoint.pt: damaged .*using the previous checkpoint .*prev.pt"):
         model, _ = fastvae.load(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
     err = capsys.readouterr().err
-    assert "damaged" in err and f"using the previous checkpoint {run / 'checkpoint.prev.pt'} (step {previous_step})" in err
+    assert "damaged" in err
+    assert f"using the previous checkpoint {run / 'checkpoint.prev.pt'} (step {previous_step})" in err
     state = load_checkpoint(run)
     assert state["epoch"] == 3 and all(torch.isfinite(v).all() for v in state["optimizer"]["state"][0].values())
 
@@ -279,7 +286,8 @@ def test_resuming_a_finished_run_says_so(run, capsys):
 
 def test_log_every_is_kept_beside_a_smaller_checkpoint_every_and_rows_have_mse(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "1", "--log-every", "4", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    args = ["--epochs", "1", "--log-every", "4", "--checkpoint-every", "2", "--out", str(out)]
+    assert main(["train", *TINY, *args]) == 0
     import csv
 
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -310,7 +318,8 @@ def test_dataset_auto_says_where_it_found_fashion_mnist(tmp_path, capsys):
 
     folder = fashion_mnist_folder()
     assert folder is not None and folder.is_dir()  # the test machine has it (the train tests use it)
-    assert resolved_dataset(TrainConfig(dataset="auto")) == ("fashion-mnist", f"dataset auto: fashion-mnist, found in {folder}")
+    note = f"dataset auto: fashion-mnist, found in {folder}"
+    assert resolved_dataset(TrainConfig(dataset="auto")) == ("fashion-mnist", note)
 
 
 def test_the_fid_classifier_name_is_the_same_for_the_same_weights(tmp_path):

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its checkpoint "
                         f"(only {', '.join(map(_flag, RESUMABLE))} may change)")
-    parser.add_argument("--config", metavar="JSON", help="start from a TrainConfig saved as JSON (config.json of a run)")
+    parser.add_argument("--config", metavar="JSON",
+                        help="start from a TrainConfig saved as JSON (config.json of a run)")
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         choices = f"; one of {', '.join(meta['choices'])}" if meta["choices"] else ""
@@ -43,8 +44,9 @@ def register(subparsers) -> None:
             parser.add_argument(_flag(f.name), dest=f.name, type=meta["kind"], metavar=f.name.upper(), help=text)
     parser.set_defaults(func=run_train)
 
-    sample = subparsers.add_parser("sample", help="write a grid of samples from a trained run",
-                                   description="Decode z ~ N(0, I) with the model of run folder RUN and write a PNG grid.")
+    sample = subparsers.add_parser(
+        "sample", help="write a grid of samples from a trained run",
+        description="Decode z ~ N(0, I) with the model of run folder RUN and write a PNG grid.")
     sample.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     sample.add_argument("--out", default=None, help="PNG path (default: RUN/samples.png)")

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 __all__ = ["CHECKPOINT", "PREVIOUS", "CheckpointError", "save_atomic", "save_atomic_bytes", "save_checkpoint",
-           "read_checkpoint", "load_run_checkpoint", "checkpoint_digest", "weights_digest", "rng_state", "set_rng_state"]
+           "read_checkpoint", "load_run_checkpoint", "checkpoint_digest", "weights_digest",
+           "rng_state", "set_rng_state"]
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"

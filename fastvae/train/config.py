@@ -45,7 +45,8 @@ class TrainConfig:
     # model
     model: str = option("dense", "the architecture", str, choices=MODELS)
     latent: int = option(16, "latent dimension", int, minimum=1)
-    hidden: Optional[list] = option(None, "dense / second-stage: hidden widths; conv / resnet: [bottleneck width]", list)
+    hidden: Optional[list] = option(None, "dense / second-stage: hidden widths; conv / resnet: [bottleneck width]",
+                                    list)
     channels: Optional[list] = option(None, "conv / resnet: channels per scale", list)
     blocks_per_scale: int = option(2, "resnet: residual blocks per scale", int, minimum=1)
     # objective

@@ -17,7 +17,10 @@ def image_grid(images, path, *, nrow=None, padding=2, pad_value=1.0, scale=None)
     import numpy as np
     from PIL import Image
 
-    x = images.detach().float().cpu().clamp(0, 1).numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
+    if hasattr(images, "detach"):
+        x = images.detach().float().cpu().clamp(0, 1).numpy()
+    else:
+        x = np.asarray(images, np.float32)
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise ValueError(f"image_grid: images must be (N, C, H, W) with C = 1 or 3 and N > 0, got shape {x.shape}")
     n, c, h, w = x.shape

@@ -51,7 +51,8 @@ class MetricsLog:
         self.jsonl = out / "metrics.jsonl"
         rows = []
         if keep_until_step is not None and self.jsonl.is_file():
-            rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r.get("step", 0) <= keep_until_step]
+            rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines())
+                    if r.get("step", 0) <= keep_until_step]
         with open(self.jsonl, "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in rows)
         self.writers: list = [_CsvWriter(out / "metrics.csv", rows)]
