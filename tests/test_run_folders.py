@@ -194,7 +194,8 @@ def test_unreadable_checkpoints_give_one_line_naming_the_file(run, capsys, damag
 # ------------------------------------------------------------------------------------ 6. Ctrl-C
 def test_ctrl_c_writes_a_checkpoint_at_the_step_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    process = _spawn("train", *TINY, "--batch-size", "10", "--epochs", "5", "--log-every", "1", "--out", out)
+    # batches of 2: an epoch of many steps, so that the signal lands in the middle of one
+    process = _spawn("train", *TINY, "--batch-size", "2", "--epochs", "5", "--log-every", "1", "--out", out)
     metrics = out / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 3, "a few steps", process)
     process.send_signal(signal.SIGINT)

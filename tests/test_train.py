@@ -46,6 +46,8 @@ def test_config_round_trips_through_json(tmp_path):
     ({"precision": "fp8"}, ValueError, "precision"),
     ({"model": "conv", "hidden": [64, 32]}, ValueError, "hidden"),
     ({"gamma_momentum": 2.0}, ValueError, "gamma_momentum"),
+    ({"kl_weight": float("nan")}, ValueError, "kl_weight must be a finite number"),
+    ({"kl": "half"}, ValueError, "kl must be one of"),
 ])
 def test_bad_config_fields_are_named(kw, error, match):
     with pytest.raises(error, match=match):

@@ -156,6 +156,8 @@ def _check_field(f: dataclasses.Field, value, config: TrainConfig) -> None:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise TypeError(f"{name} must be a number, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if kind is str and not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {value!r}")
     choices = f.metadata["choices"]
