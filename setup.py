@@ -16,7 +16,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastvae", "fastvae.ops", "fastvae.cli", "fastvae.kernels"],
+    packages=["fastvae", "fastvae.ops", "fastvae.cli", "fastvae.train", "fastvae.kernels"],
     package_dir={"fastvae": "fastvae", "fastvae.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
