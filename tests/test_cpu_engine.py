@@ -62,13 +62,17 @@ def test_reparameterize_kl_matches_the_spec(noise_engine, dtype, reduction):
     seed = torch.tensor([1234])
     z = _cpu.reparameterize(mu, logvar, seed=seed)
     kl = _cpu.kl_divergence(mu, logvar, reduction=reduction)
+    z_both, kl_both = _cpu.reparameterize_kl(mu, logvar, seed, reduction)
     z_ref, kl_ref = reference.reparameterize_kl(mu, logvar, seed=seed, reduction=reduction)
+    assert torch.equal(z_both, z)
+    _close(kl_both, kl_ref, dtype)
     assert z.dtype == z_ref.dtype and kl.dtype == kl_ref.dtype and kl.shape == kl_ref.shape
     _close(z, z_ref, dtype)
     _close(kl, kl_ref, dtype)
     kl_shape = kl_ref.shape
     for grad_z, grad_kl in ((torch.randn(mu.shape, dtype=dtype), torch.randn(kl_shape).to(kl_ref.dtype)),
-                            (None, torch.randn(kl_shape).to(kl_ref.dtype)), (torch.randn(mu.shape, dtype=dtype), None)):
+                            (None, torch.randn(kl_shape).to(kl_ref.dtype)), (torch.randn(mu.shape, dtype=dtype), None),
+                            (None, None)):
         got = _cpu.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
         want = reference.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
         for g, w in zip(got, want):
@@ -131,8 +135,8 @@ def test_ops_run_the_engine_on_cpu_tensors(monkeypatch):
     import fastvae
 
     calls = []
-    real = _cpu.reparameterize
-    monkeypatch.setattr(_cpu, "reparameterize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _cpu.reparameterize_kl
+    monkeypatch.setattr(_cpu, "reparameterize_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
     with fastvae.use_backend("torch"):
         fastvae.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3), seed=1)
     assert calls == [1]

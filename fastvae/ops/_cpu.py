@@ -22,43 +22,64 @@ def _noise(seed: Tensor, mu: Tensor, acc: torch.dtype) -> Tensor:
     return eps if acc == torch.float32 else eps.to(acc)
 
 
+def _kl_terms(mu: Tensor, logvar: Tensor, var: Tensor) -> Tensor:
+    """``mu^2 + var - logvar - 1`` (twice the KL per element) in ``var``'s memory, with ``var = exp(logvar)``;
+    the ``- 1`` per element, so that a small KL keeps its digits."""
+    return var.sub_(logvar).sub_(1).addcmul_(mu, mu)
+
+
+def _reduce_kl(terms: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction == "none":
+        return terms.mul_(0.5).to(dtype)
+    return reduce_loss(terms, reduction, (-1,), dtype).mul_(0.5)
+
+
+def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None
+                      ) -> tuple[Tensor | None, Tensor | None]:
+    """``(z, kl)`` of ``reference.reparameterize_kl``, either None when not asked for (no seed, no
+    reduction): ``std = exp(logvar / 2)`` once, ``z = addcmul(mu, std, eps)``, ``exp(logvar) = std^2``."""
+    acc = accumulation_dtype(mu.dtype)
+    mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
+    if seed is None:
+        return None, _reduce_kl(_kl_terms(mu_acc, logvar_acc, logvar_acc.exp()), reduction, mu.dtype)
+    std = logvar_acc.mul(0.5).exp_()
+    z = torch.addcmul(mu_acc, std, _noise(seed, mu, acc)).to(mu.dtype)
+    if reduction is None:
+        return z, None
+    return z, _reduce_kl(_kl_terms(mu_acc, logvar_acc, std.mul_(std)), reduction, mu.dtype)
+
+
 def reparameterize(mu: Tensor, logvar: Tensor, *, seed: Tensor) -> Tensor:
     """``z = mu + exp(logvar / 2) * eps``: ``eps`` from the seed, then one ``exp`` and one ``addcmul``."""
-    acc = accumulation_dtype(mu.dtype)
-    std = logvar.to(acc).mul(0.5).exp_()
-    return torch.addcmul(mu.to(acc), std, _noise(seed, mu, acc)).to(mu.dtype)
+    return reparameterize_kl(mu, logvar, seed, None)[0]
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean") -> Tensor:
-    """``0.5 * (mu^2 + exp(logvar) - logvar - 1)``, reduced; the ``- 1`` per element, so that a small KL
-    keeps its digits, and the ``0.5`` after the reduction."""
-    acc = accumulation_dtype(mu.dtype)
-    mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
-    terms = logvar_acc.exp().sub_(logvar_acc).sub_(1).addcmul_(mu_acc, mu_acc)
-    if reduction == "none":
-        return terms.mul_(0.5).to(mu.dtype)
-    return reduce_loss(terms, reduction, (-1,), mu.dtype).mul_(0.5)
+    """``0.5 * (mu^2 + exp(logvar) - logvar - 1)``, reduced; the ``0.5`` after the reduction."""
+    return reparameterize_kl(mu, logvar, None, reduction)[1]
 
 
 def reparameterize_kl_backward(
     grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str
 ) -> tuple[Tensor, Tensor]:
-    """``d/dmu = g_z + g_kl mu``, ``d/dlogvar = g_z eps exp(logvar / 2) / 2 + g_kl (exp(logvar) - 1) / 2``."""
+    """``d/dmu = g_z + g_kl mu``, ``d/dlogvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2`` with
+    ``std = exp(logvar / 2)`` computed once and ``eps`` drawn again from the seed."""
     acc = accumulation_dtype(mu.dtype)
     mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
+    if grad_z is None and grad_kl is None:
+        return torch.zeros_like(mu), torch.zeros_like(mu)
+    std = logvar_acc.mul(0.5).exp_()
     grad_mu = grad_logvar = None
     if grad_kl is not None:
         g_kl = expand_reduced_grad(grad_kl.to(acc), reduction, mu.shape, (-1,))
         grad_mu = torch.mul(mu_acc, g_kl)
-        grad_logvar = logvar_acc.exp().sub_(1).mul_(g_kl).mul_(0.5)
+        grad_logvar = torch.mul(std, std).sub_(1).mul_(g_kl).mul_(0.5)
     if grad_z is not None:
         g_z = grad_z.to(acc)
-        eps_std = _noise(seed, mu, acc).mul_(logvar_acc.mul(0.5).exp_())
+        eps_std = _noise(seed, mu, acc).mul_(std)
         grad_mu = g_z.clone() if grad_mu is None else grad_mu.add_(g_z)
-        grad_logvar = (torch.mul(g_z, eps_std).mul_(0.5) if grad_logvar is None
+        grad_logvar = (eps_std.mul_(g_z).mul_(0.5) if grad_logvar is None
                        else grad_logvar.addcmul_(g_z, eps_std, value=0.5))
-    if grad_mu is None:
-        grad_mu, grad_logvar = torch.zeros_like(mu_acc), torch.zeros_like(mu_acc)
     return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)
 
 

@@ -23,9 +23,7 @@ from ._layout import as_rows
 def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str]):
     """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
     if not backend.use_triton(mu):
-        z = _cpu.reparameterize(mu, logvar, seed=seed) if seed is not None else None
-        kl = _cpu.kl_divergence(mu, logvar, reduction=reduction) if reduction is not None else None
-        return z, kl
+        return _cpu.reparameterize_kl(mu, logvar, seed, reduction)
     D = mu.shape[-1]
     z, kl = backend.kernels().reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction)
     if z is not None:
