@@ -140,3 +140,20 @@ def test_ops_run_the_engine_on_cpu_tensors(monkeypatch):
     with fastvae.use_backend("torch"):
         fastvae.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3), seed=1)
     assert calls == [1]
+
+
+def test_a_failing_numba_falls_back_to_torch_with_a_warning(monkeypatch):
+    numba = pytest.importorskip("numba")
+
+    def broken(**_):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(numba, "njit", broken)
+    _cpu_philox._compiled.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="numba failed"):
+            assert _cpu_philox._compiled() is None
+        s = torch.tensor([3])
+        assert torch.equal(_cpu_philox.philox_randn(s, (10,), torch.device("cpu")), reference.philox_randn(s, (10,)))
+    finally:
+        _cpu_philox._compiled.cache_clear()

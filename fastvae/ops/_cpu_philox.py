@@ -55,14 +55,17 @@ def _compiled() -> Optional[Callable]:
         import numba
     except ImportError:
         return None
-    try:
-        loop = numba.njit(cache=True, nogil=True)(_uniforms_loop)
-        probe = np.empty(1, np.float32)
-        loop(np.uint64(0), np.uint64(0), 0, probe, probe.copy())
-    except Exception as error:  # a broken numba install must not break the ops
-        warnings.warn(f"fastvae: numba failed to compile the CPU Philox loop ({error!r}); using PyTorch integer ops")
-        return None
-    return loop
+    error = None
+    for cache in (True, False):  # no writable cache folder (a read-only install): compile in memory
+        try:
+            loop = numba.njit(cache=cache, nogil=True)(_uniforms_loop)
+            probe = np.empty(1, np.float32)
+            loop(np.uint64(0), np.uint64(0), 0, probe, probe.copy())
+            return loop
+        except Exception as failure:  # a broken numba install must not break the ops
+            error = failure
+    warnings.warn(f"fastvae: numba failed to compile the CPU Philox loop ({error!r}); using PyTorch integer ops")
+    return None
 
 
 _PARALLEL_MIN = 1 << 17  # below this many elements a second thread costs more than it saves
