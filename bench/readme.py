@@ -66,7 +66,8 @@ def block(results: Path = RESULTS) -> str:
     """The generated text between the markers (markers included)."""
     meta = json.loads((results / "cpu.json").read_text()) if (results / "cpu.json").is_file() else {}
     sections = meta.get("sections", {})
-    commands = sorted({f"`{s['command']}` ({s['date']})" for s in sections.values() if s.get("command")})
+    commands = sorted({f"`{s['command']}` ({s['date']}, load average {s.get('load', '?')})"
+                       for s in sections.values() if s.get("command")})
     lines = [BEGIN, "", f"Machine: {meta.get('machine', '?')}. Runs: {'; '.join(commands) or '–'}.", "",
              "Training loop, Fashion-MNIST train split, batch 128, Adam, interleaved epochs of each loop:", ""]
     lines += loop_table(read_csv(results / "cpu_loop.csv"))
