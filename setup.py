@@ -6,7 +6,8 @@ through `package_dir`, so the library imports it as `fastvae.kernels` and can li
 """
 from setuptools import setup
 
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10"]
+CPU = ["numba>=0.59"]  # the CPU engine's Philox loop; without it the same stream runs in PyTorch integer ops
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10"] + CPU
 TRAIN = ["tqdm>=4.60", "matplotlib>=3.7", "pillow>=9", "scikit-learn>=1.2"]
 
 setup(
@@ -16,7 +17,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastvae", "fastvae.ops", "fastvae.cli", "fastvae.train", "fastvae.kernels"],
+    packages=["fastvae", "fastvae.ops", "fastvae.reference", "fastvae.cli", "fastvae.train", "fastvae.kernels"],
     package_dir={"fastvae": "fastvae", "fastvae.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -24,6 +25,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
+        "cpu": CPU,
         "train": TRAIN,
         "test": TEST + TRAIN,
         "vision": ["torchvision"],

@@ -1,4 +1,4 @@
-"""``python -m bench`` (or ``fastvae bench``): the benchmark suite, the same command on CPU and CUDA.
+"""``python -m bench``: the benchmark suite, the same command on CPU and CUDA.
 
     python -m bench                      # every op and the training loop, full sizes -> bench/results/
     python -m bench --quick              # tiny sizes, a slice of the data (CI) -> a temporary folder
@@ -7,18 +7,38 @@
 
 Writes ``<out>/<device>.md`` (tables), ``<device>.csv``, ``<device>_loop.csv``, a PNG chart per op and
 ``<device>.json``; ``<device>`` is ``cpu`` or ``cuda-<gpu name>``. Nothing here asserts anything about time.
+``python -m bench.readme`` then writes README's performance tables from those files.
+
+The ops come from ``bench/cases/`` (one module per op), the measurements from ``bench/measure.py``;
+``run_op`` below runs every case, provider and mode of one op. On CPU the ``fused`` column's launch
+count is that of the Triton kernels in interpret mode (in a subprocess, at the op's smallest quick
+case) plus the ATen ops the op runs around its custom op.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .cases import MODE_TITLES, MODES, OPS, PROVIDERS, OpBench
+from .measure import (
+    Row, Settings, copy_bandwidth, count_kernels, device_name, load_average, mode_callable, peak_memory,
+    saved_for_backward, time_cpu, time_cuda,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("ops", "loop", "static")
 
 
@@ -42,8 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _selection(only: str | None) -> tuple[list[str], bool, bool]:
     """``(op names, loop?, static?)`` from ``--only``."""
-    from .ops import OPS
-
     if only is None:
         return list(OPS), True, False
     ops, loop, static = [], False, False
@@ -73,10 +91,7 @@ def _static_module():
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from . import report
-    from .ops import PROVIDERS, Settings, device_name, load_average, run_ops
 
     ops, loop, static = _selection(args.only)
     if args.threads:
@@ -144,6 +159,156 @@ def _run_static(module, out: Path) -> Path:
     target = out / "static.md"
     module.write_static_table(target)
     return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused launches on CPU: the Triton kernels in interpret mode, in a subprocess
+# --------------------------------------------------------------------------------------------------
+def _fused_launches_here(names: Sequence[str]) -> dict[str, dict[str, list[int] | str]]:
+    """In a process started with ``TRITON_INTERPRET=1 FASTVAE_BACKEND=triton``: for each op, at its
+    smallest quick case, ``{mode: [total, triton]}``, where ``total`` adds the ATen ops run outside the
+    custom op. An op that fails reports the error as a string."""
+    from fastvae.kernels import count_launches
+
+    torch.manual_seed(0)
+    result: dict[str, dict] = {}
+    for name in names:
+        op = OPS[name]
+        try:
+            args = op.inputs(op.quick_cases[0], torch.device("cpu"), torch.float32)
+            counts = {}
+            for mode in MODES:
+                call = mode_callable(op.fused, args, mode)
+                if call is None:
+                    continue
+                call()  # first call: workspaces, interpreter set-up
+                with count_launches() as launched:
+                    other = count_kernels(call, torch.device("cpu"), skip_prefixes=("fastvae::",))
+                triton = sum(launched.values())
+                counts[mode] = [triton + other, triton]
+            result[name] = counts
+        except Exception as error:  # reported in the table, never hidden
+            result[name] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    return result
+
+
+def fused_launches_cpu(names: Sequence[str], timeout_s: float = 300) -> dict[str, dict[str, list[int] | str]]:
+    """``_fused_launches_here`` in a subprocess (interpret mode must be chosen before Triton imports)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FASTVAE_BACKEND": "triton"}
+    code = (
+        "import json, sys, torch; torch.set_num_threads(1); from bench.__main__ import _fused_launches_here; "
+        f"print('@@' + json.dumps(_fused_launches_here({list(names)!r})))"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {name: f"launch count timed out after {timeout_s:.0f} s" for name in names}
+    for line in done.stdout.splitlines():
+        if line.startswith("@@"):
+            return json.loads(line[2:])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    return {name: f"launch count failed: {tail}" for name in names}
+
+
+@contextlib.contextmanager
+def _inductor_kernel_profile(enabled: bool):
+    import torch._inductor.config as inductor_config
+
+    previous = inductor_config.cpp.enable_kernel_profile
+    inductor_config.cpp.enable_kernel_profile = enabled or previous
+    try:
+        yield
+    finally:
+        inductor_config.cpp.enable_kernel_profile = previous
+
+
+def _provider_fn(op: OpBench, provider: str) -> Callable:
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
+        return torch.compile(op.eager, dynamic=False, fullgraph=True)
+    return op.providers()[provider]
+
+
+def run_op(
+    op: OpBench, device: torch.device, settings: Settings, *, fused_launches: dict | None = None,
+    bandwidth: float | None = None, log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Every case, provider and mode of ``op``: a list of ``Row``."""
+    rows: list[Row] = []
+    dev = device_name(device)
+    itemsize = torch.empty((), dtype=settings.dtype).element_size()
+    cases = op.quick_cases if settings.quick else op.cases
+    with _inductor_kernel_profile(device.type == "cpu"):
+        for case in cases:
+            label = op.label(case)
+            for provider in settings.providers:
+                torch.manual_seed(0)
+                args = op.inputs(case, device, settings.dtype)
+                fn = _provider_fn(op, provider)
+                start = time.perf_counter()
+                fn(*args)  # compiles for ``compile``
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first = time.perf_counter() - start
+                saved, beyond = saved_for_backward(fn, args)
+                for mode in MODES:
+                    row = Row(dev, op.name, label, mode, provider, first_call_s=first)
+                    rows.append(row)
+                    call = mode_callable(fn, args, mode)
+                    if call is None:
+                        row.note = "outputs not differentiable"
+                        continue
+                    call()  # compiles the backward graph for ``compile``
+                    row.saved_bytes, row.saved_beyond_inputs = saved, beyond
+                    row.min_bytes = op.min_bytes(case, mode, itemsize)
+                    if provider == "fused" and device.type == "cpu":
+                        counted = (fused_launches or {}).get(op.name)
+                        if isinstance(counted, dict) and mode in counted:
+                            row.launches, row.triton_launches = counted[mode]
+                        elif isinstance(counted, str):
+                            row.note = counted
+                    else:
+                        row.launches = count_kernels(call, device)
+                    if device.type == "cuda":
+                        row.median_ms, row.p20_ms, row.p80_ms, row.rounds = time_cuda(call, settings)
+                        row.peak_bytes = peak_memory(call, device)
+                        row.gbps = row.min_bytes / (row.median_ms * 1e-3) / 1e9
+                        if bandwidth:
+                            row.bw_fraction = row.gbps * 1e9 / bandwidth
+                    else:
+                        row.median_ms, row.p20_ms, row.p80_ms, row.rounds = time_cpu(call, settings, f"{op.name}-{label}-{mode}-{provider}")
+                    log(f"  {op.name:18s} {label:18s} {MODE_TITLES[mode]:16s} {provider:8s} {row.median_ms:10.4f} ms")
+                    del call
+                del fn, args
+    return rows
+
+
+def run_ops(
+    names: Sequence[str], device: torch.device, settings: Settings, log: Callable[[str], None] = print
+) -> tuple[list[Row], dict]:
+    """Run the ops ``names``; returns the rows and facts about the run (copy bandwidth, launch-count notes)."""
+    unknown = [n for n in names if n not in OPS]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; choose from {sorted(OPS)}")
+    facts: dict = {"dtype": str(settings.dtype).replace("torch.", "")}
+    fused_launches = None
+    if device.type == "cpu" and "fused" in settings.providers:
+        log("counting the fused ops' Triton launches in interpret mode (subprocess) ...")
+        fused_launches = fused_launches_cpu(names)
+        facts["fused_launch_cases"] = {n: OPS[n].label(OPS[n].quick_cases[0]) for n in names}
+    bandwidth = None
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+        facts["copy_bandwidth_GBps"] = bandwidth / 1e9
+    rows: list[Row] = []
+    facts["wall_s"], facts["load"] = {}, {}
+    for name in names:
+        log(f"{name}:")
+        start, load = time.perf_counter(), load_average()
+        rows += run_op(OPS[name], device, settings, fused_launches=fused_launches, bandwidth=bandwidth, log=log)
+        facts["wall_s"][name] = time.perf_counter() - start
+        facts["load"][name] = f"{load} to {load_average()}"
+    return rows, facts
 
 
 def main(argv: list[str] | None = None) -> int:

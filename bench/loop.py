@@ -14,7 +14,7 @@ size 128 and Adam with lr 1e-3:
   build of torch, so ``TorchvisionFashionMNIST`` reproduces its dataset exactly: ``__getitem__`` builds a
   PIL image from the uint8 array and applies ``to_tensor`` (torchvision's ``ToTensor`` for PIL images).
   The model's modules are the same; the reparameterization, KL and balanced loss are written in plain
-  PyTorch (``bench.ops.eager_reparameterize_kl`` and ``eager_balanced_mse``): the same objective as fastvae's.
+  PyTorch (``bench.cases.reparameterize_kl.eager`` and ``bench.cases.balanced_mse.eager``): the same objective as fastvae's.
 - ``tensors``: a careful hand-written loop over in-memory tensors (``TensorLoop``): the images as one tensor,
   one ``randperm`` per epoch, ``index_select`` batches, fused Adam, the loss read once per epoch, and the same
   plain-PyTorch objective as ``plain``. fastvae's loop must beat it to show that its ops pay, not only its data path.
@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .ops import eager_balanced_mse, eager_reparameterize_kl
+from .cases.balanced_mse import eager as eager_balanced_mse
+from .cases.reparameterize_kl import eager as eager_reparameterize_kl
 
 LOOPS = ("fastvae", "tensors", "plain", "pythae")
 MODELS = ("dense", "conv")
@@ -324,7 +325,7 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
 def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None = None,
               models: Sequence[str] | None = None, log: Callable[[str], None] = print) -> tuple[list[LoopRow], str]:
     """Every loop on every model; returns the rows and a note on what ran (printed with the ratios)."""
-    from .ops import device_name
+    from .measure import device_name
 
     models = tuple(models or MODELS)
     bad = [m for m in models if m not in MODELS]

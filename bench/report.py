@@ -17,7 +17,8 @@ import platform
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .ops import MODE_TITLES, MODES, OPS, PROVIDERS, Row
+from .cases import MODE_TITLES, MODES, OPS, PROVIDERS
+from .measure import Row
 
 # --------------------------------------------------------------------------------------------------
 # Files
@@ -235,11 +236,12 @@ def machine(device: str) -> str:
 
 _CPU_NOTE = (
     "**What the CPU columns measure.** `fused` on CPU is fastvae's public op through its registered custom op, "
-    "whose CPU implementation is the plain-PyTorch reference with a hand-written backward (the Triton kernels "
-    "run on CUDA; on CPU they only run in Triton's interpreter, which is no speed path). So on CPU the fused "
-    "column is dispatch + reference math + a backward that saved only the inputs; for `reparameterize_kl` the "
-    "reference draws its noise by emulating Triton's Philox stream in PyTorch integer ops (so that CPU and GPU "
-    "give the same `z` for a seed), where the eager composition calls `torch.randn_like`. "
+    "whose CPU implementation is the CPU engine `fastvae/ops/_cpu.py` with a hand-written backward (the Triton "
+    "kernels run on CUDA; on CPU they only run in Triton's interpreter, which is no speed path). So on CPU the "
+    "fused column is input checks + custom-op dispatch + the engine + a backward that saved only the inputs and "
+    "recomputes the noise; for `reparameterize_kl` the engine draws Triton's Philox stream (the same `z` for a "
+    "seed on CPU and GPU), its integer words compiled with numba and Box-Muller in PyTorch's vectorized ops, "
+    "where the eager composition calls `torch.randn_like` once and keeps the noise for backward. "
     "**Launches**: eager and compile count, from one profiled call, the ATen ops that compute (views and "
     "allocations excluded) and inductor's generated C++ kernels — each would be one kernel launch on a GPU; "
     "fused counts the Triton launches of the CUDA path (`fastvae.kernels.count_launches` with "
@@ -269,7 +271,7 @@ def render(device: str, op_rows: Sequence[dict], loop_rows: Sequence[dict], meta
     lines += ["Times are milliseconds: the median, with the 20th and 80th percentiles in brackets "
               + ("(`triton.testing.do_bench`)." if cuda else "(pytest-benchmark's runner, GC off)."),
               "Ratios are times, fused over the other provider: **below 1 the fused op is faster**.",
-              "Providers: `eager` is the op written in plain PyTorch (bench/ops.py), `compile` is "
+              "Providers: `eager` is the op written in plain PyTorch (bench/cases/<op>.py), `compile` is "
               "`torch.compile(eager, dynamic=False, fullgraph=True)`, `fused` is fastvae's op.", ""]
     lines += [_CUDA_NOTE if cuda else _CPU_NOTE, ""]
     if meta.get("copy_bandwidth_GBps"):

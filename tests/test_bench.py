@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import fastvae
-from bench import ops as bench_ops
+from bench import cases, measure, readme
 from bench.__main__ import main as bench_main
+from bench.cases import balanced_mse as balanced_case, moments as moments_case, renormalize as renormalize_case
+from bench.cases import reparameterize_kl as latent_case, variance_law as variance_case
 from bench.loop import TorchvisionFashionMNIST, as_uint8, load_fashion_mnist
 from fastvae import reference
 
@@ -29,9 +31,9 @@ def test_quick_run_writes_tables_csv_and_charts(tmp_path):
     assert "| case | eager ms [p20, p80] | compile ms [p20, p80] | fused ms [p20, p80] | fused/eager | fused/compile |" in md
     assert "## Training loop" in md
     rows = _csv(tmp_path / "cpu.csv")
-    assert set(bench_ops.Row.columns()) <= set(rows[0])
+    assert set(measure.Row.columns()) <= set(rows[0])
     measured = {(r["provider"], r["mode"]) for r in rows if r["op"] == "balanced_mse" and r["median_ms"]}
-    assert measured == {(p, m) for p in bench_ops.PROVIDERS for m in bench_ops.MODES}
+    assert measured == {(p, m) for p in cases.PROVIDERS for m in cases.MODES}
     fused_forward = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "forward")
     assert int(fused_forward["triton_launches"]) >= 1  # counted in interpret mode, in a subprocess
     assert int(fused_forward["saved_beyond_inputs"]) <= 8  # the op saves its inputs and gamma^2 only
@@ -56,51 +58,79 @@ def test_unknown_name_is_refused():
         bench_main(["--quick", "--only", "nope"])
 
 
-def test_fastvae_cli_has_bench():
-    from fastvae.cli import build_parser
+def test_bench_is_python_m_bench_only_and_nothing_edits_sys_path():
+    """The suite is ``python -m bench`` of a checkout; the installed package has no ``fastvae bench``
+    and puts nothing on ``sys.path``."""
+    from pathlib import Path
 
-    args = build_parser().parse_args(["bench", "--quick", "--only", "moments"])
-    assert args.command == "bench" and args.quick and args.only == "moments" and callable(args.func)
+    from fastvae.cli import COMMANDS
+
+    assert "bench" not in COMMANDS
+    package = Path(fastvae.__file__).parent
+    offenders = [str(p) for p in package.rglob("*.py") if "sys.path" in p.read_text()]
+    assert offenders == []
+
+
+def test_readme_tables_are_generated_from_the_results_files():
+    """README's performance tables are what ``python -m bench.readme`` writes from bench/results/."""
+    current = readme.README.read_text()
+    assert readme.render(current, readme.block()) == current, "run python -m bench.readme"
+    assert readme.main(["--check"]) == 0
+
+
+def test_readme_check_fails_when_a_number_drifts(tmp_path):
+    import shutil
+
+    for name in ("cpu.csv", "cpu_loop.csv", "cpu.json"):
+        shutil.copy(readme.RESULTS / name, tmp_path / name)
+    rows = _csv(tmp_path / "cpu_loop.csv")
+    rows[0]["epoch_s"] = str(float(rows[0]["epoch_s"]) * 2)
+    with open(tmp_path / "cpu_loop.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    current = readme.README.read_text()
+    assert readme.render(current, readme.block(tmp_path)) != current
 
 
 def test_eager_compositions_agree_with_the_reference():
     torch.manual_seed(0)
     mu, logvar = torch.randn(64, 8), torch.randn(64, 8)
-    z, kl = bench_ops.eager_reparameterize_kl(mu, logvar)
+    z, kl = latent_case.eager(mu, logvar)
     torch.testing.assert_close(kl, reference.kl_divergence(mu, logvar, reduction="batchmean"))
     assert z.shape == mu.shape
 
     x = torch.rand(8, 1, 28, 28)
     x_hat = x + 0.1 * torch.randn_like(x)
     r_eager, r_ref = torch.full((), 0.5), torch.full((), 0.5)
-    (loss,) = bench_ops.eager_balanced_mse(x_hat, x, r_eager)
+    (loss,) = balanced_case.eager(x_hat, x, r_eager)
     torch.testing.assert_close(loss, reference.balanced_mse(x_hat, x, r_ref))
     torch.testing.assert_close(r_eager, r_ref)
 
     z = 3 + 2 * torch.randn(500, 8)
-    for got, want in zip(bench_ops.eager_moments(z), reference.moments(z)):
+    for got, want in zip(moments_case.eager(z), reference.moments(z)):
         torch.testing.assert_close(got, want)
     target_mean, target_var = torch.zeros(8), torch.full((8,), 0.8)
-    torch.testing.assert_close(bench_ops.eager_renormalize(z, target_mean, target_var)[0],
+    torch.testing.assert_close(renormalize_case.eager(z, target_mean, target_var)[0],
                                reference.renormalize(z, target_mean, target_var))
-    for got, want in zip(bench_ops.eager_variance_law(mu, logvar), reference.variance_law(mu, logvar)):
+    for got, want in zip(variance_case.eager(mu, logvar), reference.variance_law(mu, logvar)):
         torch.testing.assert_close(got, want)
 
 
 def test_kernel_counter_counts_computing_aten_ops_only():
     a, b = torch.randn(16, 4), torch.randn(16, 4)
     cpu = torch.device("cpu")
-    assert bench_ops.count_kernels(lambda: (a * b).sum(), cpu) == 2
-    assert bench_ops.count_kernels(lambda: a.view(-1).t().unsqueeze(0), cpu) == 0
-    assert bench_ops.count_kernels(lambda: a.to(torch.float64), cpu) == 1  # a copy counts once
+    assert measure.count_kernels(lambda: (a * b).sum(), cpu) == 2
+    assert measure.count_kernels(lambda: a.view(-1).t().unsqueeze(0), cpu) == 0
+    assert measure.count_kernels(lambda: a.to(torch.float64), cpu) == 1  # a copy counts once
 
 
 def test_saved_for_backward_separates_inputs_from_intermediates():
     mu = torch.randn(128, 16, requires_grad=True)
     logvar = torch.randn(128, 16, requires_grad=True)
-    total, beyond = bench_ops.saved_for_backward(bench_ops.eager_reparameterize_kl, (mu, logvar))
+    total, beyond = measure.saved_for_backward(latent_case.eager, (mu, logvar))
     assert beyond >= 128 * 16 * 4  # autograd of the composition keeps at least one intermediate
-    total, beyond = bench_ops.saved_for_backward(lambda m, v: fastvae.reparameterize_kl(m, v), (mu, logvar))
+    total, beyond = measure.saved_for_backward(lambda m, v: fastvae.reparameterize_kl(m, v), (mu, logvar))
     assert total == 2 * 128 * 16 * 4 + 8 and beyond == 8  # mu, logvar and the int64 seed
 
 
@@ -113,3 +143,9 @@ def test_torchvision_style_dataset_gives_torchvision_tensors():
     assert torch.equal(image, images[5]) and target == int(labels[5])
     with pytest.raises(ValueError, match="uint8"):
         TorchvisionFashionMNIST(images[:, 0], labels)
+
+
+def test_cpu_timer_reports_percentiles_from_torch_timer():
+    settings = measure.Settings(budget_s=0.01, min_rounds=3)
+    median, p20, p80, rounds = measure.time_cpu(lambda: torch.ones(64).sum(), settings)
+    assert 0 < p20 <= median <= p80 < 50 and rounds >= 3

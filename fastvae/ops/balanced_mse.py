@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import backend, reference
+from . import _cpu
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, finite_check_enabled
 from ._layout import as_rows
 
@@ -38,7 +39,7 @@ def _accumulation(x_hat: Tensor, x: Tensor) -> torch.dtype:
 def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, full: bool) -> tuple[Tensor, Tensor]:
     """``(loss, sum((x_hat - x)^2))`` with variance ``gamma2``; the sum is not differentiable."""
     if not backend.use_triton(x_hat):
-        return reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
+        return _cpu.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
     loss, sse = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), gamma2, reduction, full)
     return loss.view(_loss_shape(x_hat, reduction)), sse.view(())
 
@@ -49,7 +50,7 @@ def _balanced_mse_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """``(d/dx_hat, d/dx)``; a gradient not needed comes back as an empty tensor."""
     if not backend.use_triton(x_hat):
-        grad_x_hat, grad_x = reference.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
+        grad_x_hat, grad_x = _cpu.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
     else:
         grad_rows = _rows(grad) if reduction == "none" else grad.reshape(-1)
         grad_x_hat, grad_x = backend.kernels().balanced_mse.backward(

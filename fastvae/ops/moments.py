@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
+from . import _cpu
 from ._checks import (
     check_choice, check_correction, check_dim, check_finite, check_float_tensor, check_per_dim, check_positive,
     check_same_layout,
@@ -57,7 +58,7 @@ def _target(tensor: Optional[Tensor], value: float) -> Tensor | float:
 @torch.library.custom_op("fastvae::moments", mutates_args=())
 def _moments_op(z: Tensor, dim: int, correction: int) -> tuple[Tensor, Tensor]:
     if not backend.use_triton(z):
-        return reference.moments(z, dim=dim, correction=correction)
+        return _cpu.moments(z, dim=dim, correction=correction)
     mean, var, _ = backend.kernels().moments.moments(_slab(z, dim), correction=correction)
     shape = _stat_shape(z, dim)
     return mean.view(shape), var.view(shape)
@@ -66,7 +67,7 @@ def _moments_op(z: Tensor, dim: int, correction: int) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("fastvae::variance_law", mutates_args=())
 def _variance_law_op(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     if not backend.use_triton(mu):
-        return reference.variance_law(mu, logvar)
+        return _cpu.variance_law(mu, logvar)
     mean, var, _ = backend.kernels().moments.moments(_slab(mu, None), logvar=_slab(logvar, None))
     return mean, var
 
@@ -80,8 +81,8 @@ def _moments_backward_op(
     (``z`` is ``mu``). Without ``logvar`` the second is an empty tensor."""
     if not backend.use_triton(z):
         if dim is not None:
-            return reference.moments_backward(grad_mean, grad_var, z, mean, dim, correction), z.new_empty(0)
-        grad_mu, grad_logvar = reference.variance_law_backward(grad_mean, grad_var, z, logvar, mean)
+            return _cpu.moments_backward(grad_mean, grad_var, z, mean, dim, correction), z.new_empty(0)
+        grad_mu, grad_logvar = _cpu.variance_law_backward(grad_mean, grad_var, z, logvar, mean)
         return grad_mu, (grad_logvar if logvar is not None else z.new_empty(0))
     grad_z, grad_lv = backend.kernels().moments.moments_backward(
         _flat(grad_mean), _flat(grad_var), _slab(z, dim), mean.reshape(-1),
@@ -101,9 +102,9 @@ def _renormalize_op(
     tm, tv = _target(target_mean, target_mean_value), _target(target_var, target_var_value)
     scalar_mode = mode == "scalar"
     if not backend.use_triton(z):
-        mean, var = reference.moments(z, dim=dim)
-        out = reference.renormalize_from_moments(z, mean, var, tm, tv, dim=dim, mode=mode, eps=eps)
-        scalars = reference.scalar_renormalization(var, tv) if scalar_mode else var.new_empty(0)
+        mean, var = _cpu.moments(z, dim=dim)
+        out = _cpu.renormalize_from_moments(z, mean, var, tm, tv, dim=dim, mode=mode, eps=eps)
+        scalars = _cpu.scalar_renormalization(var, tv) if scalar_mode else var.new_empty(0)
         return out, mean, var, scalars
     out, mean, var, scalars = backend.kernels().moments.renormalize(
         _slab(z, dim), _flat(tm) if target_mean is not None else tm, _flat(tv) if target_var is not None else tv,
@@ -120,7 +121,7 @@ def _renormalize_backward_op(
 ) -> Tensor:
     tv = _target(target_var, target_var_value)
     if not backend.use_triton(z):
-        return reference.renormalize_backward(grad, z, mean, var, tv, dim=dim, mode=mode, eps=eps)
+        return _cpu.renormalize_backward(grad, z, mean, var, tv, dim=dim, mode=mode, eps=eps)
     grad_z = backend.kernels().moments.renormalize_backward(
         _slab(grad, dim), _slab(z, dim), mean.reshape(-1), var.reshape(-1), scalars,
         _flat(tv) if target_var is not None else tv, scalar_mode=mode == "scalar", eps=eps,

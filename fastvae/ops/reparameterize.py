@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
+from . import _cpu
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_same_layout, seed_tensor
 from ._layout import as_rows
 
@@ -22,9 +23,7 @@ from ._layout import as_rows
 def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str]):
     """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
     if not backend.use_triton(mu):
-        z = reference.reparameterize(mu, logvar, seed=seed) if seed is not None else None
-        kl = reference.kl_divergence(mu, logvar, reduction=reduction) if reduction is not None else None
-        return z, kl
+        return _cpu.reparameterize_kl(mu, logvar, seed, reduction)
     D = mu.shape[-1]
     z, kl = backend.kernels().reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction)
     if z is not None:
@@ -36,7 +35,7 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Opti
 
 def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str):
     if not backend.use_triton(mu):
-        return reference.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
+        return _cpu.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
     D = mu.shape[-1]
     if grad_kl is not None:
         grad_kl = as_rows(grad_kl, D) if reduction == "none" else grad_kl.reshape(-1)

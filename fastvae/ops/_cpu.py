@@ -1,0 +1,200 @@
+"""The CPU engine: what the custom ops run on tensors that do not go to the Triton kernels.
+
+Each function has the signature of its spec in ``fastvae.reference`` and returns the same values (the
+tests compare them), computed with as few passes over memory and ATen dispatches as plain PyTorch
+allows: in-place chains, ``addcmul``, statistics folded into per-dimension scale and shift, the noise
+from ``_cpu_philox`` (the same Philox stream as the kernels, compiled with numba when installed).
+The backward recomputes the noise from the seed; nothing of the input's size is saved.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..reference.balanced_mse import HALF_LOG_2PI, sample_dims
+from ..reference.reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
+from . import _cpu_philox
+
+
+# ----------------------------------------------------------------------------- reparameterize_kl
+def _noise(seed: Tensor, mu: Tensor, acc: torch.dtype) -> Tensor:
+    eps = _cpu_philox.philox_randn(seed, mu.shape, mu.device)
+    return eps if acc == torch.float32 else eps.to(acc)
+
+
+def _kl_terms(mu: Tensor, logvar: Tensor, var: Tensor) -> Tensor:
+    """``mu^2 + var - logvar - 1`` (twice the KL per element) in ``var``'s memory, with ``var = exp(logvar)``;
+    the ``- 1`` per element, so that a small KL keeps its digits."""
+    return var.sub_(logvar).sub_(1).addcmul_(mu, mu)
+
+
+def _reduce_kl(terms: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction == "none":
+        return terms.mul_(0.5).to(dtype)
+    return reduce_loss(terms, reduction, (-1,), dtype).mul_(0.5)
+
+
+def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None
+                      ) -> tuple[Tensor | None, Tensor | None]:
+    """``(z, kl)`` of ``reference.reparameterize_kl``, either None when not asked for (no seed, no
+    reduction): ``std = exp(logvar / 2)`` once, ``z = addcmul(mu, std, eps)``, ``exp(logvar) = std^2``."""
+    acc = accumulation_dtype(mu.dtype)
+    mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
+    if seed is None:
+        return None, _reduce_kl(_kl_terms(mu_acc, logvar_acc, logvar_acc.exp()), reduction, mu.dtype)
+    std = logvar_acc.mul(0.5).exp_()
+    z = torch.addcmul(mu_acc, std, _noise(seed, mu, acc)).to(mu.dtype)
+    if reduction is None:
+        return z, None
+    return z, _reduce_kl(_kl_terms(mu_acc, logvar_acc, std.mul_(std)), reduction, mu.dtype)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, seed: Tensor) -> Tensor:
+    """``z = mu + exp(logvar / 2) * eps``: ``eps`` from the seed, then one ``exp`` and one ``addcmul``."""
+    return reparameterize_kl(mu, logvar, seed, None)[0]
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean") -> Tensor:
+    """``0.5 * (mu^2 + exp(logvar) - logvar - 1)``, reduced; the ``0.5`` after the reduction."""
+    return reparameterize_kl(mu, logvar, None, reduction)[1]
+
+
+def reparameterize_kl_backward(
+    grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str
+) -> tuple[Tensor, Tensor]:
+    """``d/dmu = g_z + g_kl mu``, ``d/dlogvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2`` with
+    ``std = exp(logvar / 2)`` computed once and ``eps`` drawn again from the seed."""
+    acc = accumulation_dtype(mu.dtype)
+    mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
+    if grad_z is None and grad_kl is None:
+        return torch.zeros_like(mu), torch.zeros_like(mu)
+    std = logvar_acc.mul(0.5).exp_()
+    grad_mu = grad_logvar = None
+    if grad_kl is not None:
+        g_kl = expand_reduced_grad(grad_kl.to(acc), reduction, mu.shape, (-1,))
+        grad_mu = torch.mul(mu_acc, g_kl)
+        grad_logvar = torch.mul(std, std).sub_(1).mul_(g_kl).mul_(0.5)
+    if grad_z is not None:
+        g_z = grad_z.to(acc)
+        eps_std = _noise(seed, mu, acc).mul_(std)
+        grad_mu = g_z.clone() if grad_mu is None else grad_mu.add_(g_z)
+        grad_logvar = (eps_std.mul_(g_z).mul_(0.5) if grad_logvar is None
+                       else grad_logvar.addcmul_(g_z, eps_std, value=0.5))
+    return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)
+
+
+# ---------------------------------------------------------------------------------- balanced_mse
+def balanced_mse_forward(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reduction: str = "batchmean",
+                         full: bool = False) -> tuple[Tensor, Tensor]:
+    """``(loss, sum((x_hat - x)^2))``, the error computed once. For ``batchmean`` and ``sum`` the loss
+    comes from the sum of squared errors ``S`` in closed form, ``S / (2 gamma^2) + M (log(gamma^2) +
+    [log(2 pi)]) / 2`` over the ``M`` elements (divided by N for ``batchmean``): one pass over the data."""
+    acc = accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
+    gamma2 = running_mse.detach().to(acc).reshape(())
+    log_term = torch.log(gamma2) / 2 + (HALF_LOG_2PI if full else 0.0)
+    err = x_hat.to(acc) - x.to(acc)
+    flat = err.reshape(-1)
+    sse = torch.dot(flat, flat)
+    if reduction in ("batchmean", "sum"):
+        total = sse / (2 * gamma2) + x_hat.numel() * log_term
+        loss = total / x_hat.shape[0] if reduction == "batchmean" else total
+    else:
+        loss = reduce_loss(err * err / (2 * gamma2) + log_term, reduction, sample_dims(x_hat), x_hat.dtype)
+    return loss, sse.detach()
+
+
+def balanced_mse_backward(grad: Tensor, x_hat: Tensor, x: Tensor, running_mse: Tensor, reduction: str, *,
+                          need_x: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``d/dx_hat = g (x_hat - x) / gamma^2`` in one pass after the difference; ``d/dx = -d/dx_hat``."""
+    acc = accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
+    gamma2 = running_mse.detach().to(acc).reshape(())
+    g = expand_reduced_grad(grad.to(acc), reduction, x_hat.shape, sample_dims(x_hat))
+    grad_x_hat = (x_hat.to(acc) - x.to(acc)).mul_(g / gamma2)
+    return grad_x_hat.to(x_hat.dtype), ((-grad_x_hat).to(x.dtype) if need_x else None)
+
+
+# ------------------------------------------------------------------ moments, renormalize, variance_law
+def moments(z: Tensor, dim: int = 0, correction: int = 0) -> tuple[Tensor, Tensor]:
+    """``torch.var_mean`` in the accumulation dtype: ATen's one-pass Welford, stable when ``|mean| >> std``."""
+    var, mean = torch.var_mean(z.to(accumulation_dtype(z.dtype)), dim=dim, correction=correction)
+    return mean, var
+
+
+def variance_law(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    """``(E[mu], Var(mu) + E[exp(logvar)])`` over the rows of ``(..., D)``."""
+    acc = accumulation_dtype(mu.dtype)
+    D = mu.shape[-1]
+    var_mu, mean = torch.var_mean(mu.reshape(-1, D).to(acc), dim=0, correction=0)
+    return mean, var_mu.add_(logvar.reshape(-1, D).to(acc).exp().mean(dim=0))
+
+
+def moments_backward(grad_mean: Tensor | None, grad_var: Tensor | None, z: Tensor, mean: Tensor, dim: int = 0,
+                     correction: int = 0) -> Tensor:
+    """``d/dz = g_mean / N + g_var 2 (z - mean) / (N - correction)``: a subtraction and an ``addcmul``."""
+    acc = accumulation_dtype(z.dtype)
+    n = z.shape[dim]
+    shift = (grad_mean.to(acc) / n).unsqueeze(dim) if grad_mean is not None else None
+    if grad_var is None:
+        return shift.expand(z.shape).to(z.dtype, copy=True) if shift is not None else torch.zeros_like(z)
+    centered = z.to(acc) - mean.to(acc).unsqueeze(dim)
+    scale = (grad_var.to(acc) * (2 / (n - correction))).unsqueeze(dim)
+    out = torch.addcmul(shift, centered, scale) if shift is not None else centered.mul_(scale)
+    return out.to(z.dtype)
+
+
+def variance_law_backward(grad_mean: Tensor | None, grad_var: Tensor | None, mu: Tensor, logvar: Tensor,
+                          mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``d/dmu = g_mean / N + g_var 2 (mu - mean) / N``, ``d/dlogvar = g_var exp(logvar) / N``."""
+    D = mu.shape[-1]
+    grad_mu = moments_backward(grad_mean, grad_var, mu.reshape(-1, D), mean, dim=0).reshape(mu.shape)
+    if grad_var is None:
+        return grad_mu, torch.zeros_like(logvar)
+    acc = accumulation_dtype(logvar.dtype)
+    grad_logvar = logvar.to(acc).exp().mul_(grad_var.to(acc) / (logvar.numel() // D))
+    return grad_mu, grad_logvar.to(logvar.dtype)
+
+
+def scalar_renormalization(var: Tensor, target_var: Tensor | float) -> Tensor:
+    """``(factor, mean(sqrt(var)))`` of the ``scalar`` mode: a ``(2,)`` tensor in ``var``'s dtype."""
+    target_var = torch.as_tensor(target_var, dtype=var.dtype, device=var.device)
+    mean_sd = torch.sqrt(var).mean()
+    return torch.stack([torch.sqrt(target_var.mean()) / mean_sd, mean_sd])
+
+
+def _per_dim(value: Tensor | float, acc: torch.dtype, device: torch.device, dim: int) -> Tensor:
+    value = torch.as_tensor(value, dtype=acc, device=device)
+    return value.unsqueeze(dim) if value.dim() > 0 else value
+
+
+def renormalize_from_moments(z: Tensor, mean: Tensor, var: Tensor, target_mean: Tensor | float = 0.0,
+                             target_var: Tensor | float = 1.0, *, dim: int = 0, mode: str = "per_dim",
+                             eps: float = 1e-6) -> Tensor:
+    """``per_dim``: ``z' = (z - mean) scale + target_mean`` with the per-dimension
+    ``scale = sqrt(target_var) / sqrt(var + eps)``, two passes; ``scalar``: ``z' = z factor``."""
+    acc = accumulation_dtype(z.dtype)
+    mean, var = mean.to(acc).unsqueeze(dim), var.to(acc).unsqueeze(dim)
+    if mode == "scalar":
+        return z.to(acc).mul(scalar_renormalization(var, target_var)[0]).to(z.dtype)
+    scale = torch.sqrt(_per_dim(target_var, acc, z.device, dim)) / torch.sqrt(var + eps)
+    return torch.addcmul(_per_dim(target_mean, acc, z.device, dim), z.to(acc) - mean, scale).to(z.dtype)
+
+
+def renormalize_backward(grad: Tensor, z: Tensor, mean: Tensor, var: Tensor, target_var: Tensor | float = 1.0, *,
+                         dim: int = 0, mode: str = "per_dim", eps: float = 1e-6) -> Tensor:
+    """``per_dim``: with ``r = 1 / sqrt(var + eps)``, ``s = r sqrt(target_var)`` and ``c = z - mean``,
+    ``d/dz = s g - s mean(g) - s r^2 mean(g c) c`` (means over ``dim``); ``scalar``:
+    ``d/dz = factor g - factor sum(g z) / (S F N) (z - mean) / sqrt(var)``."""
+    acc = accumulation_dtype(z.dtype)
+    g, z_acc = grad.to(acc), z.to(acc)
+    mean, var = mean.to(acc).unsqueeze(dim), var.to(acc).unsqueeze(dim)
+    centered = z_acc - mean
+    if mode == "scalar":
+        factor, mean_sd = scalar_renormalization(var, target_var)
+        coef = -factor * (g * z_acc).sum() / (mean_sd * z.numel()) / torch.sqrt(var)
+        return torch.addcmul(g * factor, centered, coef).to(z.dtype)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd * torch.sqrt(_per_dim(target_var, acc, z.device, dim))
+    mean_g = g.mean(dim=dim, keepdim=True)
+    mean_gc = (g * centered).mean(dim=dim, keepdim=True)
+    out = torch.addcmul(-scale * mean_g, g, scale)
+    return out.addcmul_(centered, -scale * rstd * rstd * mean_gc).to(z.dtype)

@@ -1,0 +1,42 @@
+"""The spec of every fused op: plain, obvious PyTorch formulas and their backward formulas.
+
+One module per op (``philox``, ``reparameterize``, ``balanced_mse``, ``moments``) and the shared
+rules in ``reduce``. The Triton kernels and the CPU engine (``fastvae.ops._cpu``) are tested against
+these functions; nothing here is tuned for speed, and the ops never call it.
+
+Each function has the signature of its public op in ``fastvae`` and is differentiable through
+ordinary autograd. The ``*_backward`` functions spell out the gradient formulas that the backward
+kernels implement; the tests check them against autograd of the forward.
+
+Accumulation is in float32 (float64 for float64 inputs). Elementwise results keep the input dtype;
+reduced losses come back in the accumulation dtype (float32 for half-precision inputs).
+
+**Noise.** ``philox_randn`` is Philox 4x32-10 with Box-Muller exactly as Triton's ``tl.randn`` draws
+it. The CPU engine draws the same integer stream (compiled with numba when it is installed, else in
+PyTorch integer ops), so a seed gives the same ``eps`` on the CPU and on the GPU: equal bit for bit
+between the CPU engine and this spec, and to about 1e-6 on a GPU, whose ``log``, ``cos`` and ``sqrt``
+are approximate. We kept the stream rather than drawing CPU noise from a ``torch.Generator`` keyed by
+the seed: once the words are compiled, the Philox stream costs less than ``torch.randn``, and a seed
+then means one ``z`` on every backend (a checkpoint resumed on another device, a test on CPU of a run
+on GPU).
+"""
+from .balanced_mse import (
+    UPDATE_RULES, balanced_mse, balanced_mse_backward, balanced_mse_forward, balanced_mse_loss, update_running_mse,
+)
+from .moments import (
+    RENORMALIZE_MODES, moments, moments_backward, renormalize, renormalize_backward, renormalize_from_moments,
+    scalar_renormalization, variance_law, variance_law_backward,
+)
+from .philox import philox_randn, philox_uint32
+from .reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
+from .reparameterize import kl_divergence, reparameterize, reparameterize_kl, reparameterize_kl_backward
+
+__all__ = [
+    "philox_uint32", "philox_randn",
+    "accumulation_dtype", "reduce_loss", "expand_reduced_grad",
+    "reparameterize", "kl_divergence", "reparameterize_kl", "reparameterize_kl_backward",
+    "UPDATE_RULES", "balanced_mse_loss", "balanced_mse_forward", "update_running_mse", "balanced_mse",
+    "balanced_mse_backward",
+    "RENORMALIZE_MODES", "moments", "renormalize", "renormalize_from_moments", "scalar_renormalization",
+    "variance_law", "moments_backward", "renormalize_backward", "variance_law_backward",
+]
