@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .losses import LOSSES, Objective, build_loss
 from .models import MODELS, build_model
 from .reference import UPDATE_RULES
+from .experiments import KL_MODES, VariantObjective
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "fit", "train", "epoch_permutation",
            "model_from_config", "save_atomic", "CHECKPOINT", "METRIC_FIELDS"]
@@ -82,6 +83,8 @@ class TrainConfig:
     kl_weight: float = 1.0
     gamma_momentum: float = 0.99      # balanced: momentum of the running MSE
     gamma_rule: str = "min-ema"       # balanced: min-ema or ema
+    kl: str = "full"                  # KL term: full, quadratic (mu^2/2 only) or none
+    sampling: bool = True             # z ~ q(z|x) in training (--no-sampling: z = mu)
     # optimization
     epochs: int = 20
     batch_size: int = 128
@@ -126,7 +129,8 @@ class TrainConfig:
             if kind in ("str", "Optional[str]") and not (isinstance(value, str) or (value is None and kind != "str")):
                 raise TypeError(f"TrainConfig.{name} must be a string, got {value!r}")
         choices = {"model": tuple(MODELS), "loss": tuple(LOSSES), "gamma_rule": UPDATE_RULES,
-                   "precision": PRECISIONS, "lr_schedule": LR_SCHEDULES}
+                   "precision": PRECISIONS, "lr_schedule": LR_SCHEDULES,
+                   "kl": KL_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
@@ -460,7 +464,8 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
     if test_images is not None:
         test_images = test_images.to(device)
     policy = build_loss(config.loss, momentum=config.gamma_momentum, rule=config.gamma_rule).to(device)
-    objective = Objective(model, policy, config.kl_weight)
+    objective = (Objective(model, policy, config.kl_weight) if config.kl == "full" and config.sampling else
+                 VariantObjective(model, policy, config.kl_weight, kl=config.kl, sampling=config.sampling))
     optimizer = _optimizer(list(objective.parameters()), config, device)
     per_rank = images.shape[0] // world
     steps_per_epoch = per_rank // config.batch_size if config.drop_last else math.ceil(per_rank / config.batch_size)

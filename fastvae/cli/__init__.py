@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "bench", "train", "analyze", "two_stage", "fid")
+COMMANDS = ("demo", "bench", "train", "analyze", "two_stage", "fid", "noise_injection")
 
 
 def build_parser() -> argparse.ArgumentParser:
