@@ -79,7 +79,12 @@ def run(args) -> int:
     print(f"fastvae noise-injection: variable {variable} (gain {float(stats.gain[variable]):.5f}, KL "
           f"{float(stats.kl[variable]):.3f}); holding inactive {inactive}")
 
+    history = os.path.join(out, "history.csv")
+    done = []
+
     def show(row):
+        done.append(row)
+        experiments.write_history(done, history)  # after every epoch, so that an interrupted run keeps its rows
         print(f"epoch {row.epoch:>3} {row.phase:<8} noise {row.noise_std:5.2f}  gain {row.gain_nats:8.3f} nats  "
               f"KL {row.kl:7.3f}  Var(mu) {row.var_mu:6.3f}  E[s^2] {row.mean_sigma2:6.3f}", flush=True)
 
@@ -88,7 +93,6 @@ def run(args) -> int:
         model, images, variable=variable, held=inactive, increment=args.increment, max_increments=args.max_increments,
         recovery_epochs=args.recovery_epochs, batch_size=config.batch_size, lr=args.lr or config.lr,
         stats_images=stats_images, seed=args.seed, on_epoch=show)
-    experiments.write_history(rows, os.path.join(out, "history.csv"))
     experiment_plots.noise_injection(rows, os.path.join(out, "noise_injection.png"), variable=variable)
     torch.save(model.state_dict(), os.path.join(out, "model.pt"))
     result = experiments.save_summary(rows, os.path.join(out, "summary.json"), run=os.path.abspath(args.run_dir),
