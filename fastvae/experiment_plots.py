@@ -21,6 +21,7 @@ def noise_injection(rows, path, *, variable=None):
     bottom.axhline(1.0, color="grey", lw=0.5)
     bottom.set_ylabel("variance")
     bottom.set_xlabel("epoch")
+    bottom.xaxis.get_major_locator().set_params(integer=True)
     bottom.legend(fontsize=8, loc="center left")
     recovery = [r.epoch for r in rows if r.phase == "recovery"]
     if recovery:
