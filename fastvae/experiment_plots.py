@@ -46,7 +46,7 @@ def latent_3d(mu, labels, path, *, max_points=5000):
     ax.set_xlabel("z0")
     ax.set_ylabel("z1")
     ax.set_zlabel("z2")
-    fig.colorbar(points, ax=ax, shrink=0.6, label="class")
+    fig.colorbar(points, ax=ax, shrink=0.6, pad=0.12, label="class")
     ax.set_title(f"latent means of {mu.shape[0]} test images", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
