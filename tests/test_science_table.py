@@ -25,3 +25,15 @@ def test_build_reads_run_files_and_marks_missing_ones(tmp_path):
     assert "| first-stage | not run | 12.5 |" in text
     assert "not run" in text.split("## Noise injection")[1]
     assert all(line.count("RUNS") for line in science_table.COMMANDS if "RUNS/" in line)
+
+
+def test_spread_only_when_the_active_stage_covers_every_variable(tmp_path):
+    (tmp_path / "two_stage_active").mkdir()
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "latents.json").write_text(json.dumps({"latent_dim": 2}))
+    rows = {"second-stage": {"fid": 10.0}, "active second-stage": {"fid": 12.5},
+            "second-stage + scalar": {"fid": 8.0}, "active second-stage + scalar": {"fid": 7.0}}
+    (tmp_path / "two_stage_active" / "latents.json").write_text(json.dumps({"variables": [0, 1]}))
+    assert science_table._spread(tmp_path, rows) == 2.5
+    (tmp_path / "two_stage_active" / "latents.json").write_text(json.dumps({"variables": [1]}))
+    assert science_table._spread(tmp_path, rows) is None
