@@ -126,6 +126,7 @@ def train_second_stage(first: nn.Module, images: Tensor, config, *, source: str 
     else:
         data = reparameterize(mu, logvar, seed=config.seed)
         extra.insert(0, _Resample(data, mu, logvar, config.seed))
+    torch.manual_seed(config.seed)  # the initial weights, as fastvae.train.train seeds the first stage's
     second = model_from_config(config, (mu.shape[1],))
     result = fit(second, data, config, callbacks=extra)
     return second.eval(), result, full

@@ -172,3 +172,16 @@ def test_two_stage_command_on_active_latents(tmp_path, capsys):
     assert [per_dim[1], per_dim[3]] == pytest.approx(fill.var(0, correction=0)[[1, 3]].tolist(), rel=1e-5)
     assert report["settings"]["active second-stage, zeros"]["latent_var"][1] == 0.0
     assert two_stage.load_second_stage(run) is None  # the all-latents second stage is a separate folder
+
+
+def test_second_stage_initial_weights_follow_the_seed(tmp_path):
+    images, _ = load_dataset("digits", split="train")
+    first = _first()
+    weights = []
+    for k in range(2):
+        torch.manual_seed(100 + k)  # a different global generator state before each call
+        config = two_stage.second_stage_config(fastvae.TrainConfig(dataset="digits", latent=4), tmp_path / str(k),
+                                               epochs=1, batch_size=256, progress=False, hidden=[8], max_steps=1, lr=1e-12)
+        second, _, _ = two_stage.train_second_stage(first, images[:256], config, source="mean")
+        weights.append(second.encoder.body[0].weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-9)
