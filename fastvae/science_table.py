@@ -46,6 +46,7 @@ COMMANDS = (
     "fastvae two-stage RUNS/dense --no-progress",
     "fastvae two-stage RUNS/dense --latents active --no-progress",
     "fastvae fid RUNS/dense",
+    "fastvae two-stage RUNS/dense-beta --no-progress",
     "fastvae fid RUNS/dense-beta",
     "fastvae two-stage RUNS/conv --no-progress",
     "fastvae two-stage RUNS/conv --latents active --no-progress",
@@ -139,7 +140,7 @@ def build(runs: Path) -> str:
         rows = fid.get("settings", {})
         lines.append(f"| {flag} | {_fmt(test and test.get('mse'), 4)} | {_fmt(rows.get('first-stage', {}).get('fid'))} | "
                      f"{_fmt(rows.get('second-stage + per_dim', {}).get('fid'))} | {_inactive(runs, name)} | "
-                     f"{_cmd('fastvae train' + (' --loss beta' if name == 'dense-beta' else ''), 'fastvae fid RUN')} |")
+                     f"{_cmd('fastvae train' + (' --loss beta' if name == 'dense-beta' else ''), 'fastvae two-stage RUN', 'fastvae fid RUN')} |")
     lines += ["", "Seed: balancing the reconstruction against the KL through gamma^2 = running MSE (the balanced "
               "loss) does better than a fixed KL weight; here, test MSE and FID of the two runs at equal epochs.", ""]
 
@@ -184,11 +185,14 @@ def build(runs: Path) -> str:
     for k in dict.fromkeys(settings + list(fids["conv"])):
         lines.append(f"| {k} | {_fmt(fids['dense'].get(k, {}).get('fid'))} | {_fmt(fids['conv'].get(k, {}).get('fid'))} |")
     spread = _spread(runs / "conv", fids["conv"])
-    if spread is not None:
+    if spread is not None and spread > 0:
         lines += ["", f"Run-to-run spread: every variable of the conv run is active, so its `--latents active` second "
-                  f"stage is the plain one's model and settings trained a second time (the two end with different "
-                  f"weights: the second stage's training is not reproducible run to run); they differ by up to {spread:.3g} FID over the three renormalization modes. Differences smaller than "
-                  "that are not evidence."]
+                  f"stage has the plain one's model and settings; trained a second time (before the second stage's "
+                  f"initial weights were seeded) it ended with other weights, and the two differ by up to {spread:.3g} FID "
+                  "over the three renormalization modes. Differences smaller than that are not evidence."]
+    elif spread == 0:
+        lines += ["", "The conv run's `--latents active` second stage covers every variable and is the same model as the "
+                  "plain one (same seed): these tables hold no estimate of the seed-to-seed spread of FID."]
     lines += ["", "Active second stage: trained on the active variables only, inactive ones filled with N(0, 1) noise "
               "(or zeros) at generation. Commands: "
               f"{_cmd('fastvae fid-features --dataset fashion-mnist', 'fastvae two-stage RUN', 'fastvae two-stage RUN --latents active', 'fastvae fid RUN')}.", ""]
