@@ -46,6 +46,11 @@ COMMANDS = (
     "fastvae two-stage RUNS/dense --no-progress",
     "fastvae two-stage RUNS/dense --latents active --no-progress",
     "fastvae fid RUNS/dense",
+    # the same first stage, its second stages trained with another seed: the seed-to-seed spread of FID
+    "mkdir -p RUNS/dense-seed1 && cp RUNS/dense/checkpoint.pt RUNS/dense/config.json RUNS/dense-seed1/",
+    "fastvae two-stage RUNS/dense-seed1 --seed 1 --no-progress",
+    "fastvae two-stage RUNS/dense-seed1 --latents active --seed 1 --no-progress",
+    "fastvae fid RUNS/dense-seed1",
     "fastvae two-stage RUNS/dense-beta --no-progress",
     "fastvae fid RUNS/dense-beta",
     "fastvae two-stage RUNS/conv --no-progress",
@@ -179,11 +184,11 @@ def build(runs: Path) -> str:
     lines.append("")
 
     lines += ["## Two-stage generation: FID (fastvae classifier features, 10,000 samples)", "",
-              "| setting | dense (20 epochs) | conv (5 epochs) |", "| --- | --- | --- |"]
-    fids = {name: (_json(runs / name / "fid.json") or {}).get("settings", {}) for name in ("dense", "conv")}
-    settings = [k for k in fids["dense"]] or [k for k in fids["conv"]]
-    for k in dict.fromkeys(settings + list(fids["conv"])):
-        lines.append(f"| {k} | {_fmt(fids['dense'].get(k, {}).get('fid'))} | {_fmt(fids['conv'].get(k, {}).get('fid'))} |")
+              "| setting | dense (20 epochs) | dense, second stages with seed 1 | conv (5 epochs) |",
+              "| --- | --- | --- | --- |"]
+    fids = {name: (_json(runs / name / "fid.json") or {}).get("settings", {}) for name in ("dense", "dense-seed1", "conv")}
+    for k in dict.fromkeys(list(fids["dense"]) + list(fids["dense-seed1"]) + list(fids["conv"])):
+        lines.append("| " + " | ".join([k] + [_fmt(fids[n].get(k, {}).get("fid")) for n in fids]) + " |")
     spread = _spread(runs / "conv", fids["conv"])
     if spread is not None and spread > 0:
         lines += ["", f"Run-to-run spread: every variable of the conv run is active, so its `--latents active` second "

@@ -22,7 +22,7 @@ def test_build_reads_run_files_and_marks_missing_ones(tmp_path):
     text = science_table.build(tmp_path)
     assert "| 7 of 16 (largest \\|Var+E-1\\| 0.125) |" in text
     assert "| balanced (default) | 0.0142 |" in text
-    assert "| first-stage | not run | 12.5 |" in text
+    assert "| first-stage | not run | not run | 12.5 |" in text
     assert "not run" in text.split("## Noise injection")[1]
     assert all(line.count("RUNS") for line in science_table.COMMANDS if "RUNS/" in line)
 
