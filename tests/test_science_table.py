@@ -37,3 +37,14 @@ def test_spread_only_when_the_active_stage_covers_every_variable(tmp_path):
     assert science_table._spread(tmp_path, rows) == 2.5
     (tmp_path / "two_stage_active" / "latents.json").write_text(json.dumps({"variables": [1]}))
     assert science_table._spread(tmp_path, rows) is None
+
+
+def test_out_copies_the_figures_it_shows(tmp_path):
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    (runs / "dense" / "noise_injection").mkdir(parents=True)
+    (runs / "dense" / "noise_injection" / "noise_injection.png").write_bytes(b"png")
+    docs.mkdir()
+    assert science_table.main(["--runs", str(runs), "--out", str(docs / "science.md")]) == 0
+    assert (docs / "science" / "noise_injection.png").read_bytes() == b"png"
+    text = (docs / "science.md").read_text()
+    assert "](science/noise_injection.png)" in text and "latent_3d-sampling.png" not in text
