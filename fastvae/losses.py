@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .ops import BalancedMSE
+from .ops import BalancedMSE, kl_divergence
 
 __all__ = ["LOSSES", "BalancedLoss", "BetaLoss", "LearnedGammaLoss", "Objective", "build_loss"]
 
@@ -84,3 +84,19 @@ class Objective(nn.Module):
         x_hat, kl = self.model(x, seed)
         rec = self.policy(x_hat, x)
         return rec + self.kl_weight * kl, rec, kl
+
+
+KL_MODES = ("full", "quadratic", "none")
+"""The KL terms of ``fastvae train --kl``: the full KL to N(0, I), its ``mu^2 / 2`` part alone, or none."""
+
+
+def kl_penalty(mu: Tensor, logvar: Tensor, kl: str = "full") -> Tensor:
+    """The batch-mean KL term of mode ``kl`` for ``(N, D)`` codes, a float32 scalar:
+    ``full``: ``sum(mu^2 + exp(logvar) - logvar - 1) / (2 N)``; ``quadratic``: ``sum(mu^2) / (2 N)``; ``none``: 0."""
+    if kl not in KL_MODES:
+        raise ValueError(f"kl must be one of {KL_MODES}, got {kl!r}")
+    if kl == "full":
+        return kl_divergence(mu, logvar, reduction="batchmean")
+    if kl == "quadratic":
+        return 0.5 * mu.float().square().sum() / mu.shape[0]
+    return mu.new_zeros((), dtype=torch.float32)

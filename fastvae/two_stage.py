@@ -11,6 +11,13 @@ aggregate posterior, ``E[mu_j]`` and ``Var(mu_j) + E[sigma_j^2]``, by ``fastvae.
 (the authors' code: one factor ``sqrt(mean_j target_var_j) / mean_j std_j`` for all dimensions, no shift),
 computed over the whole generated batch with ``fastvae.renormalize``.
 
+**Active latents only** (``latents="active"``): the inactive variables of the first stage carry nothing
+(``Var(mu_j) ~ 0``, ``E[sigma_j^2] ~ 1``) and its decoder ignores them, so the second stage may model the
+active ones alone: it is trained on the columns ``variables`` of the codes, and at generation those columns
+come from it (renormalized against the active part of the aggregate posterior) while the others are filled
+with prior noise ``N(0, 1)`` (``fill="noise"``, the aggregate posterior of an inactive variable) or zeros.
+That second stage lives in ``RUN/two_stage_active`` with ``latents.json`` naming its variables.
+
 The variance loss (``variance_report``): the per-dimension variance of generated latents against the
 aggregate posterior's, and the per-pixel variance of generated images against the data's, for first-stage
 sampling (``z ~ N(0, I)``), second-stage sampling, and second-stage sampling with each renormalization.
@@ -18,6 +25,7 @@ sampling (``z ~ N(0, I)``), second-stage sampling, and second-stage sampling wit
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +45,16 @@ SETTINGS = (
     ("second-stage + scalar", True, "scalar"),
 )
 SUBDIR = "two_stage"
+SUBDIR_ACTIVE = "two_stage_active"
+LATENTS = ("all", "active")
+FILLS = ("noise", "zeros")
+#: settings of a second stage trained on the active variables: (name, renormalization, fill of the others)
+ACTIVE_SETTINGS = (
+    ("active second-stage", "none", "noise"),
+    ("active second-stage + per_dim", "per_dim", "noise"),
+    ("active second-stage + scalar", "scalar", "noise"),
+    ("active second-stage, zeros", "none", "zeros"),
+)
 
 
 @dataclass
@@ -83,9 +101,10 @@ def second_stage_config(first_config, out: str | Path, **overrides):
 
 
 def train_second_stage(first: nn.Module, images: Tensor, config, *, source: str = "sample",
-                       callbacks=None, batch_size: int = 1000):
+                       callbacks=None, batch_size: int = 1000, variables=None):
     """Encode ``images`` with ``first`` and ``fastvae.fit`` a second stage built from ``config`` (a ``TrainConfig``
-    with ``model="second-stage"``) on the codes. Returns ``(second, fit_result, aggregate_posterior)``."""
+    with ``model="second-stage"``) on the codes, or on their columns ``variables`` only when given.
+    Returns ``(second, fit_result, aggregate_posterior)`` (the posterior over all the first stage's variables)."""
     from .train import fit, model_from_config
 
     _check_model(first, "first")
@@ -95,6 +114,10 @@ def train_second_stage(first: nn.Module, images: Tensor, config, *, source: str 
     if config.model != "second-stage":
         raise ValueError(f"train_second_stage: config.model must be 'second-stage', got {config.model!r}")
     mu, logvar = encode_all(first, images, batch_size=batch_size)
+    full = AggregatePosterior.from_latents(mu, logvar)
+    if variables is not None:
+        variables = _check_variables(variables, mu.shape[1])
+        mu, logvar = mu[:, variables], logvar[:, variables]
     # the codes live on the training device, so that fit keeps this very tensor and sees every redraw
     mu, logvar = mu.detach().to(_train_device(config)), logvar.detach().to(_train_device(config))
     extra = list(callbacks or [])
@@ -103,9 +126,57 @@ def train_second_stage(first: nn.Module, images: Tensor, config, *, source: str 
     else:
         data = reparameterize(mu, logvar, seed=config.seed)
         extra.insert(0, _Resample(data, mu, logvar, config.seed))
+    torch.manual_seed(config.seed)  # the initial weights, as fastvae.train.train seeds the first stage's
     second = model_from_config(config, (mu.shape[1],))
     result = fit(second, data, config, callbacks=extra)
-    return second.eval(), result, AggregatePosterior.from_latents(mu, logvar)
+    return second.eval(), result, full
+
+
+def _check_variables(variables, latent_dim: int) -> list[int]:
+    variables = [int(j) for j in variables]
+    if not variables or len(set(variables)) != len(variables) or not all(0 <= j < latent_dim for j in variables):
+        raise ValueError(f"variables must be distinct indices in [0, {latent_dim}), at least one, got {variables}")
+    return variables
+
+
+def active_variables(first: nn.Module, images: Tensor, *, batch_size: int = 1000) -> list[int]:
+    """The variables of ``first`` that are active over ``images`` (``fastvae.analysis`` thresholds)."""
+    from .analysis import latent_statistics
+
+    stats = latent_statistics(first, images, batch_size=batch_size, gain=False)
+    return [j for j in range(stats.latent_dim) if not bool(stats.inactive[j])]
+
+
+@torch.no_grad()
+def generate_active_latents(second: nn.Module, variables, n: int, latent_dim: int, *, seed: int = 0,
+                            mode: str = "none", target: AggregatePosterior | None = None, fill: str = "noise",
+                            device=None) -> Tensor:
+    """``n`` first-stage latents ``(n, latent_dim)``: columns ``variables`` from the second stage (as
+    ``generate_latents``, renormalized by ``mode`` against ``target`` restricted to them), the others
+    ``N(0, 1)`` draws (``fill="noise"``, seeded ``seed + 1``) or zeros."""
+    if fill not in FILLS:
+        raise ValueError(f"generate_active_latents: fill must be one of {FILLS}, got {fill!r}")
+    variables = _check_variables(variables, latent_dim)
+    if second.input_shape != (len(variables),):
+        raise ValueError(f"generate_active_latents: the second stage models {second.input_shape} values, "
+                         f"not the {len(variables)} variables {variables}")
+    sub = None if target is None else AggregatePosterior(target.mean[variables], target.var[variables])
+    part = generate_latents(second, n, len(variables), seed=seed, mode=mode, target=sub)
+    if fill == "noise":
+        z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed + 1))
+    else:
+        z = torch.zeros(n, latent_dim)
+    z = z.to(part.device, part.dtype)
+    z[:, variables] = part
+    return z.to(device) if device is not None else z
+
+
+def active_setting_latents(first: nn.Module, second: nn.Module, variables, n: int, target: AggregatePosterior, *,
+                           seed: int = 0) -> dict:
+    """``{setting: z}`` for every entry of ``ACTIVE_SETTINGS``, all from the same draws ``u``."""
+    return {name: generate_active_latents(second, variables, n, first.latent_dim, seed=seed, mode=mode, target=target,
+                                          fill=fill, device=_model_device(first))
+            for name, mode, fill in ACTIVE_SETTINGS}
 
 
 def _train_device(config) -> torch.device:
@@ -245,3 +316,24 @@ def load_second_stage(run_dir: str | Path, *, device="cpu") -> nn.Module | None:
         return None  # none, or one trained on the latents of another checkpoint of the run
     second, _ = load(folder, device=device)
     return second
+
+
+def save_active_variables(run_dir: str | Path, variables) -> None:
+    folder = Path(run_dir) / SUBDIR_ACTIVE
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "latents.json").write_text(json.dumps({"variables": [int(j) for j in variables]}) + "\n")
+
+
+def load_active_second_stage(run_dir: str | Path, *, device="cpu") -> tuple[nn.Module, list[int]] | None:
+    """``(second, variables)`` saved under ``RUN/two_stage_active`` by ``fastvae two-stage --latents active``, or None."""
+    from .run import load
+    from .train.runfolder import matches_checkpoint
+
+    folder = Path(run_dir) / SUBDIR_ACTIVE
+    if not (folder / "checkpoint.pt").is_file() or not (folder / "latents.json").is_file():
+        return None
+    if not matches_checkpoint(folder, run_dir):
+        return None  # trained on the latents of another checkpoint of the run
+    second, _ = load(folder, device=device)
+    return second, json.loads((folder / "latents.json").read_text())["variables"]
+

@@ -182,3 +182,22 @@ def test_fid_commands_end_to_end(tmp_path, monkeypatch, capsys, one_thread):
     with torch.no_grad():
         samples = model.decode(torch.randn(200, 4, generator=torch.Generator().manual_seed(0)))
     assert rows["first-stage"]["fid"] == pytest.approx(fid.fid_from_features(extractor(samples), extractor(test)), rel=1e-6)
+
+    # a second stage of the active variables adds its settings; the zeros one checked against its direct draws
+    from test_two_stage import _active_run
+
+    active_run = tmp_path / "active"
+    _active_run(active_run, load_dataset("digits", split="train")[0])
+    assert main(["two-stage", str(active_run), "--latents", "active", "--epochs", "1", "--n", "200", "--hidden", "16",
+                 "--no-progress"]) == 0
+    assert main(["fid", str(active_run), "--n", "200", "--extractor", "classifier"]) == 0
+    report = json.loads((active_run / "fid.json").read_text())
+    assert report["active_variables"] == [0, 2]
+    assert list(report["settings"])[3:] == [name for name, _, _ in fastvae.two_stage.ACTIVE_SETTINGS]
+    first, _ = fastvae.load(active_run)
+    second, variables = fastvae.two_stage.load_active_second_stage(active_run)
+    z = fastvae.two_stage.generate_active_latents(second, variables, 200, 4, seed=0, fill="zeros")
+    with torch.no_grad():
+        zeros = first.decode(z)
+    assert report["settings"]["active second-stage, zeros"]["fid"] == pytest.approx(
+        fid.fid_from_features(extractor(zeros), extractor(test)), rel=1e-6)

@@ -133,3 +133,55 @@ def test_two_stage_command_end_to_end(tmp_path, capsys):
     assert isinstance(two_stage.load_second_stage(run), SecondStageVAE)
     assert main(["two-stage", str(run), "--n", "300"]) == 0
     assert "reusing the second stage" in capsys.readouterr().out
+
+
+def _active_run(run, images):
+    """A run folder of a 4-variable model whose variables 0 and 2 are active and 1 and 3 exactly inactive
+    (mu = 0, logvar = 0 for every input): one step of ``fit`` at a negligible learning rate."""
+    torch.manual_seed(0)
+    model = _first()
+    with torch.no_grad():
+        head = model.encoder[-1]
+        head.weight[[0, 2]] *= 30.0
+        head.bias[[4, 6]] = -3.0
+        for row in (1, 3, 5, 7):
+            head.weight[row].zero_()
+            head.bias[row].zero_()
+    fastvae.fit(model, images, fastvae.TrainConfig(dataset="digits", latent=4, hidden=[32], lr=1e-12, max_steps=1,
+                                                   out=str(run), progress=False, tensorboard=False))
+
+
+def test_two_stage_command_on_active_latents(tmp_path, capsys):
+    run = tmp_path / "run"
+    images, _ = load_dataset("digits", split="train")
+    _active_run(run, images)
+    assert main(["two-stage", str(run), "--latents", "active", "--epochs", "1", "--n", "300", "--hidden", "16",
+                 "--no-progress"]) == 0
+    assert "active variables [0, 2]" in capsys.readouterr().out
+    folder = run / two_stage.SUBDIR_ACTIVE
+    assert json.loads((folder / "latents.json").read_text()) == {"variables": [0, 2]}
+    second, variables = two_stage.load_active_second_stage(run)
+    assert variables == [0, 2] and second.input_shape == (2,) and second.latent_dim == 2
+    report = json.loads((folder / "report.json").read_text())
+    assert set(report["settings"]) == {name for name, _, _ in two_stage.ACTIVE_SETTINGS} and report["variables"] == [0, 2]
+    target = report["aggregate_posterior"]["var"]
+    per_dim = report["settings"]["active second-stage + per_dim"]["latent_var"]
+    assert [per_dim[0], per_dim[2]] == pytest.approx([target[0], target[2]], rel=1e-3)
+    # the inactive variables are N(0, 1) noise: the variance of 300 draws of the documented generator
+    fill = torch.randn(300, 4, generator=torch.Generator().manual_seed(1))
+    assert [per_dim[1], per_dim[3]] == pytest.approx(fill.var(0, correction=0)[[1, 3]].tolist(), rel=1e-5)
+    assert report["settings"]["active second-stage, zeros"]["latent_var"][1] == 0.0
+    assert two_stage.load_second_stage(run) is None  # the all-latents second stage is a separate folder
+
+
+def test_second_stage_initial_weights_follow_the_seed(tmp_path):
+    images, _ = load_dataset("digits", split="train")
+    first = _first()
+    weights = []
+    for k in range(2):
+        torch.manual_seed(100 + k)  # a different global generator state before each call
+        config = two_stage.second_stage_config(fastvae.TrainConfig(dataset="digits", latent=4), tmp_path / str(k),
+                                               epochs=1, batch_size=256, progress=False, hidden=[8], max_steps=1, lr=1e-12)
+        second, _, _ = two_stage.train_second_stage(first, images[:256], config, source="mean")
+        weights.append(second.encoder.body[0].weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-9)

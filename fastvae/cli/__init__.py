@@ -17,13 +17,14 @@ import os
 import sys
 from pathlib import Path
 
-COMMANDS = ("demo", "train", "analyze", "two_stage", "fid")
+COMMANDS = ("demo", "train", "analyze", "two_stage", "fid", "noise_injection")
 
 # commands that write into the run folder RUN, and the folder of derived outputs each writes (if any)
 _WRITES_INTO_RUN = {
     "sample": None,
     "analyze": lambda args: Path(args.out) if args.out else Path(args.run_dir) / "analysis",
-    "two-stage": lambda args: Path(args.run_dir) / "two_stage",
+    "two-stage": lambda args: Path(args.run_dir) / ("two_stage_active" if args.latents == "active" else "two_stage"),
+    "noise-injection": lambda args: Path(args.out) if args.out else Path(args.run_dir) / "noise_injection",
     "fid": None,
 }
 

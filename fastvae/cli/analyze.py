@@ -2,7 +2,9 @@
 
 Writes into ``RUN/analysis/``: ``latents.json`` (the table, thresholds, the zeroing check), ``latents.png``
 (bar chart), ``zeroing.png`` (samples with and without the inactive variables), ``latent_circles.png`` for a
-2-D latent space, and ``latent_evolution.png`` when the run recorded ``latent_evolution.json``.
+2-D latent space, ``latent_3d.png`` (the means of 5,000 test images by class) and ``latent_slices.png`` (images
+decoded from five horizontal slices of 25 points, ``fastvae.experiments.slice_latents``) for a 3-D one, and
+``latent_evolution.png`` when the run recorded ``latent_evolution.json``.
 """
 from __future__ import annotations
 
@@ -64,13 +66,15 @@ def run(args) -> int:
     stats = analysis.latent_statistics(
         model, images, batch_size=args.batch_size, gain=not args.no_gain, gain_limit=args.gain_samples or None,
         sigma2_min=args.sigma2_min, var_max=args.var_max, tolerance=args.tolerance)
-    print(f"fastvae analyze: {config.model} VAE, latent {model.latent_dim}, {config.dataset} {args.split} split "
-          f"({stats.count} images; gain on {stats.extra['gain_count']})")
+    objective = f"KL {getattr(config, 'kl', 'full')}, {'sampling' if getattr(config, 'sampling', True) else 'z = mu'}"
+    print(f"fastvae analyze: {config.model} VAE, latent {model.latent_dim} ({objective}), {config.dataset} {args.split} "
+          f"split ({stats.count} images; gain on {stats.extra['gain_count']})")
     print(stats.table())
     check = analysis.zeroing_check(model, stats.inactive, num_samples=args.samples, seed=args.seed, gain=stats.gain)
     print(check.summary())
 
     report = {"run": os.path.abspath(args.run_dir), "model": config.model, "dataset": config.dataset,
+              "kl": getattr(config, "kl", "full"), "sampling": getattr(config, "sampling", True),
               "split": args.split, **stats.to_dict(), "zeroing_check": check.to_dict()}
     with open(os.path.join(out, "latents.json"), "w") as handle:
         json.dump(report, handle, indent=2)
@@ -90,6 +94,8 @@ def run(args) -> int:
         mu, logvar = analysis.encode_all(model, images[:2000])
         plots.latent_circles(mu, logvar, labels[:2000], os.path.join(out, "latent_circles.png"))
         written.append("latent_circles.png")
+    if model.latent_dim == 3 and len(model.input_shape) == 3:
+        written += _latent_3d(model, config, out)
     evolution = os.path.join(args.run_dir, analysis.LatentTracker.FILE)
     if os.path.isfile(evolution):
         with open(evolution) as handle:
@@ -97,3 +103,22 @@ def run(args) -> int:
         written.append("latent_evolution.png")
     print(f"fastvae analyze: wrote {', '.join(written)} to {out}")
     return 0
+
+
+def _latent_3d(model, config, out: str) -> list[str]:
+    """``latent_3d.png`` (means of up to 5,000 test images by class) and ``latent_slices.png``."""
+    from fastvae import experiment_plots, experiments
+    from fastvae.data import load_dataset
+    from fastvae.two_stage import decode_all
+
+    try:
+        test, labels = load_dataset(config.dataset, config.data_root, "test", download=config.download)
+    except ValueError:  # a user file without a test split
+        test, labels = load_dataset(config.dataset, config.data_root, "train", download=config.download)
+    mu = experiments.encode_means(model, test[:5000])
+    experiment_plots.latent_3d(mu, labels[:5000], os.path.join(out, "latent_3d.png"))
+    levels = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    z = experiments.slice_latents(levels)
+    images = decode_all(model, z.reshape(-1, 3)).reshape(len(levels), z.shape[1], *model.input_shape)
+    experiment_plots.latent_slices(images, levels, os.path.join(out, "latent_slices.png"))
+    return ["latent_3d.png", "latent_slices.png"]

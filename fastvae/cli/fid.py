@@ -2,7 +2,9 @@
 
 ``fid`` reports the Frechet distance to the test set of: real training images (the floor of the measure),
 reconstructions of test images, first-stage samples, and, when ``fastvae two-stage RUN`` has trained a second
-stage, second-stage samples with each renormalization (none, per_dim, scalar). It writes ``RUN/fid.json``
+stage, second-stage samples with each renormalization (none, per_dim, scalar), and, when ``fastvae two-stage RUN
+--latents active`` has trained one, the second stage of the active variables (with and without
+renormalization, inactive variables filled with noise, and with zeros). It writes ``RUN/fid.json``
 and always names the feature extractor. ``fid-features`` trains and caches the small classifier whose
 features are used when Inception's weights are not on the machine.
 """
@@ -91,8 +93,16 @@ def run(args) -> int:
     mu, _ = encode_all(first, test[:args.n])
     candidates["reconstructions (test)"] = two_stage.decode_all(first, mu)
     target = two_stage.aggregate_posterior(first, train) if second is not None else None
+    active = two_stage.load_active_second_stage(args.run_dir, device=args.device)
+    if active is not None and target is None:
+        target = two_stage.aggregate_posterior(first, train)
     for name, z in two_stage.setting_latents(first, second, args.n, target, seed=args.seed).items():
         candidates[name] = two_stage.decode_all(first, z)
+    if active is not None:
+        second_active, variables = active
+        print(f"fastvae fid: active second stage on variables {variables}")
+        for name, z in two_stage.active_setting_latents(first, second_active, variables, args.n, target, seed=args.seed).items():
+            candidates[name] = two_stage.decode_all(first, z)
 
     rows = {}
     for name, images in candidates.items():
@@ -104,12 +114,15 @@ def run(args) -> int:
     if second is None:
         print(f"(no second stage in {os.path.join(args.run_dir, two_stage.SUBDIR)}: run `fastvae two-stage {args.run_dir}` "
               "for the second-stage settings)")
+    if active is None:
+        print(f"(no second stage of the active variables: run `fastvae two-stage {args.run_dir} --latents active` for those)")
     from fastvae.train.runfolder import provenance
 
     out = args.out or os.path.join(args.run_dir, "fid.json")
     with open(out, "w") as handle:
         json.dump({"run": os.path.abspath(args.run_dir), "source": provenance(args.run_dir), "extractor": extractor.name, "dataset": config.dataset,
-                   "reference": f"test split, {test.shape[0]} images", "seed": args.seed, "settings": rows}, handle, indent=2)
+                   "reference": f"test split, {test.shape[0]} images", "seed": args.seed,
+                   "active_variables": None if active is None else active[1], "settings": rows}, handle, indent=2)
         handle.write("\n")
     print(f"fastvae fid: wrote {out}")
     return 0

@@ -4,6 +4,9 @@ The second stage is a run folder of its own, ``RUN/two_stage/`` (``checkpoint.pt
 the same loop and loss as the first; an existing one is reused unless ``--overwrite``. The command then writes
 ``RUN/two_stage/report.json`` (the variance of generated latents and images per generation setting),
 ``samples.png`` (one row per setting, the same draws) and ``variance.png`` (per-dimension latent variances).
+``--latents active`` trains the second stage on the first stage's active variables only, into
+``RUN/two_stage_active/`` (with ``latents.json`` naming them); at generation the inactive variables are filled
+with prior noise or zeros.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     parser.add_argument("--source", choices=("sample", "mean"), default="sample",
                         help="train on draws of q(z|x), redrawn each epoch, or on the means mu (default: sample)")
+    parser.add_argument("--latents", choices=("all", "active"), default="all",
+                        help="model every first-stage variable, or the active ones only (inactive ones filled with "
+                             "N(0, 1) noise or zeros at generation; default: all)")
     parser.add_argument("--epochs", type=int, default=20, help="second-stage epochs (default: 20)")
     parser.add_argument("--batch-size", type=int, default=None, help="second-stage batch size (default: the run's)")
     parser.add_argument("--lr", type=float, default=None, help="second-stage learning rate (default: the run's)")
@@ -52,15 +58,26 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     images, _ = load_dataset(config.dataset, config.data_root, "train", download=config.download)
-    folder = os.path.join(args.run_dir, two_stage.SUBDIR)
+    active = args.latents == "active"
+    folder = os.path.join(args.run_dir, two_stage.SUBDIR_ACTIVE if active else two_stage.SUBDIR)
 
-    second = None if args.overwrite else two_stage.load_second_stage(args.run_dir, device=args.device)
+    variables = None
+    if active:
+        found = None if args.overwrite else two_stage.load_active_second_stage(args.run_dir, device=args.device)
+        second, variables = found if found is not None else (None, two_stage.active_variables(first, images))
+        if not variables:
+            parser.error("the run's model has no active variable: nothing for a second stage on active latents")
+        print(f"fastvae two-stage: active variables {variables} ({len(variables)} of {first.latent_dim})")
+    else:
+        second = None if args.overwrite else two_stage.load_second_stage(args.run_dir, device=args.device)
     if second is not None:
         print(f"fastvae two-stage: reusing the second stage in {folder} (--overwrite retrains it)")
         target = two_stage.aggregate_posterior(first, images)
     else:
         overrides = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "hidden": args.hidden,
                      "overwrite": True, "progress": args.progress}
+        if active:
+            overrides["latent"] = len(variables)
         for name in ("batch_size", "lr", "latent"):
             if getattr(args, name) is not None:
                 overrides[name] = getattr(args, name)
@@ -68,16 +85,24 @@ def run(args) -> int:
             second_config = two_stage.second_stage_config(config, folder, **overrides)
         except (ValueError, TypeError) as error:
             parser.error(str(error))
-        print(f"fastvae two-stage: training a second stage {first.latent_dim}-{'-'.join(map(str, args.hidden))}-"
+        width = len(variables) if active else first.latent_dim
+        print(f"fastvae two-stage: training a second stage {width}-{'-'.join(map(str, args.hidden))}-"
               f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs into {folder}")
-        second, result, target = two_stage.train_second_stage(first, images, second_config, source=args.source)
+        second, result, target = two_stage.train_second_stage(first, images, second_config, source=args.source,
+                                                              variables=variables)
+        if active:
+            two_stage.save_active_variables(args.run_dir, variables)
         metrics = result.test_metrics
         print(f"fastvae two-stage: second stage done: loss {metrics.get('loss', float('nan')):.4g}, "
               f"MSE {metrics.get('mse', float('nan')):.4g}")
 
-    latents = two_stage.setting_latents(first, second, args.n, target, seed=args.seed)
+    if active:
+        latents = two_stage.active_setting_latents(first, second, variables, args.n, target, seed=args.seed)
+    else:
+        latents = two_stage.setting_latents(first, second, args.n, target, seed=args.seed)
     report = two_stage.variance_report(first, second, images, n=args.n, target=target, latents=latents)
-    report.update({"run": os.path.abspath(args.run_dir), "source": args.source})
+    report.update({"run": os.path.abspath(args.run_dir), "source": args.source, "latents": args.latents,
+                   "variables": variables})
     print("variance loss (generated vs real):")
     print(two_stage.format_variance_report(report))
     with open(os.path.join(folder, "report.json"), "w") as handle:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..losses import LOSSES
+from ..losses import KL_MODES, LOSSES
 from ..models import MODELS
 from ..reference import UPDATE_RULES
 
@@ -20,7 +20,6 @@ __all__ = ["TrainConfig", "PRECISIONS", "LR_SCHEDULES", "KL_MODES", "RESUMABLE"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
-KL_MODES = ("full", "quadratic", "none")
 # fields that may change when a run is resumed; the others define the run and stay as saved
 RESUMABLE = ("epochs", "max_steps", "progress", "tensorboard", "log_every", "checkpoint_every", "threads", "device",
              "eval_batch_size", "n_samples", "images_every", "download", "data_root")

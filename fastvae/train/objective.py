@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..losses import kl_penalty
 from ..ops import kl_divergence, reparameterize_kl
 
 __all__ = ["TrainObjective"]
@@ -50,10 +51,5 @@ class TrainObjective(nn.Module):
         else:
             z = mu
             full = kl_divergence(mu, logvar, reduction="batchmean") if self.kl == "full" else None
-        if self.kl == "full":
-            kl = full
-        elif self.kl == "quadratic":
-            kl = mu.float().square().sum() / (2 * mu.shape[0])
-        else:
-            kl = mu.new_zeros((), dtype=torch.float32)
+        kl = full if self.kl == "full" else kl_penalty(mu, logvar, self.kl)
         return self.model.decode(z), kl
