@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "bench", "train", "analyze", "two_stage", "fid")
+COMMANDS = ("demo", "bench", "train", "analyze", "two_stage", "fid", "latent_stats")
 
 
 def build_parser() -> argparse.ArgumentParser:
