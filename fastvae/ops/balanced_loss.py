@@ -64,7 +64,8 @@ def balanced_loss(
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
     check_finite(op, rec=rec, running_loss=running_loss)
     acc = reference.accumulation_dtype(rec.dtype)
-    r = running_loss.detach().to(acc).reshape(())
+    # a copy: the backward uses r as it was before this call's in-place update
+    r = running_loss.detach().to(acc, copy=True).reshape(())
     log_r = torch.log(r)
     if reduction in ("batchmean", "sum"):
         total = rec.sum(dtype=acc)
