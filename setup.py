@@ -8,6 +8,8 @@ from setuptools import setup
 
 TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10"]
 TRAIN = ["tqdm>=4.60", "matplotlib>=3.7", "pillow>=9", "scikit-learn>=1.2"]
+# the clients of examples/ and their tests (versions checked to install beside torch 2.13 without replacing it)
+CLIENTS = ["diffusers==0.42.1", "lightning==2.6.6", "pythae==0.1.2"]
 
 setup(
     name="fastvae",
@@ -25,7 +27,8 @@ setup(
     ],
     extras_require={
         "train": TRAIN,
-        "test": TEST + TRAIN,
+        "test": TEST + TRAIN + CLIENTS,
+        "diffusers": ["diffusers>=0.30"],
         "vision": ["torchvision"],
         "fid": ["scipy>=1.10"],
         "tensorboard": ["tensorboard"],

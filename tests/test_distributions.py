@@ -15,7 +15,7 @@ from fastvae.backend import use_backend
 from fastvae.distributions import seed_from_generator
 from helpers import DTYPES, RTOL, RTOL_NOISE, assert_close_scaled
 
-diffusers = pytest.importorskip("diffusers")  # in the test extras; skipped only where it is not installed
+import diffusers  # noqa: E402  (in the test extras)
 from diffusers.models.autoencoders import autoencoder_kl, vae as diffusers_vae  # noqa: E402
 
 BACKENDS = ("triton", "torch")
