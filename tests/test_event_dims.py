@@ -228,3 +228,41 @@ def test_bad_tuple_dims():
         fastvae.moments(z, dim=())
     with pytest.raises(ValueError, match="dim must be in"):
         fastvae.variance_law(z, z, dim=(0, 3))
+
+
+def test_torch_compile_fullgraph_latent_diffusion_posterior():
+    """chunk(2, dim=1) of a channels_last (B, 2C, H, W) output, event_dims=3 and the clamp, compiled whole."""
+
+    def step(h, seed):
+        mean, logvar = h.chunk(2, dim=1)
+        z, kl = fastvae.reparameterize_kl(mean, logvar, seed=seed, event_dims=3, logvar_clamp=(-30.0, 20.0))
+        return (z * z).sum() + kl
+
+    h = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    seed = torch.tensor([3])
+    loss_c = torch.compile(step, fullgraph=True)(h, seed)
+    (grad_c,) = torch.autograd.grad(loss_c, h)
+    loss_e = step(h, seed)
+    (grad_e,) = torch.autograd.grad(loss_e, h)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(grad_c, grad_e)
+
+
+def test_halves_of_a_contiguous_output_reach_the_kernel_as_views(monkeypatch):
+    """event_dims=3 on chunk(2, dim=1) of a contiguous (B, 2C, H, W): the kernel reads the encoder output in place."""
+    from fastvae import backend
+
+    kernel = backend.kernels().reparameterize
+    seen = []
+    original = kernel.forward
+
+    def spy(mu, logvar, *args, **kwargs):
+        seen.append((mu.data_ptr(), logvar.data_ptr(), mu.shape))
+        return original(mu, logvar, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "forward", spy)
+    h = torch.randn(2, 8, 3, 4)
+    mean, logvar = h.chunk(2, dim=1)
+    with use_backend("triton"):
+        fastvae.reparameterize_kl(mean, logvar, seed=1, event_dims=3)
+    assert seen == [(mean.data_ptr(), logvar.data_ptr(), torch.Size([2, 48]))]

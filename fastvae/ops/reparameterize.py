@@ -174,7 +174,8 @@ def _as_events(t: Tensor, event_dims: int) -> Tensor:
     depend on the layout. ``event_dims=1`` keeps ``t`` as it is (the ops read ``(..., D)`` directly)."""
     if event_dims == 1:
         return t
-    return as_rows(t, math.prod(t.shape[t.dim() - event_dims:]))
+    # reshape is a view whenever one exists, and unlike a try/except around view it traces under torch.compile
+    return t.reshape(-1, math.prod(t.shape[t.dim() - event_dims:]))
 
 
 def _from_events(kl: Tensor, shape: torch.Size, reduction: str, event_dims: int) -> Tensor:
