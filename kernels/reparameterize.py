@@ -45,8 +45,9 @@ def reparameterize_kl_fwd_kernel(
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu_r + cols[None, :] * stride_mu_c, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + rows[:, None] * stride_lv_r + cols[None, :] * stride_lv_c, mask=mask, other=0.0).to(ACC)
-        if CLAMP:
-            logvar = tl.minimum(tl.maximum(logvar, LOGVAR_MIN), LOGVAR_MAX)
+        if CLAMP:  # bounds built in ACC: a bare float constexpr would be an fp32 constant on the GPU
+            logvar = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)),
+                                tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC))
         flat = rows[:, None] * D + cols[None, :]
         if HAS_Z:
             eps = tl.randn(seed, flat).to(ACC)
@@ -86,8 +87,10 @@ def reparameterize_kl_bwd_kernel(
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu_r + cols[None, :] * stride_mu_c, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + rows[:, None] * stride_lv_r + cols[None, :] * stride_lv_c, mask=mask, other=0.0).to(ACC)
         if CLAMP:
-            inside = (logvar >= LOGVAR_MIN) & (logvar <= LOGVAR_MAX)
-            logvar = tl.minimum(tl.maximum(logvar, LOGVAR_MIN), LOGVAR_MAX)
+            lo = tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)
+            hi = tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC)
+            inside = (logvar >= lo) & (logvar <= hi)
+            logvar = tl.minimum(tl.maximum(logvar, lo), hi)
         flat = rows[:, None] * D + cols[None, :]
         grad_mu = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
         grad_lv = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
@@ -192,9 +195,26 @@ def _aot_backward(mu, logvar):
     backward(torch.randn(mu.shape, dtype=mu.dtype), grad_kl, mu, logvar, torch.zeros(1, dtype=torch.int64), "batchmean")
 
 
+_LDM_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution
+
+
+def _aot_forward_clamped(mu, logvar):
+    forward(mu, logvar, torch.zeros(1, dtype=torch.int64), "per_sample", _LDM_CLAMP)
+
+
+def _aot_backward_clamped(mu, logvar):
+    grad_kl = torch.ones(mu.shape[0], dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32)
+    backward(torch.randn(mu.shape, dtype=mu.dtype), grad_kl, mu, logvar, torch.zeros(1, dtype=torch.int64), "per_sample",
+             _LDM_CLAMP)
+
+
 AOT_SPECS = [
     Spec("reparameterize_kl", "forward", "z and batchmean KL (HAS_Z, KL_MODE=3)", latent_pair, _aot_forward,
          traffic={"reparameterize_kl_fwd_kernel": (2, 1)}),
     Spec("reparameterize_kl", "backward", "grad z and batchmean grad KL (HAS_GRAD_Z, HAS_GRAD_KL)", latent_pair, _aot_backward,
          traffic={"reparameterize_kl_bwd_kernel": (3, 2)}),
+    Spec("reparameterize_kl", "forward", "DiagonalGaussian: z and per-sample KL, logvar clamped (CLAMP, KL_MODE=2)",
+         latent_pair, _aot_forward_clamped, traffic={"reparameterize_kl_fwd_kernel": (2, 1)}, tag="clamp"),
+    Spec("reparameterize_kl", "backward", "DiagonalGaussian: grad z and per-sample grad KL, logvar clamped (CLAMP)",
+         latent_pair, _aot_backward_clamped, traffic={"reparameterize_kl_bwd_kernel": (3, 2)}, tag="clamp"),
 ]

@@ -173,3 +173,20 @@ def test_autoencoder_kl_trains_the_same_with_fastvae_posterior(backend, monkeypa
         torch.testing.assert_close(kl_b, kl_a, rtol=1e-5, atol=0)
         for name, grad in grads_a.items():
             torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_video_latents_as_diffusers(backend, monkeypatch):
+    """(B, 2C, T, H, W): diffusers sums kl() over dims [1, 2, 3] whatever the rank, and so does DiagonalGaussian."""
+    _philox_noise(monkeypatch)
+    h = _parameters(torch.float32, shape=(2, 8, 2, 3, 4))
+    theirs = diffusers_vae.DiagonalGaussianDistribution(h)
+    with use_backend(backend):
+        ours = fastvae.DiagonalGaussian(h)
+        torch.testing.assert_close(ours.kl(), theirs.kl(), rtol=1e-5, atol=1e-5)
+        sample = ours.sample(torch.Generator().manual_seed(2))
+        torch.testing.assert_close(sample, theirs.sample(torch.Generator().manual_seed(2)), rtol=1e-5, atol=1e-6)
+        z, kl = ours.sample_kl(torch.Generator().manual_seed(2))
+        torch.testing.assert_close(z, sample, rtol=0, atol=0)
+        torch.testing.assert_close(kl, ours.kl(), rtol=0, atol=0)
+        torch.testing.assert_close(ours.nll(sample, dims=[1, 2, 3, 4]), theirs.nll(sample, dims=[1, 2, 3, 4]))

@@ -117,3 +117,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_cli_on_a_fastvae_run_folder(tmp_path, capsys):
+    from fastvae.data import load_dataset
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--latent", "3",
+                 "--out", str(run), "--no-progress", "--no-tensorboard"]) == 0
+    out = tmp_path / "stats.json"
+    assert main(["latent-stats", str(run), "--posterior", "mode", "--batch-size", "500", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    model, _ = fastvae.load(run)
+    images, _ = load_dataset("digits", split="train")
+    with torch.no_grad():
+        mu, _ = model.encode(images)
+    assert report["channels"] == 3 and report["num_latents"] == len(images)
+    assert report["mean"] == pytest.approx(mu.double().mean(dim=0).tolist(), rel=1e-4, abs=1e-6)
+    assert report["std"] == pytest.approx(mu.double().std(dim=0).tolist(), rel=1e-4)
