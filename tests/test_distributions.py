@@ -141,7 +141,7 @@ def tiny_autoencoder_kl():
     )
 
 
-def _train(model, images, steps=3):
+def _train(model, images, steps=2):
     """A few steps of the usual objective: MSE reconstruction + 1e-3 KL, each step with its own generator."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     history = []
