@@ -86,11 +86,13 @@ def reparameterize_kl_bwd_kernel(
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu_r + cols[None, :] * stride_mu_c, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + rows[:, None] * stride_lv_r + cols[None, :] * stride_lv_c, mask=mask, other=0.0).to(ACC)
+        half = 0.5
         if CLAMP:
-            lo = tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)
-            hi = tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC)
-            inside = (logvar >= lo) & (logvar <= hi)
-            logvar = tl.minimum(tl.maximum(logvar, lo), hi)
+            clamped = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)),
+                                 tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC))
+            # torch.clamp's gradient: d clamped / d logvar is 1 inside [lo, hi] (bounds included), 0 outside and for NaN
+            half = tl.where(clamped == logvar, 0.5, 0.0)
+            logvar = clamped
         flat = rows[:, None] * D + cols[None, :]
         grad_mu = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
         grad_lv = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
@@ -98,15 +100,13 @@ def reparameterize_kl_bwd_kernel(
             g_z = tl.load(grad_z_ptr + rows[:, None] * stride_gz_r + cols[None, :] * stride_gz_c, mask=mask, other=0.0).to(ACC)
             eps = tl.randn(seed, flat).to(ACC)
             grad_mu += g_z
-            grad_lv += g_z * eps * tl.exp(logvar * 0.5) * 0.5
+            grad_lv += g_z * eps * tl.exp(logvar * 0.5) * half
         if HAS_GRAD_KL:
             # the reduced gradient broadcasts through zero strides: (r, 0) per row, (0, 0) for a total
             g_kl = tl.load(grad_kl_ptr + rows[:, None] * stride_gkl_r + cols[None, :] * stride_gkl_c, mask=mask, other=0.0).to(ACC)
             g_kl = g_kl * kl_scale
             grad_mu += g_kl * mu
-            grad_lv += g_kl * (tl.exp(logvar) - 1.0) * 0.5
-        if CLAMP:
-            grad_lv = tl.where(inside, grad_lv, 0.0)
+            grad_lv += g_kl * (tl.exp(logvar) - 1.0) * half
         tl.store(grad_mu_ptr + flat, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_lv_ptr + flat, grad_lv.to(grad_lv_ptr.dtype.element_ty), mask=mask)
 
