@@ -203,7 +203,10 @@ def _aot_forward_clamped(mu, logvar):
 
 
 def _aot_backward_clamped(mu, logvar):
-    grad_kl = torch.ones(mu.shape[0], dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    n = mu.shape[0]
+    # the per-sample gradient follows the variant: aligned, or starting one element into its buffer
+    grad_kl = torch.ones(n, dtype=acc) if mu.is_contiguous() else torch.ones(n + 1, dtype=acc)[1:]
     backward(torch.randn(mu.shape, dtype=mu.dtype), grad_kl, mu, logvar, torch.zeros(1, dtype=torch.int64), "per_sample",
              _LDM_CLAMP)
 
