@@ -109,7 +109,7 @@ def run(args) -> int:
             images = images[:args.limit]
         stats = latent_stats.latent_channel_stats(
             encode, _batches(images, args.batch_size, args.size, low, channels), correction=args.correction)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
+    except (FileNotFoundError, ValueError, ImportError, OSError, RuntimeError) as error:
         parser.error(str(error).splitlines()[0] if str(error) else repr(error))
     print(f"fastvae latent-stats: {kind}, {stats.num_latents} images of {data} ({args.split}), "
           f"{args.posterior} of the posterior, latents of {len(stats.mean)} channels")
