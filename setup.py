@@ -9,6 +9,8 @@ from setuptools import setup
 CPU = ["numba>=0.59"]  # the CPU engine's Philox loop; without it the same stream runs in PyTorch integer ops
 TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10"] + CPU
 TRAIN = ["tqdm>=4.60", "matplotlib>=3.7", "pillow>=9", "scikit-learn>=1.2"]
+# the clients of examples/ and their tests (versions checked to install beside torch 2.13 without replacing it)
+CLIENTS = ["diffusers==0.42.1", "lightning==2.6.6", "pythae==0.1.2"]
 
 setup(
     name="fastvae",
@@ -27,7 +29,8 @@ setup(
     extras_require={
         "cpu": CPU,
         "train": TRAIN,
-        "test": TEST + TRAIN,
+        "test": TEST + TRAIN + CLIENTS,
+        "diffusers": ["diffusers>=0.30"],
         "vision": ["torchvision"],
         "fid": ["scipy>=1.10"],
         "tensorboard": ["tensorboard"],

@@ -5,6 +5,9 @@ place). Program ``p`` owns rows ``[p * BLOCK_R, (p + 1) * BLOCK_R)`` and walks D
 chunks. The noise of element ``(r, c)`` is ``tl.randn(seed, r * D + c)`` with int64 counters, so the
 stream is unique past 2**32 elements and the backward recomputes it instead of storing it.
 
+CLAMP: logvar is clamped to ``[LOGVAR_MIN, LOGVAR_MAX]`` after loading; the backward zeroes the
+logvar gradient outside that range (torch.clamp's rule, bounds included).
+
 KL_MODE: 0 no KL, 1 elementwise (``none``), 2 one value per row (``per_sample``), 3 one total
 (``batchmean``/``sum``, scaled by ``kl_scale``), written by a one-launch ticket reduction.
 """
@@ -29,6 +32,7 @@ def reparameterize_kl_fwd_kernel(
     kl_scale,
     HAS_Z: tl.constexpr, KL_MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -41,6 +45,9 @@ def reparameterize_kl_fwd_kernel(
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu_r + cols[None, :] * stride_mu_c, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + rows[:, None] * stride_lv_r + cols[None, :] * stride_lv_c, mask=mask, other=0.0).to(ACC)
+        if CLAMP:  # bounds built in ACC: a bare float constexpr would be an fp32 constant on the GPU
+            logvar = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)),
+                                tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC))
         flat = rows[:, None] * D + cols[None, :]
         if HAS_Z:
             eps = tl.randn(seed, flat).to(ACC)
@@ -67,6 +74,7 @@ def reparameterize_kl_bwd_kernel(
     kl_scale,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -78,6 +86,13 @@ def reparameterize_kl_bwd_kernel(
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu_r + cols[None, :] * stride_mu_c, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + rows[:, None] * stride_lv_r + cols[None, :] * stride_lv_c, mask=mask, other=0.0).to(ACC)
+        half = 0.5
+        if CLAMP:
+            clamped = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)),
+                                 tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC))
+            # torch.clamp's gradient: d clamped / d logvar is 1 inside [lo, hi] (bounds included), 0 outside and for NaN
+            half = tl.where(clamped == logvar, 0.5, 0.0)
+            logvar = clamped
         flat = rows[:, None] * D + cols[None, :]
         grad_mu = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
         grad_lv = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
@@ -85,13 +100,13 @@ def reparameterize_kl_bwd_kernel(
             g_z = tl.load(grad_z_ptr + rows[:, None] * stride_gz_r + cols[None, :] * stride_gz_c, mask=mask, other=0.0).to(ACC)
             eps = tl.randn(seed, flat).to(ACC)
             grad_mu += g_z
-            grad_lv += g_z * eps * tl.exp(logvar * 0.5) * 0.5
+            grad_lv += g_z * eps * tl.exp(logvar * 0.5) * half
         if HAS_GRAD_KL:
             # the reduced gradient broadcasts through zero strides: (r, 0) per row, (0, 0) for a total
             g_kl = tl.load(grad_kl_ptr + rows[:, None] * stride_gkl_r + cols[None, :] * stride_gkl_c, mask=mask, other=0.0).to(ACC)
             g_kl = g_kl * kl_scale
             grad_mu += g_kl * mu
-            grad_lv += g_kl * (tl.exp(logvar) - 1.0) * 0.5
+            grad_lv += g_kl * (tl.exp(logvar) - 1.0) * half
         tl.store(grad_mu_ptr + flat, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_lv_ptr + flat, grad_lv.to(grad_lv_ptr.dtype.element_ty), mask=mask)
 
@@ -113,9 +128,16 @@ def _kl_output(mu: torch.Tensor, reduction: str) -> tuple[torch.Tensor, float]:
     return torch.empty(1, dtype=acc, device=mu.device), (1.0 / n_rows if reduction == "batchmean" else 1.0)
 
 
-def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, reduction: str | None):
+def _clamp_flags(logvar_clamp) -> dict:
+    """The CLAMP constexprs for ``logvar_clamp = (lo, hi)`` or None."""
+    if logvar_clamp is None:
+        return {}
+    return {"CLAMP": True, "LOGVAR_MIN": float(logvar_clamp[0]), "LOGVAR_MAX": float(logvar_clamp[1])}
+
+
+def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, reduction: str | None, logvar_clamp=None):
     """``(z, kl)`` for ``(n_rows, D)`` views ``mu`` and ``logvar``; ``z`` is None without ``seed``,
-    ``kl`` None without ``reduction``. ``z`` is contiguous ``(n_rows, D)``; ``kl`` is ``(n_rows, D)``,
+    ``kl`` None without ``reduction``; ``logvar`` clamped to ``logvar_clamp = (lo, hi)`` unless None. ``z`` is contiguous ``(n_rows, D)``; ``kl`` is ``(n_rows, D)``,
     ``(n_rows,)`` or a one-element tensor, by reduction."""
     n_rows, D = mu.shape
     block_r, block_d, num_warps = _philox_tile(n_rows, D, mu.dtype)
@@ -130,12 +152,12 @@ def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, r
         n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), kl_scale,
         HAS_Z=z is not None, KL_MODE=kl_mode, ACC=accumulation_type(mu.dtype),
         BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(grid[0]),
-        num_warps=num_warps,
+        num_warps=num_warps, **_clamp_flags(logvar_clamp),
     )
     return z, kl
 
 
-def backward(grad_z, grad_kl, mu, logvar, seed, reduction):
+def backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp=None):
     """``(grad_mu, grad_logvar)``, contiguous ``(n_rows, D)``. ``grad_z``: ``(n_rows, D)`` with any strides
     or None; ``grad_kl``: the gradient of the reduced KL (``(n_rows, D)``, ``(n_rows,)`` or one element) or None."""
     n_rows, D = mu.shape
@@ -158,7 +180,7 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction):
         n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
         *gz_strides, *gkl_strides, kl_scale,
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, ACC=accumulation_type(mu.dtype),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, **_clamp_flags(logvar_clamp),
     )
     return grad_mu, grad_lv
 
@@ -173,9 +195,29 @@ def _aot_backward(mu, logvar):
     backward(torch.randn(mu.shape, dtype=mu.dtype), grad_kl, mu, logvar, torch.zeros(1, dtype=torch.int64), "batchmean")
 
 
+_LDM_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution
+
+
+def _aot_forward_clamped(mu, logvar):
+    forward(mu, logvar, torch.zeros(1, dtype=torch.int64), "per_sample", _LDM_CLAMP)
+
+
+def _aot_backward_clamped(mu, logvar):
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    n = mu.shape[0]
+    # the per-sample gradient follows the variant: aligned, or starting one element into its buffer
+    grad_kl = torch.ones(n, dtype=acc) if mu.is_contiguous() else torch.ones(n + 1, dtype=acc)[1:]
+    backward(torch.randn(mu.shape, dtype=mu.dtype), grad_kl, mu, logvar, torch.zeros(1, dtype=torch.int64), "per_sample",
+             _LDM_CLAMP)
+
+
 AOT_SPECS = [
     Spec("reparameterize_kl", "forward", "z and batchmean KL (HAS_Z, KL_MODE=3)", latent_pair, _aot_forward,
          traffic={"reparameterize_kl_fwd_kernel": (2, 1)}),
     Spec("reparameterize_kl", "backward", "grad z and batchmean grad KL (HAS_GRAD_Z, HAS_GRAD_KL)", latent_pair, _aot_backward,
          traffic={"reparameterize_kl_bwd_kernel": (3, 2)}),
+    Spec("reparameterize_kl", "forward", "DiagonalGaussian: z and per-sample KL, logvar clamped (CLAMP, KL_MODE=2)",
+         latent_pair, _aot_forward_clamped, traffic={"reparameterize_kl_fwd_kernel": (2, 1)}, tag="clamp"),
+    Spec("reparameterize_kl", "backward", "DiagonalGaussian: grad z and per-sample grad KL, logvar clamped (CLAMP)",
+         latent_pair, _aot_backward_clamped, traffic={"reparameterize_kl_bwd_kernel": (3, 2)}, tag="clamp"),
 ]

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-COMMANDS = ("demo", "train", "analyze", "two_stage", "fid", "noise_injection")
+COMMANDS = ("demo", "train", "analyze", "two_stage", "fid", "noise_injection", "latent_stats")
 
 # commands that write into the run folder RUN, and the folder of derived outputs each writes (if any)
 _WRITES_INTO_RUN = {

@@ -6,6 +6,7 @@ because it reads every element and, on CUDA, waits for the result.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -127,3 +128,42 @@ def check_per_dim(op: str, name: str, value: object, shape: torch.Size, device: 
     if not min_value <= value < float("inf"):
         raise ValueError(f"{op}: {name} must be finite and >= {min_value}, got {value}")
     return float(value)
+
+
+def check_event_dims(op: str, event_dims: object, ndim: int) -> int:
+    """An int in ``[1, ndim]``: the number of trailing dims that form one sample's latent."""
+    if isinstance(event_dims, bool) or not isinstance(event_dims, int):
+        raise TypeError(f"{op}: event_dims must be an int, got {type(event_dims).__name__}")
+    if not 1 <= event_dims <= ndim:
+        raise ValueError(f"{op}: event_dims must be in [1, {ndim}] for a {ndim}-D latent, got {event_dims}")
+    return event_dims
+
+
+def check_logvar_clamp(op: str, logvar_clamp: object) -> list[float] | None:
+    """None, or ``(lo, hi)``: two finite numbers with ``lo <= hi``, returned as a list of floats."""
+    if logvar_clamp is None:
+        return None
+    if not isinstance(logvar_clamp, (tuple, list)) or len(logvar_clamp) != 2:
+        raise ValueError(f"{op}: logvar_clamp must be None or a pair (lo, hi), got {logvar_clamp!r}")
+    lo, hi = logvar_clamp
+    for value in (lo, hi):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{op}: logvar_clamp must hold two finite numbers, got {logvar_clamp!r}")
+    if lo > hi:
+        raise ValueError(f"{op}: logvar_clamp must have lo <= hi, got {logvar_clamp!r}")
+    return [float(lo), float(hi)]
+
+
+def check_running_estimate(op: str, name: str, value: object, device: torch.device) -> torch.Tensor:
+    """A one-element floating tensor on ``device``; on the CPU (or with FASTVAE_CHECK_FINITE=1) also
+    positive and finite (reading it on CUDA would wait for the GPU; torch.compile cannot branch on it)."""
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.numel() != 1:
+        described = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{op}: {name} must be a one-element floating tensor holding a positive value, got {described}")
+    if value.device != device:
+        raise ValueError(f"{op}: {name} must be on the device of the loss ({device}), got {value.device}")
+    if (value.device.type == "cpu" and not torch.compiler.is_compiling()) or finite_check_enabled():
+        number = float(value.detach().reshape(()))
+        if not number > 0 or number == float("inf"):
+            raise ValueError(f"{op}: {name} must be positive and finite, got {number}")
+    return value

@@ -198,3 +198,16 @@ def renormalize_backward(grad: Tensor, z: Tensor, mean: Tensor, var: Tensor, tar
     mean_gc = (g * centered).mean(dim=dim, keepdim=True)
     out = torch.addcmul(-scale * mean_g, g, scale)
     return out.addcmul_(centered, -scale * rstd * rstd * mean_gc).to(z.dtype)
+
+
+def clamp_logvar(logvar: Tensor, logvar_clamp) -> Tensor:
+    """``torch.clamp(logvar, lo, hi)`` for ``logvar_clamp = (lo, hi)``; ``logvar`` itself for None."""
+    return logvar if logvar_clamp is None else torch.clamp(logvar, logvar_clamp[0], logvar_clamp[1])
+
+
+def clamp_logvar_grad(grad_logvar: Tensor, logvar: Tensor, logvar_clamp) -> Tensor:
+    """torch.clamp's gradient: ``grad_logvar`` where ``lo <= logvar <= hi``, zero elsewhere."""
+    if logvar_clamp is None:
+        return grad_logvar
+    inside = (logvar >= logvar_clamp[0]) & (logvar <= logvar_clamp[1])
+    return torch.where(inside, grad_logvar, torch.zeros_like(grad_logvar))

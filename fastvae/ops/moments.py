@@ -199,7 +199,29 @@ _renormalize_op.register_autograd(_renormalize_grad, setup_context=_setup_renorm
 
 
 # ------------------------------------------------------------------------------------- public API
-def moments(z: Tensor, dim: int = 0, correction: int = 0) -> tuple[Tensor, Tensor]:
+def _reduced_first(t: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, torch.Size]:
+    """``t`` with the reduced ``dims`` moved to the front and flattened into one: ``(N, *kept)``, and the
+    kept shape. A view when one exists, a copy otherwise (such as dim=(0, 2, 3) of a ``(B, C, H, W)``)."""
+    kept = [d for d in range(t.dim()) if d not in dims]
+    moved = t.permute(*dims, *kept)
+    kept_shape = torch.Size(t.shape[d] for d in kept)
+    return moved.reshape(math.prod(t.shape[d] for d in dims), *kept_shape), kept_shape
+
+
+def _check_dims(op: str, dim: object, ndim: int) -> int | tuple[int, ...]:
+    """An int dim, or a tuple of distinct dims (as ``torch.var_mean``), normalized to ``[0, ndim)``;
+    a one-element tuple is its int."""
+    if not isinstance(dim, (tuple, list)):
+        return check_dim(op, dim, ndim)
+    dims = tuple(check_dim(op, d, ndim) for d in dim)
+    if not dims:
+        raise ValueError(f"{op}: dim must name at least one dim, got {tuple(dim)}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"{op}: dim must not repeat a dim, got {tuple(dim)}")
+    return dims[0] if len(dims) == 1 else dims
+
+
+def moments(z: Tensor, dim: int | tuple[int, ...] = 0, correction: int = 0) -> tuple[Tensor, Tensor]:
     r"""Per-dimension mean and variance of ``z`` over ``dim`` (the batch), in one pass.
 
     .. math::
@@ -211,7 +233,8 @@ def moments(z: Tensor, dim: int = 0, correction: int = 0) -> tuple[Tensor, Tenso
 
     Args:
         z: ``(*, N, *)`` of float16, bfloat16, float32 or float64; any strides.
-        dim: the dim reduced over (N samples).
+        dim: the dim reduced over (N samples), or a tuple of dims reduced together (as ``torch.var_mean``):
+            per-channel statistics of a ``(B, C, H, W)`` latent are ``dim=(0, 2, 3)``.
         correction: ``var`` divides by ``N - correction`` (0: population, 1: unbiased); must leave ``N - correction > 0``.
 
     Returns:
@@ -221,10 +244,17 @@ def moments(z: Tensor, dim: int = 0, correction: int = 0) -> tuple[Tensor, Tenso
     Example::
 
         >>> mean, var = fastvae.moments(z)                 # z: (N, D) -> two (D,) tensors
+        >>> mean, var = fastvae.moments(latents, dim=(0, 2, 3))   # (B, C, H, W) -> two (C,) tensors
     """
     op = "moments"
     check_float_tensor(op, "z", z)
-    dim = check_dim(op, dim, z.dim())
+    dim = _check_dims(op, dim, z.dim())
+    if isinstance(dim, tuple):
+        rows, kept_shape = _reduced_first(z, dim)
+        correction = check_correction(op, correction, rows.shape[0])
+        check_finite(op, z=z)
+        mean, var = torch.ops.fastvae.moments(rows, 0, correction)
+        return mean.view(kept_shape), var.view(kept_shape)
     correction = check_correction(op, correction, z.shape[dim])
     if z.shape[dim] == 1:
         import warnings
@@ -291,7 +321,7 @@ def renormalize(
     )[0]
 
 
-def variance_law(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+def variance_law(mu: Tensor, logvar: Tensor, dim: int | tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
     r"""Moments of the aggregate posterior per latent dimension (the law of total variance), in one pass.
 
     .. math::
@@ -304,9 +334,11 @@ def variance_law(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         mu, logvar: ``(..., D)``, same shape, dtype (float16, bfloat16, float32, float64) and device;
             either may be a strided view, such as the halves of ``h.chunk(2, dim=-1)``.
+        dim: None (every dim but the last), an int or a tuple of dims to reduce over (as
+            ``torch.var_mean``): ``dim=(0, 2, 3)`` gives the per-channel law of ``(B, C, H, W)`` latents.
 
     Returns:
-        ``(mean, var)``: two ``(D,)`` tensors in the accumulation dtype. Differentiable:
+        ``(mean, var)``: two ``(D,)`` tensors (the shape without ``dim``) in the accumulation dtype. Differentiable:
         ``d/dmu = g_mean / N + g_var 2 (mu - mean) / N``, ``d/dlogvar = g_var exp(logvar) / N``.
 
     Example::
@@ -319,4 +351,12 @@ def variance_law(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     check_float_tensor(op, "logvar", logvar)
     check_same_layout(op, ("mu", "logvar"), mu, logvar)
     check_finite(op, mu=mu, logvar=logvar)
-    return torch.ops.fastvae.variance_law(mu, logvar)
+    if dim is None:
+        return torch.ops.fastvae.variance_law(mu, logvar)
+    dims = _check_dims(op, dim, mu.dim())
+    dims = dims if isinstance(dims, tuple) else (dims,)
+    mu_rows, kept_shape = _reduced_first(mu, dims)
+    logvar_rows, _ = _reduced_first(logvar, dims)
+    F = math.prod(kept_shape)
+    mean, var = torch.ops.fastvae.variance_law(mu_rows.reshape(-1, F), logvar_rows.reshape(-1, F))
+    return mean.view(kept_shape), var.view(kept_shape)

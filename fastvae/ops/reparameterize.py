@@ -8,6 +8,7 @@ are saved for backward.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,17 +16,22 @@ from torch import Tensor
 
 from .. import backend, reference
 from . import _cpu
-from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_same_layout, seed_tensor
+from ._checks import (
+    REDUCTIONS, check_choice, check_event_dims, check_finite, check_float_tensor, check_logvar_clamp, check_same_layout,
+    seed_tensor,
+)
 from ._layout import as_rows
+
+Clamp = Optional[list[float]]
 
 
 # ---------------------------------------------------------------------------------------- dispatch
-def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str]):
+def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str], logvar_clamp: Clamp = None):
     """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
     if not backend.use_triton(mu):
-        return _cpu.reparameterize_kl(mu, logvar, seed, reduction)
+        return _cpu.reparameterize_kl(mu, _cpu.clamp_logvar(logvar, logvar_clamp), seed, reduction)
     D = mu.shape[-1]
-    z, kl = backend.kernels().reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction)
+    z, kl = backend.kernels().reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction, logvar_clamp)
     if z is not None:
         z = z.view(mu.shape)
     if kl is not None:
@@ -33,14 +39,19 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Opti
     return z, kl
 
 
-def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str):
+def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
+              logvar_clamp: Clamp = None):
     if not backend.use_triton(mu):
-        return _cpu.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
+        grad_mu, grad_logvar = _cpu.reparameterize_kl_backward(
+            grad_z, grad_kl, mu, _cpu.clamp_logvar(logvar, logvar_clamp), seed, reduction
+        )
+        return grad_mu, _cpu.clamp_logvar_grad(grad_logvar, logvar, logvar_clamp)
     D = mu.shape[-1]
     if grad_kl is not None:
         grad_kl = as_rows(grad_kl, D) if reduction == "none" else grad_kl.reshape(-1)
     grad_mu, grad_logvar = backend.kernels().reparameterize.backward(
-        as_rows(grad_z, D) if grad_z is not None else None, grad_kl, as_rows(mu, D), as_rows(logvar, D), seed, reduction
+        as_rows(grad_z, D) if grad_z is not None else None, grad_kl, as_rows(mu, D), as_rows(logvar, D), seed, reduction,
+        logvar_clamp,
     )
     return grad_mu.view(mu.shape), grad_logvar.view(mu.shape)
 
@@ -60,80 +71,82 @@ def _kl_like(mu: Tensor, reduction: str) -> Tensor:
 
 # ------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastvae::reparameterize_kl", mutates_args=())
-def _reparameterize_kl_op(mu: Tensor, logvar: Tensor, seed: Tensor, reduction: str) -> tuple[Tensor, Tensor]:
-    return _forward(mu, logvar, seed, reduction)
+def _reparameterize_kl_op(mu: Tensor, logvar: Tensor, seed: Tensor, reduction: str, logvar_clamp: Clamp = None) -> tuple[Tensor, Tensor]:
+    return _forward(mu, logvar, seed, reduction, logvar_clamp)
 
 
 @torch.library.custom_op("fastvae::reparameterize", mutates_args=())
-def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
-    return _forward(mu, logvar, seed, None)[0]
+def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor, logvar_clamp: Clamp = None) -> Tensor:
+    return _forward(mu, logvar, seed, None, logvar_clamp)[0]
 
 
 @torch.library.custom_op("fastvae::kl_divergence", mutates_args=())
-def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
-    return _forward(mu, logvar, None, reduction)[1]
+def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str, logvar_clamp: Clamp = None) -> Tensor:
+    return _forward(mu, logvar, None, reduction, logvar_clamp)[1]
 
 
 @torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
 def _backward_op(
-    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str
+    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
+    logvar_clamp: Clamp = None,
 ) -> tuple[Tensor, Tensor]:
-    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction)
+    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp)
 
 
 @_reparameterize_kl_op.register_fake
-def _(mu, logvar, seed, reduction):
+def _(mu, logvar, seed, reduction, logvar_clamp=None):
     return mu.new_empty(mu.shape), _kl_like(mu, reduction)
 
 
 @_reparameterize_op.register_fake
-def _(mu, logvar, seed):
+def _(mu, logvar, seed, logvar_clamp=None):
     return mu.new_empty(mu.shape)
 
 
 @_kl_divergence_op.register_fake
-def _(mu, logvar, reduction):
+def _(mu, logvar, reduction, logvar_clamp=None):
     return _kl_like(mu, reduction)
 
 
 @_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, seed, reduction):
+def _(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp=None):
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
 
 def _setup_reparameterize_kl(ctx, inputs, output):
-    mu, logvar, seed, reduction = inputs
+    mu, logvar, seed, reduction, logvar_clamp = inputs
     ctx.save_for_backward(mu, logvar, seed)
-    ctx.reduction = reduction
+    ctx.reduction, ctx.logvar_clamp = reduction, logvar_clamp
 
 
 def _setup_reparameterize(ctx, inputs, output):
-    mu, logvar, seed = inputs
+    mu, logvar, seed, logvar_clamp = inputs
     ctx.save_for_backward(mu, logvar, seed)
+    ctx.logvar_clamp = logvar_clamp
 
 
 def _setup_kl_divergence(ctx, inputs, output):
-    mu, logvar, reduction = inputs
+    mu, logvar, reduction, logvar_clamp = inputs
     ctx.save_for_backward(mu, logvar)
-    ctx.reduction = reduction
+    ctx.reduction, ctx.logvar_clamp = reduction, logvar_clamp
 
 
 def _reparameterize_kl_grad(ctx, grad_z, grad_kl):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction)
-    return grad_mu, grad_logvar, None, None
+    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction, ctx.logvar_clamp)
+    return grad_mu, grad_logvar, None, None, None
 
 
 def _reparameterize_grad(ctx, grad_z):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none")
-    return grad_mu, grad_logvar, None
+    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.logvar_clamp)
+    return grad_mu, grad_logvar, None, None
 
 
 def _kl_divergence_grad(ctx, grad_kl):
     mu, logvar = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction)
-    return grad_mu, grad_logvar, None
+    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction, ctx.logvar_clamp)
+    return grad_mu, grad_logvar, None, None
 
 
 _reparameterize_kl_op.register_autograd(_reparameterize_kl_grad, setup_context=_setup_reparameterize_kl)
@@ -142,15 +155,37 @@ _kl_divergence_op.register_autograd(_kl_divergence_grad, setup_context=_setup_kl
 
 
 # ------------------------------------------------------------------------------------- public API
-def _check_latents(op: str, mu: Tensor, logvar: Tensor) -> None:
+def _check_latents(op: str, mu: Tensor, logvar: Tensor, event_dims: int, logvar_clamp) -> Clamp:
     check_float_tensor(op, "mu", mu)
     check_float_tensor(op, "logvar", logvar)
     check_same_layout(op, ("mu", "logvar"), mu, logvar)
+    check_event_dims(op, event_dims, mu.dim())
+    clamp = check_logvar_clamp(op, logvar_clamp)
     check_finite(op, mu=mu, logvar=logvar)
+    return clamp
+
+
+def _as_events(t: Tensor, event_dims: int) -> Tensor:
+    """``t`` as ``(samples, prod(event shape))``: a view when one exists (contiguous tensors, the halves of
+    ``chunk(2, dim=1)`` of a contiguous ``(B, 2C, H, W)``), a row-major copy otherwise. Either way the
+    flat index of an element is its logical one, so the Philox counter and the seed's ``z`` do not
+    depend on the layout. ``event_dims=1`` keeps ``t`` as it is (the ops read ``(..., D)`` directly)."""
+    if event_dims == 1:
+        return t
+    # reshape is a view whenever one exists, and unlike a try/except around view it traces under torch.compile
+    return t.reshape(-1, math.prod(t.shape[t.dim() - event_dims:]))
+
+
+def _from_events(kl: Tensor, shape: torch.Size, reduction: str, event_dims: int) -> Tensor:
+    """The op's KL of ``(samples, D)`` latents back in the shape of ``shape``'s latents."""
+    if event_dims == 1 or reduction in ("batchmean", "sum"):
+        return kl
+    return kl.reshape(shape if reduction == "none" else shape[: len(shape) - event_dims])
 
 
 def reparameterize_kl(
-    mu: Tensor, logvar: Tensor, *, seed: int | Tensor | None = None, reduction: str = "batchmean"
+    mu: Tensor, logvar: Tensor, *, seed: int | Tensor | None = None, reduction: str = "batchmean",
+    event_dims: int = 1, logvar_clamp: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Sample ``z ~ N(mu, exp(logvar))`` by reparameterization and compute its KL to ``N(0, I)``, in one pass.
 
@@ -159,13 +194,21 @@ def reparameterize_kl(
         KL = \tfrac12 (\mu^2 + e^{\log\sigma^2} - \log\sigma^2 - 1)
 
     Args:
-        mu, logvar: ``(..., D)``, same shape, dtype (float16, bfloat16, float32, float64) and device;
-            either may be a strided view, such as the halves of ``h.chunk(2, dim=-1)``.
+        mu, logvar: ``(*, E_1, ..., E_k)``, same shape, dtype (float16, bfloat16, float32, float64) and
+            device; either may be a strided view, such as the halves of ``h.chunk(2, dim=-1)`` or of
+            ``h.chunk(2, dim=1)`` for a latent-diffusion ``(B, 2C, H, W)`` encoder output.
         seed: Philox seed (int or one-element integer tensor). Element ``i`` of the flattened ``z``
-            uses ``tl.randn(seed, i)``; the same seed gives the same ``z`` on every backend. ``None``
-            draws a seed from torch's generator for the device (``torch.manual_seed`` reproduces it).
-        reduction: ``none`` (KL of ``mu``'s shape and dtype), ``per_sample`` (sum over D: ``(...)``),
-            ``batchmean`` (total / ``numel // D``) or ``sum``; reduced KL is float32 for half inputs.
+            uses ``tl.randn(seed, i)``; the same seed gives the same ``z`` on every backend and for
+            every memory layout. ``None`` draws a seed from torch's generator for the device
+            (``torch.manual_seed`` reproduces it).
+        reduction: ``none`` (KL of ``mu``'s shape and dtype), ``per_sample`` (sum over the event dims:
+            shape ``mu.shape[:-event_dims]``), ``batchmean`` (total / ``prod(mu.shape[:-event_dims])``)
+            or ``sum``; reduced KL is float32 for half inputs.
+        event_dims: the number of trailing dims that form one sample's latent (``k`` above;
+            torch.distributions' ``Independent`` convention): 1 for ``(N, D)``, 3 for a ``(B, C, H, W)``
+            latent, whose ``per_sample`` KL is diffusers' ``posterior.kl()``.
+        logvar_clamp: ``(lo, hi)`` or None: ``logvar`` is clamped to ``[lo, hi]`` inside the op (diffusers
+            uses ``(-30, 20)``), with torch.clamp's gradient (zero outside the range).
 
     Returns:
         ``(z, kl)``: ``z`` of ``mu``'s shape and dtype, and the reduced KL.
@@ -177,23 +220,38 @@ def reparameterize_kl(
         >>> h = encoder(x)                        # (N, 2 * D)
         >>> mu, logvar = h.chunk(2, dim=-1)
         >>> z, kl = fastvae.reparameterize_kl(mu, logvar)
+        >>> mean, logvar = vae_encoder(x).chunk(2, dim=1)    # (B, C, H, W) each
+        >>> z, kl = fastvae.reparameterize_kl(mean, logvar, event_dims=3, logvar_clamp=(-30.0, 20.0))
     """
     op = "reparameterize_kl"
-    _check_latents(op, mu, logvar)
+    clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    return torch.ops.fastvae.reparameterize_kl(mu, logvar, seed_tensor(op, seed, mu.device), reduction)
+    seed = seed_tensor(op, seed, mu.device)
+    z, kl = torch.ops.fastvae.reparameterize_kl(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, reduction, clamp)
+    return z.view(mu.shape), _from_events(kl, mu.shape, reduction, event_dims)
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, *, seed: int | Tensor | None = None) -> Tensor:
-    """``z = mu + exp(logvar / 2) * eps``: the sample of ``reparameterize_kl`` alone (same seed, same ``z``)."""
+def reparameterize(
+    mu: Tensor, logvar: Tensor, *, seed: int | Tensor | None = None, event_dims: int = 1,
+    logvar_clamp: tuple[float, float] | None = None,
+) -> Tensor:
+    """``z = mu + exp(logvar / 2) * eps``: the sample of ``reparameterize_kl`` alone (same seed, same ``z``;
+    ``event_dims`` only decides the layout the kernel reads, never the values)."""
     op = "reparameterize"
-    _check_latents(op, mu, logvar)
-    return torch.ops.fastvae.reparameterize(mu, logvar, seed_tensor(op, seed, mu.device))
+    clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
+    seed = seed_tensor(op, seed, mu.device)
+    z = torch.ops.fastvae.reparameterize(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, clamp)
+    return z.view(mu.shape)
 
 
-def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean") -> Tensor:
-    """``KL(N(mu, exp(logvar)) || N(0, I))``: the KL of ``reparameterize_kl`` alone, same reductions."""
+def kl_divergence(
+    mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean", event_dims: int = 1,
+    logvar_clamp: tuple[float, float] | None = None,
+) -> Tensor:
+    """``KL(N(mu, exp(logvar)) || N(0, I))``: the KL of ``reparameterize_kl`` alone, same reductions,
+    ``event_dims`` and ``logvar_clamp``."""
     op = "kl_divergence"
-    _check_latents(op, mu, logvar)
+    clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    return torch.ops.fastvae.kl_divergence(mu, logvar, reduction)
+    kl = torch.ops.fastvae.kl_divergence(_as_events(mu, event_dims), _as_events(logvar, event_dims), reduction, clamp)
+    return _from_events(kl, mu.shape, reduction, event_dims)

@@ -21,7 +21,7 @@ then means one ``z`` on every backend (a checkpoint resumed on another device, a
 on GPU).
 """
 from .balanced_mse import (
-    UPDATE_RULES, balanced_mse, balanced_mse_backward, balanced_mse_forward, balanced_mse_loss, update_running_mse,
+    UPDATE_RULES, balanced_loss, balanced_mse, balanced_mse_backward, balanced_mse_forward, balanced_mse_loss, update_running_mse,
 )
 from .moments import (
     RENORMALIZE_MODES, moments, moments_backward, renormalize, renormalize_backward, renormalize_from_moments,
@@ -29,12 +29,16 @@ from .moments import (
 )
 from .philox import philox_randn, philox_uint32
 from .reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
-from .reparameterize import kl_divergence, reparameterize, reparameterize_kl, reparameterize_kl_backward
+from .reparameterize import (
+    clamp_logvar, clamp_logvar_grad, event_reparameterize_kl, kl_divergence, reparameterize, reparameterize_kl,
+    reparameterize_kl_backward,
+)
 
 __all__ = [
     "philox_uint32", "philox_randn",
     "accumulation_dtype", "reduce_loss", "expand_reduced_grad",
     "reparameterize", "kl_divergence", "reparameterize_kl", "reparameterize_kl_backward",
+    "clamp_logvar", "clamp_logvar_grad", "event_reparameterize_kl", "balanced_loss",
     "UPDATE_RULES", "balanced_mse_loss", "balanced_mse_forward", "update_running_mse", "balanced_mse",
     "balanced_mse_backward",
     "RENORMALIZE_MODES", "moments", "renormalize", "renormalize_from_moments", "scalar_renormalization",

@@ -85,3 +85,12 @@ def balanced_mse_backward(grad: Tensor, x_hat: Tensor, x: Tensor, running_mse: T
     g = expand_reduced_grad(grad.to(acc), reduction, x_hat.shape, sample_dims(x_hat))
     grad_x_hat = g * (x_hat.to(acc) - x.to(acc)) / gamma2
     return grad_x_hat.to(x_hat.dtype), ((-grad_x_hat).to(x.dtype) if need_x else None)
+
+
+def balanced_loss(rec: Tensor, running_loss: Tensor, *, reduction: str = "batchmean") -> Tensor:
+    """taming's ``rec / exp(logvar) + logvar`` with ``exp(logvar) = r = running_loss`` (no gradient through
+    it), per element of a per-element reconstruction loss ``rec`` of shape ``(N, *)``: ``rec / r + log(r)``.
+    Reductions as ``balanced_mse_loss``. For ``rec = (x_hat - x)^2`` it is twice ``balanced_mse_loss``."""
+    acc = accumulation_dtype(rec.dtype)
+    r = running_loss.detach().to(acc).reshape(())
+    return reduce_loss(rec.to(acc) / r + torch.log(r), reduction, sample_dims(rec), rec.dtype)

@@ -57,3 +57,36 @@ def reparameterize_kl_backward(
         grad_mu = grad_mu + g_kl * mu_acc
         grad_logvar = grad_logvar + g_kl * (torch.exp(logvar_acc) - 1) / 2
     return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)
+
+
+def clamp_logvar(logvar: Tensor, logvar_clamp: tuple[float, float] | None) -> Tensor:
+    """``torch.clamp(logvar, lo, hi)`` for ``logvar_clamp = (lo, hi)``; ``logvar`` itself for None."""
+    return logvar if logvar_clamp is None else torch.clamp(logvar, logvar_clamp[0], logvar_clamp[1])
+
+
+def clamp_logvar_grad(grad_logvar: Tensor, logvar: Tensor, logvar_clamp: tuple[float, float] | None) -> Tensor:
+    """torch.clamp's gradient: ``grad_logvar`` where ``lo <= logvar <= hi``, zero elsewhere."""
+    if logvar_clamp is None:
+        return grad_logvar
+    inside = (logvar >= logvar_clamp[0]) & (logvar <= logvar_clamp[1])
+    return torch.where(inside, grad_logvar, torch.zeros_like(grad_logvar))
+
+
+def event_reparameterize_kl(
+    mu: Tensor, logvar: Tensor, *, seed: Tensor | int, reduction: str = "batchmean", event_dims: int = 1,
+    logvar_clamp: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``reparameterize_kl`` with the last ``event_dims`` dims forming one sample (torch.distributions'
+    ``Independent`` convention) and ``logvar`` clamped first (``torch.clamp``, its gradient included):
+
+    ``z = mu + exp(lv / 2) * philox_randn(seed, mu.shape)``, ``kl = 0.5 * (mu^2 + exp(lv) - lv - 1)``
+    with ``lv = clamp(logvar)``; ``per_sample`` sums over the event dims (shape ``mu.shape[:-event_dims]``),
+    ``batchmean`` divides the total by ``prod(mu.shape[:-event_dims])``. Differentiable by autograd.
+    """
+    logvar = clamp_logvar(logvar, logvar_clamp)
+    acc = accumulation_dtype(mu.dtype)
+    mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
+    eps = philox_randn(seed, mu.shape, mu.device).to(acc)
+    z = (mu_acc + torch.exp(logvar_acc / 2) * eps).to(mu.dtype)
+    kl = 0.5 * (mu_acc * mu_acc + torch.exp(logvar_acc) - logvar_acc - 1)
+    return z, reduce_loss(kl, reduction, tuple(range(-event_dims, 0)), mu.dtype)

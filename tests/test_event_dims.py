@@ -1,0 +1,270 @@
+"""event_dims and logvar_clamp of reparameterize_kl, reparameterize and kl_divergence, and tuple dims of
+moments and variance_law: against the float64 references, in every dtype, on both backends, for the
+layouts of latent-diffusion encoders (contiguous, the halves of chunk(2, dim=1) of a contiguous and of a
+channels_last (B, 2C, H, W) tensor, and a 5-D video latent).
+
+Tolerances as in test_reparameterize.py (helpers.RTOL / RTOL_NOISE, scaled to the magnitude of the terms).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import reference
+from fastvae.backend import use_backend
+from fastvae.kernels import count_launches
+from helpers import DTYPES, RTOL, RTOL_NOISE, assert_close_scaled
+
+BACKENDS = ("triton", "torch")
+REDUCTIONS = ("none", "per_sample", "batchmean", "sum")
+CLAMP = (-2.0, 1.5)
+
+
+def _encoder_output(layout, dtype, spread=2.5):
+    """``(mean, logvar)`` as diffusers gets them: ``chunk(2, dim=1)`` of an encoder output of ``layout``."""
+    if layout == "video":
+        h = torch.randn(2, 6, 2, 3, 4, dtype=torch.float64) * spread
+    else:
+        h = torch.randn(2, 6, 3, 5, dtype=torch.float64) * spread
+    h = h.to(dtype)
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    mean, logvar = h.chunk(2, dim=1)
+    if layout == "contiguous":
+        mean, logvar = mean.contiguous(), logvar.contiguous()
+    return mean, logvar
+
+
+def _check(mu, logvar, reduction, event_dims, clamp, seed=77):
+    dtype = mu.dtype
+    leaf_mu = mu.detach().clone().requires_grad_(True)
+    leaf_lv = logvar.detach().clone().requires_grad_(True)
+    z, kl = fastvae.reparameterize_kl(leaf_mu, leaf_lv, seed=seed, reduction=reduction, event_dims=event_dims,
+                                      logvar_clamp=clamp)
+    mu64 = mu.detach().double().requires_grad_(True)
+    lv64 = logvar.detach().double().requires_grad_(True)
+    z64, kl64 = reference.event_reparameterize_kl(mu64, lv64, seed=seed, reduction=reduction, event_dims=event_dims,
+                                                  logvar_clamp=clamp)
+    assert z.shape == mu.shape and z.dtype == dtype
+    assert kl.shape == kl64.shape, (reduction, event_dims)
+    assert kl.dtype == (dtype if reduction == "none" else reference.accumulation_dtype(dtype))
+    grad_z = torch.randn(z.shape, dtype=torch.float64)
+    grad_kl = torch.randn(kl.shape, dtype=torch.float64)
+    torch.autograd.backward((z, kl), (grad_z.to(z.dtype), grad_kl.to(kl.dtype)))
+    torch.autograd.backward((z64, kl64), (grad_z.to(z.dtype).double(), grad_kl.to(kl.dtype).double()))
+
+    with torch.no_grad():
+        m = mu64.detach()
+        lv = reference.clamp_logvar(lv64.detach(), clamp)
+        eps = reference.philox_randn(seed, mu.shape).double()
+        std = torch.exp(lv / 2)
+        terms = 0.5 * (m * m + torch.exp(lv) + lv.abs() + 1)
+        sample_dims = tuple(range(-event_dims, 0))
+        kl_scale = reference.reduce_loss(terms, reduction, sample_dims, torch.float64)
+        g_kl = reference.expand_reduced_grad(grad_kl, reduction, mu.shape, sample_dims)
+        assert_close_scaled(z, z64, rtol=RTOL_NOISE[dtype], scale=m.abs() + std * eps.abs())
+        assert_close_scaled(kl, kl64, rtol=RTOL[dtype], scale=kl_scale)
+        assert_close_scaled(leaf_mu.grad, mu64.grad, rtol=RTOL_NOISE[dtype], scale=grad_z.abs() + (g_kl * m).abs())
+        assert_close_scaled(leaf_lv.grad, lv64.grad, rtol=RTOL_NOISE[dtype],
+                            scale=(grad_z * eps * std).abs() / 2 + g_kl.abs() * (torch.exp(lv) + 1) / 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "chunked", "channels_last", "video"))
+def test_event_dims_and_clamp_match_float64_reference(backend, dtype, layout):
+    mu, logvar = _encoder_output(layout, dtype)
+    with use_backend(backend):
+        extra = (2, mu.dim()) if layout == "chunked" else ()
+        for event_dims in (1, mu.dim() - 1, *extra):
+            for reduction in REDUCTIONS:
+                _check(mu, logvar, reduction, event_dims, CLAMP if reduction != "sum" else None)
+        _check(mu, logvar, "sum", mu.dim() - 1, CLAMP)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_with_event_dims_3_is_diffusers_kl(backend):
+    mu, logvar = _encoder_output("chunked", torch.float32)
+    lv = logvar.clamp(-30.0, 20.0)
+    expected = 0.5 * torch.sum(mu.pow(2) + lv.exp() - 1.0 - lv, dim=[1, 2, 3])
+    with use_backend(backend):
+        per_sample = fastvae.kl_divergence(mu, logvar, reduction="per_sample", event_dims=3, logvar_clamp=(-30.0, 20.0))
+        batchmean = fastvae.kl_divergence(mu, logvar, event_dims=3, logvar_clamp=(-30.0, 20.0))
+    torch.testing.assert_close(per_sample, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(batchmean, expected.mean(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_gives_the_same_z_in_every_layout(backend):
+    """The Philox counter is the logical flat index: contiguous, chunked, channels_last, any event_dims."""
+    h = torch.randn(2, 8, 3, 4)
+    with use_backend(backend):
+        expected = fastvae.reparameterize(*(t.contiguous() for t in h.chunk(2, dim=1)), seed=5)
+        for layout in (h, h.contiguous(memory_format=torch.channels_last)):
+            mu, logvar = layout.chunk(2, dim=1)
+            for event_dims in (1, 2, 3, 4):
+                z = fastvae.reparameterize(mu, logvar, seed=5, event_dims=event_dims)
+                torch.testing.assert_close(z, expected, rtol=0, atol=0)
+                z2, _ = fastvae.reparameterize_kl(mu, logvar, seed=5, event_dims=event_dims)
+                torch.testing.assert_close(z2, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamp_gradient_is_torch_clamp_gradient(backend):
+    """Zero strictly outside [lo, hi], passed through at the bounds (torch.clamp's rule), forward clamped."""
+    lo, hi = CLAMP
+    logvar = torch.tensor([[-5.0, lo, -1.0, 0.0, hi, 4.0]], dtype=torch.float64, requires_grad=True)
+    mu = torch.full_like(logvar, 0.5).requires_grad_(True)
+    with use_backend(backend):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, seed=9, reduction="sum", logvar_clamp=CLAMP)
+        (z.sum() + kl).backward()
+    lv_ref = logvar.detach().clone().requires_grad_(True)
+    z_ref, kl_ref = reference.event_reparameterize_kl(mu.detach(), lv_ref, seed=9, reduction="sum", logvar_clamp=CLAMP)
+    (z_ref.sum() + kl_ref).backward()
+    torch.testing.assert_close(logvar.grad, lv_ref.grad, rtol=1e-6, atol=1e-12)
+    assert logvar.grad[0, 0] == 0 and logvar.grad[0, -1] == 0
+    assert (logvar.grad[0, 1:5] != 0).all()
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamp_on_every_op(backend):
+    mu, logvar = _encoder_output("chunked", torch.float32, spread=10.0)
+    with use_backend(backend):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, seed=3, reduction="none", logvar_clamp=CLAMP)
+        torch.testing.assert_close(fastvae.reparameterize(mu, logvar, seed=3, logvar_clamp=CLAMP), z, rtol=0, atol=0)
+        torch.testing.assert_close(fastvae.kl_divergence(mu, logvar, reduction="none", logvar_clamp=CLAMP), kl, rtol=0, atol=0)
+        unclamped = fastvae.kl_divergence(mu, logvar, reduction="none")
+    assert not torch.allclose(kl, unclamped)
+
+
+def test_event_dims_keep_one_launch_forward_and_backward():
+    mu, logvar = (t.requires_grad_(True) for t in _encoder_output("chunked", torch.float32))
+    with use_backend("triton"):
+        with count_launches() as launches:
+            z, kl = fastvae.reparameterize_kl(mu, logvar, event_dims=3, logvar_clamp=(-30.0, 20.0))
+            (z.sum() + kl).backward()
+    assert launches == {"reparameterize_kl_fwd_kernel": 1, "reparameterize_kl_bwd_kernel": 1}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_with_clamp(backend):
+    mu, logvar = (t.requires_grad_(True) for t in torch.randn(2, 3, 4).unbind(0))
+    seed = torch.tensor([7])
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.fastvae.reparameterize_kl.default, (mu, logvar, seed, "per_sample", [-1.0, 0.5]))
+        if backend == "torch":  # the registration of the single ops; their kernel path is the fused one's
+            torch.library.opcheck(torch.ops.fastvae.kl_divergence.default, (mu, logvar, "none", [-1.0, 0.5]))
+            torch.library.opcheck(torch.ops.fastvae.reparameterize.default, (mu, logvar, seed, [-1.0, 0.5]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"event_dims": 0}, ValueError, "event_dims must be in"),
+        ({"event_dims": 5}, ValueError, "event_dims must be in"),
+        ({"event_dims": True}, TypeError, "event_dims must be an int"),
+        ({"event_dims": 2.0}, TypeError, "event_dims must be an int"),
+        ({"logvar_clamp": (1.0,)}, ValueError, "pair"),
+        ({"logvar_clamp": (2.0, 1.0)}, ValueError, "lo <= hi"),
+        ({"logvar_clamp": (float("nan"), 1.0)}, ValueError, "finite"),
+        ({"logvar_clamp": 3.0}, ValueError, "pair"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, error, match):
+    mu, logvar = torch.randn(2, 2, 3, 3).unbind(0)
+    for op in (fastvae.reparameterize_kl, fastvae.reparameterize, fastvae.kl_divergence):
+        with pytest.raises(error, match=match):
+            op(mu.unsqueeze(0), logvar.unsqueeze(0), **kwargs)
+
+
+# --------------------------------------------------------------------------------- tuple dims
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moments_over_a_tuple_of_dims_is_var_mean(backend, dtype):
+    z = (torch.randn(3, 4, 5, 6, dtype=torch.float64) * 2 + 3).to(dtype)
+    z_cl = z.contiguous(memory_format=torch.channels_last)
+    with use_backend(backend):
+        for dims, correction in (((0, 2, 3), 0), ((0, -1), 1), ((1, 2), 0), ((2,), 1), ((0, 1, 2, 3), 0)):
+            for tensor in (z, z_cl):
+                mean, var = fastvae.moments(tensor, dim=dims, correction=correction)
+                var64, mean64 = torch.var_mean(z.double(), dim=dims, correction=correction)
+                assert mean.dtype == reference.accumulation_dtype(dtype) and mean.shape == mean64.shape
+                scale = z.double().abs().amax()
+                assert_close_scaled(mean, mean64, rtol=RTOL[dtype] * 4, scale=scale)
+                assert_close_scaled(var, var64, rtol=RTOL[dtype] * 4, scale=scale * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moments_tuple_dims_gradient(backend):
+    z = torch.randn(3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(lambda t: fastvae.moments(t, dim=(0, 2, 3), correction=1), (z,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variance_law_per_channel(backend, dtype):
+    h = (torch.randn(3, 8, 4, 5, dtype=torch.float64) * 1.5).to(dtype)
+    mu, logvar = h.chunk(2, dim=1)
+    with use_backend(backend):
+        mean, var = fastvae.variance_law(mu, logvar, dim=(0, 2, 3))
+        mean_none, var_none = fastvae.variance_law(mu.movedim(1, -1), logvar.movedim(1, -1))
+    mu64, lv64 = mu.double(), logvar.double()
+    var_mu, mean64 = torch.var_mean(mu64, dim=(0, 2, 3), correction=0)
+    var64 = var_mu + lv64.exp().mean(dim=(0, 2, 3))
+    assert mean.shape == (4,)
+    scale = mu64.abs().amax() ** 2 + lv64.exp().amax()
+    assert_close_scaled(mean, mean64, rtol=RTOL[dtype] * 4, scale=mu64.abs().amax())
+    assert_close_scaled(var, var64, rtol=RTOL[dtype] * 4, scale=scale)
+    torch.testing.assert_close(mean, mean_none)
+    torch.testing.assert_close(var, var_none)
+
+
+def test_bad_tuple_dims():
+    z = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="repeat"):
+        fastvae.moments(z, dim=(0, 0))
+    with pytest.raises(ValueError, match="at least one"):
+        fastvae.moments(z, dim=())
+    with pytest.raises(ValueError, match="dim must be in"):
+        fastvae.variance_law(z, z, dim=(0, 3))
+
+
+def test_torch_compile_fullgraph_latent_diffusion_posterior():
+    """chunk(2, dim=1) of a channels_last (B, 2C, H, W) output, event_dims=3 and the clamp, compiled whole."""
+
+    def step(h, seed):
+        mean, logvar = h.chunk(2, dim=1)
+        z, kl = fastvae.reparameterize_kl(mean, logvar, seed=seed, event_dims=3, logvar_clamp=(-30.0, 20.0))
+        return (z * z).sum() + kl
+
+    h = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    seed = torch.tensor([3])
+    loss_c = torch.compile(step, fullgraph=True)(h, seed)
+    (grad_c,) = torch.autograd.grad(loss_c, h)
+    loss_e = step(h, seed)
+    (grad_e,) = torch.autograd.grad(loss_e, h)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(grad_c, grad_e)
+
+
+def test_halves_of_a_contiguous_output_reach_the_kernel_as_views(monkeypatch):
+    """event_dims=3 on chunk(2, dim=1) of a contiguous (B, 2C, H, W): the kernel reads the encoder output in place."""
+    from fastvae import backend
+
+    kernel = backend.kernels().reparameterize
+    seen = []
+    original = kernel.forward
+
+    def spy(mu, logvar, *args, **kwargs):
+        seen.append((mu.data_ptr(), logvar.data_ptr(), mu.shape))
+        return original(mu, logvar, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "forward", spy)
+    h = torch.randn(2, 8, 3, 4)
+    mean, logvar = h.chunk(2, dim=1)
+    with use_backend("triton"):
+        fastvae.reparameterize_kl(mean, logvar, seed=1, event_dims=3)
+    assert seen == [(mean.data_ptr(), logvar.data_ptr(), torch.Size([2, 48]))]
