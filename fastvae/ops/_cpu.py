@@ -40,9 +40,9 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
     reduction): ``std = exp(logvar / 2)`` once, ``z = addcmul(mu, std, eps)``, ``exp(logvar) = std^2``."""
     acc = accumulation_dtype(mu.dtype)
     mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
-    if seed is None:
-        return None, _reduce_kl(_kl_terms(mu_acc, logvar_acc, logvar_acc.exp()), reduction, mu.dtype)
     std = logvar_acc.mul(0.5).exp_()
+    if seed is None:  # exp(logvar) as std^2 here too, so the KL alone has the bits of the KL beside z
+        return None, _reduce_kl(_kl_terms(mu_acc, logvar_acc, std.mul_(std)), reduction, mu.dtype)
     z = torch.addcmul(mu_acc, std, _noise(seed, mu, acc)).to(mu.dtype)
     if reduction is None:
         return z, None
