@@ -16,8 +16,8 @@ Chan's parallel combine, tile after tile and then chunk after chunk. All of it r
 shifted by the first row, so a mean much larger than the spread costs no precision.
 
 One value across all columns (``renormalize``'s scalar factor, the total of its backward) is reduced
-by the programs that finish columns with the ticket of ``_launch``: the last to arrive adds the
-partials up in program order.
+by the programs that finish columns with the ticket of ``_launch`` (a per-call zeroed workspace):
+the last to arrive adds the partials up in program order.
 
 Python floats reach a kernel as float32; the targets and ``eps`` are passed as a float32 pair
 ``hi + lo`` so that float64 inputs get them to about 48 bits.
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    accumulation_type, last_to_arrive, launch, partial_block, release_ticket, row_tile, store_total, sum_partials, ticket,
+    accumulation_type, last_to_arrive, launch, partial_block, row_tile, store_total, sum_partials, workspace,
 )
 from .aot import Spec, batch_pair, batch_slab
 
@@ -106,7 +106,6 @@ def _store_moments(
                 mean_tv = _pair(tv_hi, tv_lo, ACC)
             tl.store(scalars_ptr, tl.sqrt(mean_tv) / mean_sd)
             tl.store(scalars_ptr + 1, mean_sd)
-            release_ticket(ticket_ptr)
 
 
 # ----------------------------------------------------------------------------------- moments
@@ -261,7 +260,7 @@ def _store_column_sums(
 ):
     """``per_dim``: write the column sums; ``scalar``: take part in the total of ``sum_gy``, which holds ``sum(g z)``."""
     if SCALAR_MODE:
-        store_total(partial_ptr, ticket_ptr, total_ptr, tl.sum(sum_gy, axis=0), 1.0, BLOCK_P)
+        store_total(partial_ptr, ticket_ptr, total_ptr, tl.sum(sum_gy, axis=0), 1, BLOCK_P)
     else:
         tl.store(sum_g_ptr + cols, sum_g, mask=col_mask)
         tl.store(sum_gy_ptr + cols, sum_gy, mask=col_mask)
@@ -441,13 +440,12 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
     var = torch.empty(F, dtype=acc, device=z.device)
     scale = target_var is not None
     scalars = torch.empty(2, dtype=acc, device=z.device) if scale else None
-    partials = torch.empty(2 * plan.n_col_blocks, dtype=acc, device=z.device) if scale else None
+    partials, counter = workspace(2 * plan.n_col_blocks, acc, z.device) if scale else (None, None)
     tv, stride_tv, tv_hi, tv_lo = _target(target_var) if scale else (None, 0, 0.0, 0.0)
     final = plan.n_chunks == 1
     # per chunk and column: the mean and M2 of the shifted data and the sum of exp(logvar)
     work = None if final else torch.empty((plan.n_chunks, 3, F), dtype=acc, device=z.device)
     lv_strides = _strides(logvar) if logvar is not None else (0, 0, 0)
-    counter = ticket(z.device) if scale else None
     flags = dict(HAS_LOGVAR=logvar is not None, SCALE=scale, TV_TENSOR=tv is not None, ACC=accumulation_type(z.dtype))
     launch(
         moments_partial_kernel, (plan.n_chunks * plan.n_col_blocks,),
@@ -524,8 +522,7 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
     if scalar_mode:
         sum_g = sum_gy = None
         total = torch.empty(1, dtype=acc, device=z.device)
-        partials = torch.empty(plan.n_col_blocks, dtype=acc, device=z.device)
-        counter = ticket(z.device)
+        partials, counter = workspace(plan.n_col_blocks, acc, z.device)
     else:
         sum_g = torch.empty(F, dtype=acc, device=z.device)
         sum_gy = torch.empty(F, dtype=acc, device=z.device)

@@ -6,7 +6,9 @@ chunks. The noise of element ``(r, c)`` is ``tl.randn(seed, r * D + c)`` with in
 stream is unique past 2**32 elements and the backward recomputes it instead of storing it.
 
 KL_MODE: 0 no KL, 1 elementwise (``none``), 2 one value per row (``per_sample``), 3 one total
-(``batchmean``/``sum``, scaled by ``kl_scale``), written by a one-launch ticket reduction.
+(``batchmean``/``sum``, divided by the integer ``kl_divisor``), written by a one-launch ticket reduction
+on a per-call zeroed workspace. Counts travel as integers and are divided in the accumulation dtype:
+a Python float argument would reach the GPU as fp32, whatever the tensors' dtype.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulation_type, launch, partial_block, row_tile, store_total, ticket
+from ._launch import accumulation_type, launch, partial_block, row_tile, store_total, workspace
 from .aot import Spec, latent_pair
 
 KL_NONE, KL_ELEMENTWISE, KL_PER_ROW, KL_TOTAL = 0, 1, 2, 3
@@ -26,7 +28,7 @@ def reparameterize_kl_fwd_kernel(
     mu_ptr, logvar_ptr, seed_ptr, z_ptr, kl_ptr, partial_ptr, ticket_ptr,
     n_rows, D,
     stride_mu_r, stride_mu_c, stride_lv_r, stride_lv_c,
-    kl_scale,
+    kl_divisor,
     HAS_Z: tl.constexpr, KL_MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -37,7 +39,7 @@ def reparameterize_kl_fwd_kernel(
         seed = tl.load(seed_ptr)
     row_kl = tl.zeros([BLOCK_R], dtype=ACC)
     for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)  # times a column stride that may pass 2**31
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu_r + cols[None, :] * stride_mu_c, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + rows[:, None] * stride_lv_r + cols[None, :] * stride_lv_c, mask=mask, other=0.0).to(ACC)
@@ -55,7 +57,7 @@ def reparameterize_kl_fwd_kernel(
     if KL_MODE == 2:
         tl.store(kl_ptr + rows, row_kl, mask=row_mask)
     if KL_MODE == 3:
-        store_total(partial_ptr, ticket_ptr, kl_ptr, tl.sum(row_kl, axis=0), kl_scale, BLOCK_P)
+        store_total(partial_ptr, ticket_ptr, kl_ptr, tl.sum(row_kl, axis=0), kl_divisor, BLOCK_P)
 
 
 @triton.jit
@@ -64,7 +66,7 @@ def reparameterize_kl_bwd_kernel(
     n_rows, D,
     stride_mu_r, stride_mu_c, stride_lv_r, stride_lv_c,
     stride_gz_r, stride_gz_c, stride_gkl_r, stride_gkl_c,
-    kl_scale,
+    kl_divisor,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -89,7 +91,7 @@ def reparameterize_kl_bwd_kernel(
         if HAS_GRAD_KL:
             # the reduced gradient broadcasts through zero strides: (r, 0) per row, (0, 0) for a total
             g_kl = tl.load(grad_kl_ptr + rows[:, None] * stride_gkl_r + cols[None, :] * stride_gkl_c, mask=mask, other=0.0).to(ACC)
-            g_kl = g_kl * kl_scale
+            g_kl = g_kl / kl_divisor
             grad_mu += g_kl * mu
             grad_lv += g_kl * (tl.exp(logvar) - 1.0) * 0.5
         tl.store(grad_mu_ptr + flat, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
@@ -103,14 +105,15 @@ def _philox_tile(n_rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int
     return row_tile(n_rows, D, max_tile=4 * 32 * elements_per_thread)
 
 
-def _kl_output(mu: torch.Tensor, reduction: str) -> tuple[torch.Tensor, float]:
+def _kl_output(mu: torch.Tensor, reduction: str) -> tuple[torch.Tensor, int]:
+    """The KL output and the integer its total is divided by (``n_rows`` for batchmean, else 1)."""
     n_rows, _ = mu.shape
     acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
     if reduction == "none":
-        return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device), 1.0
+        return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device), 1
     if reduction == "per_sample":
-        return torch.empty(n_rows, dtype=acc, device=mu.device), 1.0
-    return torch.empty(1, dtype=acc, device=mu.device), (1.0 / n_rows if reduction == "batchmean" else 1.0)
+        return torch.empty(n_rows, dtype=acc, device=mu.device), 1
+    return torch.empty(1, dtype=acc, device=mu.device), (n_rows if reduction == "batchmean" else 1)
 
 
 def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, reduction: str | None):
@@ -121,13 +124,13 @@ def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, r
     block_r, block_d, num_warps = _philox_tile(n_rows, D, mu.dtype)
     grid = (triton.cdiv(n_rows, block_r),)
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if seed is not None else None
-    kl, kl_scale = _kl_output(mu, reduction) if reduction is not None else (None, 1.0)
+    kl, kl_divisor = _kl_output(mu, reduction) if reduction is not None else (None, 1)
     kl_mode = _KL_MODES[reduction] if reduction is not None else KL_NONE
-    partials = torch.empty(grid[0], dtype=kl.dtype, device=mu.device) if kl_mode == KL_TOTAL else None
+    partials, counter = workspace(grid[0], kl.dtype, mu.device) if kl_mode == KL_TOTAL else (None, None)
     launch(
         reparameterize_kl_fwd_kernel, grid,
-        mu, logvar, seed, z, kl, partials, ticket(mu.device) if kl_mode == KL_TOTAL else None,
-        n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), kl_scale,
+        mu, logvar, seed, z, kl, partials, counter,
+        n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), kl_divisor,
         HAS_Z=z is not None, KL_MODE=kl_mode, ACC=accumulation_type(mu.dtype),
         BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(grid[0]),
         num_warps=num_warps,
@@ -143,7 +146,7 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction):
     grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     grad_lv = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     gz_strides = (grad_z.stride(0), grad_z.stride(1)) if grad_z is not None else (0, 0)
-    kl_scale = 1.0
+    kl_divisor = 1
     gkl_strides = (0, 0)
     if grad_kl is not None:
         if reduction == "none":
@@ -151,12 +154,12 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction):
         elif reduction == "per_sample":
             gkl_strides = (grad_kl.stride(0), 0)
         elif reduction == "batchmean":
-            kl_scale = 1.0 / n_rows
+            kl_divisor = n_rows
     launch(
         reparameterize_kl_bwd_kernel, (triton.cdiv(n_rows, block_r),),
         grad_z, grad_kl, mu, logvar, seed, grad_mu, grad_lv,
         n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-        *gz_strides, *gkl_strides, kl_scale,
+        *gz_strides, *gkl_strides, kl_divisor,
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, ACC=accumulation_type(mu.dtype),
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
     )

@@ -1,9 +1,12 @@
 """The balanced reconstruction loss (Asperti & Trentin 2020): ``balanced_mse`` and ``BalancedMSE``.
 
 A Gaussian negative log-likelihood whose variance ``gamma^2`` is a running estimate of the MSE.
-The custom op ``fastvae::balanced_mse`` returns the loss and the sum of squared errors in one pass;
-the running estimate is then updated from that sum (all-reduced over ranks under torch.distributed)
-outside the op, so the op itself mutates nothing.
+With ``update`` (the training default) the custom op ``fastvae::balanced_mse_update_`` computes the
+loss and updates the running estimate in place in the same pass (``mutates_args``), and returns the
+``gamma^2`` it used, which the backward reads: so the gradient uses the pre-update value under
+torch.compile too. Without ``update``, and under torch.distributed (whose all-reduce of the batch MSE
+runs between the pass and the update), the functional ``fastvae::balanced_mse`` returns the loss and
+the sum of squared errors and the update runs after it.
 """
 from __future__ import annotations
 
@@ -37,18 +40,35 @@ def _accumulation(x_hat: Tensor, x: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastvae::balanced_mse", mutates_args=())
 def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, full: bool) -> tuple[Tensor, Tensor]:
     """``(loss, sum((x_hat - x)^2))`` with variance ``gamma2``; the sum is not differentiable."""
-    if not backend.use_triton(x_hat):
+    if backend.decide(x_hat) == "torch":
         return reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
-    loss, sse = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), gamma2, reduction, full)
+    loss, sse, _ = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), gamma2, reduction, full)
     return loss.view(_loss_shape(x_hat, reduction)), sse.view(())
+
+
+@torch.library.custom_op("fastvae::balanced_mse_update_", mutates_args=("running_mse",))
+def _balanced_mse_update_op(
+    x_hat: Tensor, x: Tensor, running_mse: Tensor, reduction: str, full: bool, momentum: float, rule: str
+) -> tuple[Tensor, Tensor]:
+    """``(loss, gamma2)``: the loss with ``gamma2`` = ``running_mse`` as it was (returned, one element,
+    for the backward), then ``running_mse`` updated in place by ``rule``. On Triton, the kernel's last
+    program does the update: no ATen op runs around the launch."""
+    if backend.decide(x_hat) == "torch":
+        gamma2 = running_mse.detach().clone()
+        loss, sse = reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
+        reference.update_running_mse(running_mse, sse / x_hat.numel(), momentum=momentum, rule=rule)
+        return loss, gamma2
+    loss, _, gamma2 = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), running_mse, reduction, full, rule, momentum)
+    return loss.view(_loss_shape(x_hat, reduction)), gamma2.view(running_mse.shape)
 
 
 @torch.library.custom_op("fastvae::balanced_mse_backward", mutates_args=())
 def _balanced_mse_backward_op(
-    grad: Tensor, x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, need_x_hat: bool, need_x: bool
+    grad: Tensor, x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, need_x_hat: bool, need_x: bool,
+    backend_name: str,
 ) -> tuple[Tensor, Tensor]:
-    """``(d/dx_hat, d/dx)``; a gradient not needed comes back as an empty tensor."""
-    if not backend.use_triton(x_hat):
+    """``(d/dx_hat, d/dx)`` on ``backend_name`` (its forward's); a gradient not needed comes back as an empty tensor."""
+    if backend_name == "torch":
         grad_x_hat, grad_x = reference.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
     else:
         grad_rows = _rows(grad) if reduction == "none" else grad.reshape(-1)
@@ -67,8 +87,14 @@ def _(x_hat, x, gamma2, reduction, full):
     return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=loss_dtype), x_hat.new_empty((), dtype=acc)
 
 
+@_balanced_mse_update_op.register_fake
+def _(x_hat, x, running_mse, reduction, full, momentum, rule):
+    loss_dtype = x_hat.dtype if reduction == "none" else _accumulation(x_hat, x)
+    return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=loss_dtype), running_mse.new_empty(running_mse.shape)
+
+
 @_balanced_mse_backward_op.register_fake
-def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x):
+def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x, backend_name):
     return x_hat.new_empty(x_hat.shape if need_x_hat else (0,)), x.new_empty(x.shape if need_x else (0,))
 
 
@@ -76,17 +102,39 @@ def _setup(ctx, inputs, output):
     x_hat, x, gamma2, reduction, _ = inputs
     ctx.save_for_backward(x_hat, x, gamma2)
     ctx.reduction = reduction
+    # setup_context runs right after the forward, under the same backend state: the forward's decision
+    ctx.backend = backend.decide(x_hat)
     ctx.mark_non_differentiable(output[1])
 
 
 def _grad(ctx, grad_loss, _grad_sse):
     x_hat, x, gamma2 = ctx.saved_tensors
     need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x)
+    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x, ctx.backend)
     return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None
 
 
 _balanced_mse_op.register_autograd(_grad, setup_context=_setup)
+
+
+class _BalancedMSEUpdate(torch.autograd.Function):
+    """Autograd of ``fastvae::balanced_mse_update_`` (torch.library refuses a formula for a mutating op):
+    the backward uses the ``gamma2`` that the op returned, the value before its update, in eager and
+    under torch.compile alike."""
+
+    @staticmethod
+    def forward(ctx, x_hat, x, running_mse, reduction, full, momentum, rule, backend_name):
+        loss, gamma2 = torch.ops.fastvae.balanced_mse_update_(x_hat, x, running_mse, reduction, full, momentum, rule)
+        ctx.save_for_backward(x_hat, x, gamma2)
+        ctx.reduction, ctx.backend = reduction, backend_name
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x_hat, x, gamma2 = ctx.saved_tensors
+        need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x, ctx.backend)
+        return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------- public API
@@ -108,9 +156,13 @@ def _check_running_mse(op: str, running_mse: object, device: torch.device) -> Te
     return running_mse
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def batch_mse(sse: Tensor, numel: int) -> Tensor:
     """``sse / numel``, summed over all ranks first when torch.distributed is initialized."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         totals = torch.stack([sse.detach().double(), torch.tensor(float(numel), dtype=torch.float64, device=sse.device)])
         dist.all_reduce(totals)
         return (totals[0] / totals[1]).to(sse.dtype)
@@ -164,6 +216,9 @@ def balanced_mse(
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
     check_finite(op, x_hat=x_hat, x=x, running_mse=running_mse)
+    if update and not _distributed():
+        # the update happens inside the op (the kernel's last program on Triton)
+        return _BalancedMSEUpdate.apply(x_hat, x, running_mse, reduction, full, float(momentum), rule, backend.decide(x_hat))
     # the loss and its backward use gamma^2 as it was before this call's in-place update
     gamma2 = running_mse.detach().clone() if update else running_mse.detach()
     loss, sse = torch.ops.fastvae.balanced_mse(x_hat, x, gamma2, reduction, full)
