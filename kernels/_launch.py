@@ -75,13 +75,16 @@ def count_launches():
         counts.update(_launches - before)
 
 
-def workspace(n_partials: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(partials, counter)`` of one reduction launch, cut from one fresh zeroed buffer (one memset,
-    counted as ``ZERO_FILL``): ``n_partials`` elements of ``dtype`` and an int32 ticket counter at 0."""
+def workspace(n_partials: int, dtype: torch.dtype, device: torch.device, *, zeroed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partials, counter)`` of one reduction launch, cut from one fresh buffer: ``n_partials``
+    elements of ``dtype`` and an int32 ticket counter, zeroed by a memset (counted as ``ZERO_FILL``).
+    ``zeroed=False`` when an earlier launch of the same call zeroes the counter (program 0 of a
+    partials kernel, for its finish kernel): no memset then."""
     partial_words = triton.cdiv(n_partials * dtype.itemsize, 4)
     with device_guard(device):
-        buffer = torch.zeros(2 + partial_words, dtype=torch.int32, device=device)
-    _launches[ZERO_FILL] += 1
+        buffer = (torch.zeros if zeroed else torch.empty)(2 + partial_words, dtype=torch.int32, device=device)
+    if zeroed:
+        _launches[ZERO_FILL] += 1
     # the partials start 8 bytes in, so that float64 partials are aligned
     return buffer[2:].view(dtype)[:n_partials], buffer[:1]
 

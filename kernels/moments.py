@@ -151,6 +151,9 @@ def moments_partial_kernel(
             HAS_LOGVAR, SCALE, TV_TENSOR, ACC, BLOCK_P,
         )
     else:
+        if SCALE:
+            if pid == 0:  # the finish kernel's ticket counter, which this call allocated unzeroed
+                tl.store(ticket_ptr, 0)
         out = work_ptr + chunk.to(tl.int64) * 3 * F + cols
         tl.store(out, mean, mask=col_mask)
         tl.store(out + F, m2, mask=col_mask)
@@ -302,6 +305,9 @@ def renormalize_bwd_partial_kernel(
     if FINAL:
         _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, SCALAR_MODE, BLOCK_P)
     else:
+        if SCALAR_MODE:
+            if pid == 0:  # the finish kernel's ticket counter, which this call allocated unzeroed
+                tl.store(ticket_ptr, 0)
         out = work_ptr + chunk.to(tl.int64) * 2 * F + cols
         tl.store(out, sum_g, mask=col_mask)
         tl.store(out + F, sum_gy, mask=col_mask)
@@ -440,9 +446,9 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
     var = torch.empty(F, dtype=acc, device=z.device)
     scale = target_var is not None
     scalars = torch.empty(2, dtype=acc, device=z.device) if scale else None
-    partials, counter = workspace(2 * plan.n_col_blocks, acc, z.device) if scale else (None, None)
-    tv, stride_tv, tv_hi, tv_lo = _target(target_var) if scale else (None, 0, 0.0, 0.0)
     final = plan.n_chunks == 1
+    partials, counter = workspace(2 * plan.n_col_blocks, acc, z.device, zeroed=final) if scale else (None, None)
+    tv, stride_tv, tv_hi, tv_lo = _target(target_var) if scale else (None, 0, 0.0, 0.0)
     # per chunk and column: the mean and M2 of the shifted data and the sum of exp(logvar)
     work = None if final else torch.empty((plan.n_chunks, 3, F), dtype=acc, device=z.device)
     lv_strides = _strides(logvar) if logvar is not None else (0, 0, 0)
@@ -522,7 +528,7 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
     if scalar_mode:
         sum_g = sum_gy = None
         total = torch.empty(1, dtype=acc, device=z.device)
-        partials, counter = workspace(plan.n_col_blocks, acc, z.device)
+        partials, counter = workspace(plan.n_col_blocks, acc, z.device, zeroed=final)
     else:
         sum_g = torch.empty(F, dtype=acc, device=z.device)
         sum_gy = torch.empty(F, dtype=acc, device=z.device)

@@ -21,7 +21,7 @@ from ._layout import as_rows
 # ---------------------------------------------------------------------------------------- dispatch
 def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str]):
     """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
-    if not backend.use_triton(mu):
+    if backend.decide(mu) == "torch":
         z = reference.reparameterize(mu, logvar, seed=seed) if seed is not None else None
         kl = reference.kl_divergence(mu, logvar, reduction=reduction) if reduction is not None else None
         return z, kl
@@ -34,8 +34,9 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Opti
     return z, kl
 
 
-def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str):
-    if not backend.use_triton(mu):
+def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str, backend_name: str):
+    """The gradients on ``backend_name``: the backend that the forward ran on."""
+    if backend_name == "torch":
         return reference.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
     D = mu.shape[-1]
     if grad_kl is not None:
@@ -77,9 +78,10 @@ def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
 
 @torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
 def _backward_op(
-    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str
+    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
+    backend_name: str,
 ) -> tuple[Tensor, Tensor]:
-    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction)
+    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name)
 
 
 @_reparameterize_kl_op.register_fake
@@ -98,7 +100,7 @@ def _(mu, logvar, reduction):
 
 
 @_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, seed, reduction):
+def _(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name):
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
 
@@ -106,34 +108,37 @@ def _setup_reparameterize_kl(ctx, inputs, output):
     mu, logvar, seed, reduction = inputs
     ctx.save_for_backward(mu, logvar, seed)
     ctx.reduction = reduction
+    ctx.backend = backend.decide(mu)  # runs right after the forward, in its backend state
 
 
 def _setup_reparameterize(ctx, inputs, output):
     mu, logvar, seed = inputs
     ctx.save_for_backward(mu, logvar, seed)
+    ctx.backend = backend.decide(mu)
 
 
 def _setup_kl_divergence(ctx, inputs, output):
     mu, logvar, reduction = inputs
     ctx.save_for_backward(mu, logvar)
     ctx.reduction = reduction
+    ctx.backend = backend.decide(mu)
 
 
 def _reparameterize_kl_grad(ctx, grad_z, grad_kl):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction)
+    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction, ctx.backend)
     return grad_mu, grad_logvar, None, None
 
 
 def _reparameterize_grad(ctx, grad_z):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none")
+    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.backend)
     return grad_mu, grad_logvar, None
 
 
 def _kl_divergence_grad(ctx, grad_kl):
     mu, logvar = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction)
+    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction, ctx.backend)
     return grad_mu, grad_logvar, None
 
 
