@@ -89,14 +89,15 @@ def workspace(n_partials: int, dtype: torch.dtype, device: torch.device, *, zero
     return buffer[2:].view(dtype)[:n_partials], buffer[:1]
 
 
-def row_tile(n_rows: int, n_cols: int, max_tile: int = 4096, max_cols: int = 1024) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_D, num_warps)`` for a ``(n_rows, n_cols)`` problem tiled by whole-row programs.
+def row_tile(n_cols: int, max_tile: int = 4096, max_cols: int = 1024) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_D, num_warps)`` for a problem of ``n_cols`` columns tiled by whole-row programs.
 
     Columns are covered in ``BLOCK_D`` chunks (a power of two up to ``max_cols``); rows fill the tile
-    up to ``max_tile`` elements; 4 warps up to 2048 elements a tile, 8 above.
+    up to ``max_tile`` elements; 4 warps up to 2048 elements a tile, 8 above. The number of rows (the
+    batch) does not enter, so the short last batch of an epoch runs the kernel already compiled.
     """
     block_d = min(triton.next_power_of_2(n_cols), max_cols)
-    block_r = max(1, min(triton.next_power_of_2(n_rows), max_tile // block_d))
+    block_r = max(1, max_tile // block_d)
     num_warps = 4 if block_r * block_d <= 2048 else 8
     return block_r, block_d, num_warps
 
@@ -136,6 +137,10 @@ def store_total(partial_ptr, ticket_ptr, out_ptr, value, divisor, BLOCK_P: tl.co
         tl.store(out_ptr, sum_partials(partial_ptr, tl.num_programs(0), BLOCK_P) / divisor)
 
 
-def partial_block(n_programs: int) -> int:
-    """The BLOCK_P that ``sum_partials`` reads ``n_programs`` partials with."""
-    return min(triton.next_power_of_2(n_programs), 1024)
+PARTIAL_BLOCK = 256
+"""The BLOCK_P that ``sum_partials`` reads the partials with, in a loop: a constant, so that the number
+of programs (which follows the batch) never selects a new compiled kernel."""
+
+
+def partial_block() -> int:
+    return PARTIAL_BLOCK

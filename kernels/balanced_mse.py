@@ -45,7 +45,7 @@ _HALF_LOG_2PI_HI: tl.constexpr = tl.constexpr(_split(0.5 * math.log(2 * math.pi)
 _HALF_LOG_2PI_LO: tl.constexpr = tl.constexpr(_split(0.5 * math.log(2 * math.pi))[1])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "loss_divisor"])  # the batch size must not pick a compiled kernel
 def balanced_mse_fwd_kernel(
     x_hat_ptr, x_ptr, gamma2_ptr, loss_ptr, sse_ptr, gamma2_out_ptr, partial_ptr, row_partial_ptr, ticket_ptr,
     N, M, n_col_blocks,
@@ -104,7 +104,7 @@ def balanced_mse_fwd_kernel(
             tl.store(gamma2_ptr, ema)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "grad_divisor"])
 def balanced_mse_bwd_kernel(
     grad_ptr, x_hat_ptr, x_ptr, gamma2_ptr, grad_x_hat_ptr, grad_x_ptr,
     N, M, n_col_blocks,
@@ -132,7 +132,7 @@ def balanced_mse_bwd_kernel(
 
 def _tiles(N: int, M: int) -> tuple[int, int, int, int]:
     """``(BLOCK_R, BLOCK_D, num_warps, n_col_blocks)``: tiles of at most 4096 elements across both dims."""
-    block_r, block_d, num_warps = row_tile(N, M)
+    block_r, block_d, num_warps = row_tile(M)
     return block_r, block_d, num_warps, triton.cdiv(M, block_d)
 
 
@@ -166,7 +166,7 @@ def forward(x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reductio
         N, M, n_col_blocks, x_hat.stride(0), x_hat.stride(1), x.stride(0), x.stride(1),
         N if reduction == "batchmean" else 1, *_split(momentum),
         LOSS_MODE=mode, FULL=full, RULE=_RULES[rule], ACC=accumulation_type(acc),
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(max(n_programs, N if mode == LOSS_PER_ROW else 1)),
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(),
         num_warps=num_warps,
     )
     return loss, sse, gamma2_used

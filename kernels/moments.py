@@ -109,7 +109,7 @@ def _store_moments(
 
 
 # ----------------------------------------------------------------------------------- moments
-@triton.jit(do_not_specialize=["N", "rows_per_chunk"])
+@triton.jit(do_not_specialize=["N", "rows_per_chunk", "denominator"])  # the batch must not pick a compiled kernel
 def moments_partial_kernel(
     z_ptr, logvar_ptr, work_ptr, mean_ptr, var_ptr, scalars_ptr, partial_ptr, ticket_ptr, tv_ptr,
     N, F, C, rows_per_chunk, n_col_blocks, denominator,
@@ -161,7 +161,7 @@ def moments_partial_kernel(
             tl.store(out + F + F, exp_sum, mask=col_mask)  # not 2 * F: a 32-bit product on an address path
 
 
-@triton.jit(do_not_specialize=["N", "rows_per_chunk", "n_chunks"])
+@triton.jit(do_not_specialize=["N", "rows_per_chunk", "n_chunks", "denominator"])
 def moments_finish_kernel(
     z_ptr, work_ptr, mean_ptr, var_ptr, scalars_ptr, partial_ptr, ticket_ptr, tv_ptr,
     N, F, C, rows_per_chunk, n_chunks, denominator,
@@ -192,7 +192,7 @@ def moments_finish_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "denominator"])
 def moments_bwd_kernel(
     grad_mean_ptr, grad_var_ptr, z_ptr, mean_ptr, logvar_ptr, grad_z_ptr, grad_lv_ptr,
     N, F, C, n_col_blocks, denominator,
@@ -227,7 +227,7 @@ def moments_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------- renormalize
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def renormalize_fwd_kernel(
     z_ptr, out_ptr, mean_ptr, var_ptr, scalars_ptr, tm_ptr, tv_ptr,
     N, F, C, n_col_blocks,
@@ -329,7 +329,7 @@ def renormalize_bwd_finish_kernel(
     _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, SCALAR_MODE, BLOCK_P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def renormalize_bwd_kernel(
     grad_ptr, z_ptr, mean_ptr, var_ptr, scalars_ptr, tv_ptr, sum_g_ptr, sum_gy_ptr, total_ptr, grad_z_ptr,
     N, F, C, n_col_blocks,
@@ -393,7 +393,7 @@ def _plan(shape: torch.Size, device: torch.device) -> _Plan:
     """Tiles and row chunks for an ``(A, N, C)`` problem."""
     _, N, C = shape
     F = shape[0] * C
-    block_r, block_d, num_warps = row_tile(N, F, max_cols=_MAX_COLS)
+    block_r, block_d, num_warps = row_tile(F, max_cols=_MAX_COLS)
     n_col_blocks = triton.cdiv(F, block_d)
     n_row_tiles = triton.cdiv(N, block_r)
     wanted_chunks = max(1, _target_programs(device) // n_col_blocks)
@@ -458,7 +458,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
         z, logvar, work, mean, var, scalars, partials, counter, tv,
         N, F, C, plan.rows_per_chunk, plan.n_col_blocks, N - correction,
         *_strides(z), *lv_strides, stride_tv, tv_hi, tv_lo,
-        FINAL=final, **flags, BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, BLOCK_P=partial_block(plan.n_col_blocks),
+        FINAL=final, **flags, BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, BLOCK_P=partial_block(),
         num_warps=plan.num_warps,
     )
     if not final:
@@ -467,7 +467,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
             z, work, mean, var, scalars, partials, counter, tv,
             N, F, C, plan.rows_per_chunk, plan.n_chunks, N - correction,
             z.stride(0), z.stride(2), stride_tv, tv_hi, tv_lo,
-            **flags, BLOCK_D=plan.block_d, BLOCK_P=partial_block(plan.n_col_blocks),
+            **flags, BLOCK_D=plan.block_d, BLOCK_P=partial_block(),
             num_warps=plan.finish_warps,
         )
     return mean, var, scalars
@@ -534,7 +534,7 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
         sum_gy = torch.empty(F, dtype=acc, device=z.device)
         total = partials = counter = None
     eps_pair = _split(eps)
-    block_p = partial_block(plan.n_col_blocks)
+    block_p = partial_block()
     acc_type = accumulation_type(z.dtype)
     launch(
         renormalize_bwd_partial_kernel, (plan.n_chunks * plan.n_col_blocks,),

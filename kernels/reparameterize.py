@@ -23,7 +23,7 @@ KL_NONE, KL_ELEMENTWISE, KL_PER_ROW, KL_TOTAL = 0, 1, 2, 3
 _KL_MODES = {"none": KL_ELEMENTWISE, "per_sample": KL_PER_ROW, "batchmean": KL_TOTAL, "sum": KL_TOTAL}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "kl_divisor"])  # the batch size must not pick a compiled kernel
 def reparameterize_kl_fwd_kernel(
     mu_ptr, logvar_ptr, seed_ptr, z_ptr, kl_ptr, partial_ptr, ticket_ptr,
     n_rows, D,
@@ -60,7 +60,7 @@ def reparameterize_kl_fwd_kernel(
         store_total(partial_ptr, ticket_ptr, kl_ptr, tl.sum(row_kl, axis=0), kl_divisor, BLOCK_P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "kl_divisor"])
 def reparameterize_kl_bwd_kernel(
     grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, seed_ptr, grad_mu_ptr, grad_lv_ptr,
     n_rows, D,
@@ -102,7 +102,7 @@ def _philox_tile(n_rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int
     """``row_tile`` with 4 warps and one 128-bit access per tensor and thread (8 half-precision, 4 fp32
     or 2 fp64 elements): every element runs a 10-round Philox, and 16 elements a thread spilled."""
     elements_per_thread = 16 // torch.empty((), dtype=dtype).element_size()
-    return row_tile(n_rows, D, max_tile=4 * 32 * elements_per_thread)
+    return row_tile(D, max_tile=4 * 32 * elements_per_thread)
 
 
 def _kl_output(mu: torch.Tensor, reduction: str) -> tuple[torch.Tensor, int]:
@@ -132,7 +132,7 @@ def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, r
         mu, logvar, seed, z, kl, partials, counter,
         n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), kl_divisor,
         HAS_Z=z is not None, KL_MODE=kl_mode, ACC=accumulation_type(mu.dtype),
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(grid[0]),
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(),
         num_warps=num_warps,
     )
     return z, kl
