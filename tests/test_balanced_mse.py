@@ -359,3 +359,29 @@ def test_one_pass_cpu_form_is_differentiable():
     loss, _ = reference.balanced_mse_forward(x_hat, x, torch.tensor(0.5, dtype=torch.float64))
     loss.backward()
     torch.testing.assert_close(x_hat.grad, (x_hat - x).detach() / 0.5 / 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_images_are_read_in_place_and_gradients_keep_the_format(backend):
+    """channels_last reconstructions and images are flattened in memory order (a view, no copy), and the
+    elementwise loss and the gradients come back channels_last, matching the reference."""
+    import importlib
+
+    ops = importlib.import_module("fastvae.ops.balanced_mse")
+
+    shape = (4, 3, 5, 6)
+    x_hat = torch.rand(shape).to(memory_format=torch.channels_last).requires_grad_(True)
+    x = torch.rand(shape).to(memory_format=torch.channels_last)
+    rows_hat, rows_x, order = ops._pair_rows(x_hat, x)
+    assert order == [2, 3, 1] and rows_hat.data_ptr() == x_hat.data_ptr() and rows_x.data_ptr() == x.data_ptr()
+    for reduction in REDUCTIONS:
+        _check_against_reference(x_hat, x, torch.tensor(0.3), reduction, True)
+        leaf = x_hat.detach().clone().requires_grad_(True)
+        with use_backend(backend):
+            loss = fastvae.balanced_mse(leaf, x, torch.tensor(0.3), reduction=reduction, update=False)
+            loss.backward(torch.ones_like(loss))
+        assert leaf.grad.is_contiguous(memory_format=torch.channels_last), (reduction, leaf.grad.stride())
+        if reduction == "none":
+            assert loss.is_contiguous(memory_format=torch.channels_last), loss.stride()
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.fastvae.balanced_mse.default, (x_hat, x, torch.tensor(0.3), "none", True))

@@ -16,13 +16,30 @@ from torch import Tensor, nn
 
 from .. import backend, reference
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, finite_check_enabled
-from ._layout import as_rows
+from ._layout import as_rows, from_memory_order, memory_order, samples_in_memory_order
 
 
 # ---------------------------------------------------------------------------------------- dispatch
 def _rows(x: Tensor) -> Tensor:
     """``(N, *)`` as ``(N, prod(*))``."""
     return as_rows(x, x[0].numel() if x.dim() > 1 else 1)
+
+
+def _pair_rows(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, list[int] | None]:
+    """``(x_hat, x)`` as ``(N, M)`` rows for the kernels, and the column order used. Every reduction
+    sums over a sample's elements in any order, so when both share their strides (channels_last
+    images) they are read in memory order, in place; else row-major (copied when no view exists)."""
+    if x_hat.dim() > 2 and x_hat.stride() == x.stride():
+        order = memory_order(x_hat)
+        rows_hat, rows_x = samples_in_memory_order(x_hat, order), samples_in_memory_order(x, order)
+        if rows_hat is not None and rows_x is not None:
+            return rows_hat, rows_x, order
+    return _rows(x_hat), _rows(x), None
+
+
+def _unrows(flat: Tensor, like: Tensor, order: list[int] | None) -> Tensor:
+    """A kernel's contiguous ``(N, M)`` result in ``like``'s shape (and memory format, with an ``order``)."""
+    return from_memory_order(flat, like, order) if order is not None else flat.view(like.shape)
 
 
 def _loss_shape(x: Tensor, reduction: str) -> torch.Size:
@@ -42,8 +59,10 @@ def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, f
     """``(loss, sum((x_hat - x)^2))`` with variance ``gamma2``; the sum is not differentiable."""
     if backend.decide(x_hat) == "torch":
         return reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
-    loss, sse, _ = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), gamma2, reduction, full)
-    return loss.view(_loss_shape(x_hat, reduction)), sse.view(())
+    rows_hat, rows_x, order = _pair_rows(x_hat, x)
+    loss, sse, _ = backend.kernels().balanced_mse.forward(rows_hat, rows_x, gamma2, reduction, full)
+    loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
+    return loss, sse.view(())
 
 
 @torch.library.custom_op("fastvae::balanced_mse_update_", mutates_args=("running_mse",))
@@ -58,8 +77,10 @@ def _balanced_mse_update_op(
         loss, sse = reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
         reference.update_running_mse(running_mse, sse / x_hat.numel(), momentum=momentum, rule=rule)
         return loss, gamma2
-    loss, _, gamma2 = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), running_mse, reduction, full, rule, momentum)
-    return loss.view(_loss_shape(x_hat, reduction)), gamma2.view(running_mse.shape)
+    rows_hat, rows_x, order = _pair_rows(x_hat, x)
+    loss, _, gamma2 = backend.kernels().balanced_mse.forward(rows_hat, rows_x, running_mse, reduction, full, rule, momentum)
+    loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
+    return loss, gamma2.view(running_mse.shape)
 
 
 @torch.library.custom_op("fastvae::balanced_mse_backward", mutates_args=())
@@ -71,31 +92,47 @@ def _balanced_mse_backward_op(
     if backend_name == "torch":
         grad_x_hat, grad_x = reference.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
     else:
-        grad_rows = _rows(grad) if reduction == "none" else grad.reshape(-1)
+        rows_hat, rows_x, order = _pair_rows(x_hat, x)
+        if reduction != "none":
+            grad_rows = grad.reshape(-1)
+        elif order is not None:  # the upstream gradient's columns in the same order as the inputs'
+            grad_rows = samples_in_memory_order(grad, order)
+            grad_rows = grad_rows if grad_rows is not None else grad.permute(0, *order).reshape(grad.shape[0], -1)
+        else:
+            grad_rows = _rows(grad)
         grad_x_hat, grad_x = backend.kernels().balanced_mse.backward(
-            grad_rows, _rows(x_hat), _rows(x), gamma2, reduction, need_x_hat, need_x
+            grad_rows, rows_hat, rows_x, gamma2, reduction, need_x_hat, need_x
         )
-        grad_x_hat = grad_x_hat.view(x_hat.shape) if need_x_hat else grad_x_hat
-        grad_x = grad_x.view(x.shape) if need_x else grad_x
+        grad_x_hat = _unrows(grad_x_hat, x_hat, order) if need_x_hat else grad_x_hat
+        grad_x = _unrows(grad_x, x, order) if need_x else grad_x
     return (grad_x_hat if need_x_hat else x_hat.new_empty(0)), (grad_x if need_x else x.new_empty(0))
+
+
+def _like_input(t: Tensor, x_hat: Tensor, x: Tensor) -> Tensor:
+    """An empty tensor of ``t``'s shape and dtype in the memory format that the ops return for it."""
+    order = _pair_rows(x_hat, x)[2]
+    return _unrows(t.new_empty((t.shape[0], t[0].numel() if t.dim() > 1 else 1)), t, order)
+
+
+def _fake_loss(x_hat: Tensor, x: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return _like_input(x_hat, x_hat, x)
+    return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=_accumulation(x_hat, x))
 
 
 @_balanced_mse_op.register_fake
 def _(x_hat, x, gamma2, reduction, full):
-    acc = _accumulation(x_hat, x)
-    loss_dtype = x_hat.dtype if reduction == "none" else acc
-    return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=loss_dtype), x_hat.new_empty((), dtype=acc)
+    return _fake_loss(x_hat, x, reduction), x_hat.new_empty((), dtype=_accumulation(x_hat, x))
 
 
 @_balanced_mse_update_op.register_fake
 def _(x_hat, x, running_mse, reduction, full, momentum, rule):
-    loss_dtype = x_hat.dtype if reduction == "none" else _accumulation(x_hat, x)
-    return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=loss_dtype), running_mse.new_empty(running_mse.shape)
+    return _fake_loss(x_hat, x, reduction), running_mse.new_empty(running_mse.shape)
 
 
 @_balanced_mse_backward_op.register_fake
 def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x, backend_name):
-    return x_hat.new_empty(x_hat.shape if need_x_hat else (0,)), x.new_empty(x.shape if need_x else (0,))
+    return (_like_input(x_hat, x_hat, x) if need_x_hat else x_hat.new_empty(0)), (_like_input(x, x_hat, x) if need_x else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
