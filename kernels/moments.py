@@ -7,7 +7,9 @@ of the input's size are contiguous ``(A, N, C)``; statistics are contiguous ``(F
 
 Column reductions (the moments, the backward's column sums) take at most two launches. The rows are
 cut into chunks of whole ``BLOCK_R`` tiles; program ``(chunk, column block)`` reduces its chunk and
-writes a partial per column, and a finish kernel combines the chunks of a column in chunk order.
+writes a partial per column, and a finish kernel combines the chunks of a column in a fixed order:
+``BLOCK_C`` chunks at a time by a tree over a ``(BLOCK_C, BLOCK_D)`` tile (not one chunk after another:
+with ~4 chunks per multiprocessor that serial loop was the finish kernel's whole cost).
 When one chunk covers all rows the first launch writes the result itself (``FINAL``) and the finish
 kernel is not launched. No float atomics: the result is the same bits at every call.
 
@@ -168,23 +170,33 @@ def moments_finish_kernel(
     stride_za, stride_zc, stride_tv,
     tv_hi, tv_lo,
     HAS_LOGVAR: tl.constexpr, SCALE: tl.constexpr, TV_TENSOR: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Combine the chunks of ``BLOCK_D`` columns, ``BLOCK_C`` chunks at a time: a ``(BLOCK_C, BLOCK_D)``
+    tile is merged by a fixed-order tree (``tl.sum``: the pooled mean, then
+    ``M2 = sum(M2_c + n_c (mean_c - mean)^2)``), and tiles by Chan's combine."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < F
     shift = tl.load(z_ptr + _column_offsets(cols, C, stride_za, stride_zc), mask=col_mask, other=0.0).to(ACC)
     mean = tl.zeros([BLOCK_D], dtype=ACC)
     m2 = tl.zeros([BLOCK_D], dtype=ACC)
     exp_sum = tl.zeros([BLOCK_D], dtype=ACC)
-    for chunk in range(0, n_chunks):
-        n_before = tl.cast(chunk, tl.int64) * rows_per_chunk
-        n_chunk = tl.minimum(N - n_before, rows_per_chunk).to(ACC)
-        part = work_ptr + tl.cast(chunk, tl.int64) * 3 * F + cols
-        chunk_mean = tl.load(part, mask=col_mask, other=0.0)
-        chunk_m2 = tl.load(part + F, mask=col_mask, other=0.0)
-        mean, m2 = _chan_combine(mean, m2, n_before.to(ACC), chunk_mean, chunk_m2, n_chunk)
+    for first in range(0, n_chunks, BLOCK_C):
+        chunks = tl.cast(first, tl.int64) + tl.arange(0, BLOCK_C)
+        chunk_mask = chunks < n_chunks
+        n_chunk = tl.where(chunk_mask, tl.minimum(N - chunks * rows_per_chunk, rows_per_chunk), 0).to(ACC)
+        mask = chunk_mask[:, None] & col_mask[None, :]
+        part = work_ptr + chunks[:, None] * 3 * F + cols[None, :]
+        chunk_mean = tl.load(part, mask=mask, other=0.0)
+        chunk_m2 = tl.load(part + F, mask=mask, other=0.0)
+        n_tile = tl.sum(n_chunk, axis=0)
+        tile_mean = tl.sum(n_chunk[:, None] * chunk_mean, axis=0) / n_tile
+        deviation = tl.where(mask, chunk_mean - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(chunk_m2 + n_chunk[:, None] * deviation * deviation, axis=0)
+        n_before = (tl.cast(first, tl.int64) * rows_per_chunk).to(ACC)
+        mean, m2 = _chan_combine(mean, m2, n_before, tile_mean, tile_m2, n_tile)
         if HAS_LOGVAR:
-            exp_sum += tl.load(part + F + F, mask=col_mask, other=0.0)  # not 2 * F (32 bits)
+            exp_sum += tl.sum(tl.load(part + F + F, mask=mask, other=0.0), axis=0)  # not 2 * F (32 bits)
     _store_moments(
         mean, m2, exp_sum, shift, cols, col_mask, mean_ptr, var_ptr, N, denominator,
         scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, F,
@@ -316,16 +328,19 @@ def renormalize_bwd_partial_kernel(
 @triton.jit(do_not_specialize=["n_chunks"])
 def renormalize_bwd_finish_kernel(
     work_ptr, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, F, n_chunks,
-    SCALAR_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    SCALAR_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Add up the chunks' column sums, ``BLOCK_C`` chunks at a time by a fixed-order tree."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < F
     sum_g = tl.zeros([BLOCK_D], dtype=ACC)
     sum_gy = tl.zeros([BLOCK_D], dtype=ACC)
-    for chunk in range(0, n_chunks):
-        part = work_ptr + tl.cast(chunk, tl.int64) * 2 * F + cols
-        sum_g += tl.load(part, mask=col_mask, other=0.0)
-        sum_gy += tl.load(part + F, mask=col_mask, other=0.0)
+    for first in range(0, n_chunks, BLOCK_C):
+        chunks = tl.cast(first, tl.int64) + tl.arange(0, BLOCK_C)
+        mask = (chunks < n_chunks)[:, None] & col_mask[None, :]
+        part = work_ptr + chunks[:, None] * 2 * F + cols[None, :]
+        sum_g += tl.sum(tl.load(part, mask=mask, other=0.0), axis=0)
+        sum_gy += tl.sum(tl.load(part + F, mask=mask, other=0.0), axis=0)
     _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, SCALAR_MODE, BLOCK_P)
 
 
@@ -375,10 +390,16 @@ class _Plan(NamedTuple):
     n_chunks: int
 
     @property
+    def finish_chunks(self) -> int:
+        """``BLOCK_C``: chunks that a finish kernel combines at once, in tiles of 1024 elements (a
+        constant per column count, never per batch)."""
+        return max(1, 1024 // self.block_d)
+
+    @property
     def finish_warps(self) -> int:
-        """Warps of the finish kernels, which handle ``block_d`` columns: one warp per 32 (8 warps for 64
-        columns left most threads idle, and ptxas spilled the fp64 variance-law finish on sm_120)."""
-        return max(1, min(self.num_warps, self.block_d // 32))
+        """Warps of the finish kernels' ``(BLOCK_C, BLOCK_D)`` tiles of 1024 elements: 4 (8 elements a
+        thread; ptxas spilled the fp64 variance-law finish on sm_120 with 8 warps on 64 columns)."""
+        return 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -467,7 +488,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
             z, work, mean, var, scalars, partials, counter, tv,
             N, F, C, plan.rows_per_chunk, plan.n_chunks, N - correction,
             z.stride(0), z.stride(2), stride_tv, tv_hi, tv_lo,
-            **flags, BLOCK_D=plan.block_d, BLOCK_P=partial_block(),
+            **flags, BLOCK_D=plan.block_d, BLOCK_C=plan.finish_chunks, BLOCK_P=partial_block(),
             num_warps=plan.finish_warps,
         )
     return mean, var, scalars
@@ -547,7 +568,8 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
         launch(
             renormalize_bwd_finish_kernel, (plan.n_col_blocks,),
             work, sum_g, sum_gy, partials, counter, total, F, plan.n_chunks,
-            SCALAR_MODE=scalar_mode, ACC=acc_type, BLOCK_D=plan.block_d, BLOCK_P=block_p, num_warps=plan.finish_warps,
+            SCALAR_MODE=scalar_mode, ACC=acc_type, BLOCK_D=plan.block_d, BLOCK_C=plan.finish_chunks, BLOCK_P=block_p,
+            num_warps=plan.finish_warps,
         )
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     tv, stride_tv, tv_hi, tv_lo = _target(target_var)
