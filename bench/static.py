@@ -170,7 +170,7 @@ def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], ao
         if spec is None:
             return None
         n_kernels = kernels.get(key, len(spec.traffic))
-        total_launches += n_kernels
+        total_launches += n_kernels + spec.memsets  # the zero fill of a reduction's workspace is a launch too
         triton_launches += n_kernels
         total_bytes += sum(r + w for r, w in spec.traffic.values()) * elements * element_size
     return Side(total_launches, total_bytes, triton_launches)

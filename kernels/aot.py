@@ -79,7 +79,8 @@ class Spec:
     and writes per element of the op's main input (broadcast gradients, scalars and per-program partials
     excluded). It is the fused side of the cost model and what the 128-bit access check covers.
     ``tile`` names the constexprs whose product is the elements one program handles in one pass (those
-    a kernel lacks are left out: a finish kernel's tile is its ``BLOCK_D``).
+    a kernel lacks are left out: a finish kernel's tile is its ``BLOCK_C x BLOCK_D``). ``memsets``: the
+    workspace zero fills the launcher issues besides its kernels (launches, but not Triton ones).
     """
 
     op: str
@@ -88,9 +89,10 @@ class Spec:
     inputs: Callable[[torch.dtype, bool], tuple]
     launch: Callable[..., Any]
     traffic: dict[str, tuple[int, int]]
-    tile: tuple[str, ...] = ("BLOCK_R", "BLOCK_D")
+    tile: tuple[str, ...] = ("BLOCK_R", "BLOCK_C", "BLOCK_D")
     dtypes: tuple[torch.dtype, ...] = DTYPES
     tag: str = ""
+    memsets: int = 0
 
     @property
     def name(self) -> str:

@@ -178,7 +178,7 @@ def _aot_backward(mu, logvar):
 
 AOT_SPECS = [
     Spec("reparameterize_kl", "forward", "z and batchmean KL (HAS_Z, KL_MODE=3)", latent_pair, _aot_forward,
-         traffic={"reparameterize_kl_fwd_kernel": (2, 1)}),
+         traffic={"reparameterize_kl_fwd_kernel": (2, 1)}, memsets=1),
     Spec("reparameterize_kl", "backward", "grad z and batchmean grad KL (HAS_GRAD_Z, HAS_GRAD_KL)", latent_pair, _aot_backward,
          traffic={"reparameterize_kl_bwd_kernel": (3, 2)}),
 ]

@@ -184,8 +184,8 @@ def test_traffic_counter_counts_each_intermediate_written_and_read_again():
 
 
 def test_cost_model_fused_side_matches_the_kernels(results):
-    """The model's fused reparameterize_kl: one Triton launch per pass (as ``count_launches`` counts on the
-    real op), reading mu and logvar and writing z (12 B per float32 element) forward, five tensors backward."""
+    """The model's fused reparameterize_kl: one Triton launch per pass, and the memset of the forward's
+    workspace (as ``count_launches`` counts on the real op), reading mu and logvar and writing z (12 B per float32 element) forward, five tensors backward."""
     import fastvae
     from bench.static import cost_model
     from fastvae.kernels import count_launches
@@ -202,8 +202,9 @@ def test_cost_model_fused_side_matches_the_kernels(results):
         z, kl = fastvae.reparameterize_kl(mu, logvar)
     with fastvae.use_backend("triton"), count_launches() as bwd:
         torch.autograd.grad((z, kl), (mu, logvar), (torch.ones_like(z), torch.ones_like(kl)))
-    assert sum(fwd.values()) == forward.fused.launches_triton
-    assert sum(bwd.values()) == backward.fused.launches_triton
+    # the batchmean KL takes a ticket on a zeroed workspace: a memset beside the kernel, counted by both
+    assert sum(fwd.values()) == forward.fused.launches and fwd["zero_fill"] == forward.fused.launches - forward.fused.launches_triton
+    assert sum(bwd.values()) == backward.fused.launches == backward.fused.launches_triton
 
 
 def test_write_static_table(results, tmp_path):
