@@ -270,3 +270,15 @@ def test_the_short_last_batch_reuses_the_compiled_kernels():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same 6" in result.stdout
+
+
+def test_training_step_launches_are_all_counted():
+    """One training step's launches (bench/static.py): ATen kernels, the 4 Triton kernels of the two fused
+    ops and their 2 workspace memsets; the running-MSE update adds no ATen op."""
+    from bench.static import training_step_launches
+
+    step = training_step_launches()
+    assert (step.triton, step.memsets) == (4, 2)
+    assert step.total == step.aten + 6 and step.aten == sum(step.aten_names.values())
+    assert {"addmm", "mm"} <= set(step.aten_names)
+    assert not {"clone", "minimum", "copy_"} & set(step.aten_names), step.aten_names
