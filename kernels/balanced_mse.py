@@ -121,8 +121,8 @@ def balanced_mse_bwd_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_x_r + cols[None, :] * stride_x_c, mask=mask, other=0.0).to(ACC)
     # the reduced gradient broadcasts through zero strides: (r, 0) per row, (0, 0) for a total
     g = tl.load(grad_ptr + rows[:, None] * stride_g_r + cols[None, :] * stride_g_c, mask=mask, other=0.0).to(ACC)
-    gamma2 = tl.load(gamma2_ptr).to(ACC)
-    grad_x_hat = g / grad_divisor * (x_hat - x) / gamma2
+    scale = 1.0 / (tl.load(gamma2_ptr).to(ACC) * grad_divisor)  # once per program: no division per element
+    grad_x_hat = g * (x_hat - x) * scale
     flat = rows[:, None] * M + cols[None, :]
     if NEED_X_HAT:
         tl.store(grad_x_hat_ptr + flat, grad_x_hat.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)

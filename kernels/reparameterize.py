@@ -60,13 +60,13 @@ def reparameterize_kl_fwd_kernel(
         store_total(partial_ptr, ticket_ptr, kl_ptr, tl.sum(row_kl, axis=0), kl_divisor, BLOCK_P)
 
 
-@triton.jit(do_not_specialize=["n_rows", "kl_divisor"])
+@triton.jit(do_not_specialize=["n_rows"])
 def reparameterize_kl_bwd_kernel(
     grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, seed_ptr, grad_mu_ptr, grad_lv_ptr,
     n_rows, D,
     stride_mu_r, stride_mu_c, stride_lv_r, stride_lv_c,
     stride_gz_r, stride_gz_c, stride_gkl_r, stride_gkl_c,
-    kl_divisor,
+    kl_scale_hi, kl_scale_lo,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -75,6 +75,11 @@ def reparameterize_kl_bwd_kernel(
     row_mask = rows < n_rows
     if HAS_GRAD_Z:
         seed = tl.load(seed_ptr)
+    # 1 / n_rows as a float32 pair (about 48 bits) for float64; float32 needs hi alone (a division
+    # here, or the pair, cost ptxas 8 B of spill on sm_120)
+    kl_scale = tl.cast(kl_scale_hi, ACC)
+    if ACC == tl.float64:
+        kl_scale += tl.cast(kl_scale_lo, ACC)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)  # times a column stride that may pass 2**31
         mask = row_mask[:, None] & (cols < D)[None, :]
@@ -91,11 +96,17 @@ def reparameterize_kl_bwd_kernel(
         if HAS_GRAD_KL:
             # the reduced gradient broadcasts through zero strides: (r, 0) per row, (0, 0) for a total
             g_kl = tl.load(grad_kl_ptr + rows[:, None] * stride_gkl_r + cols[None, :] * stride_gkl_c, mask=mask, other=0.0).to(ACC)
-            g_kl = g_kl / kl_divisor
+            g_kl = g_kl * kl_scale
             grad_mu += g_kl * mu
             grad_lv += g_kl * (tl.exp(logvar) - 1.0) * 0.5
         tl.store(grad_mu_ptr + flat, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_lv_ptr + flat, grad_lv.to(grad_lv_ptr.dtype.element_ty), mask=mask)
+
+
+def _split(value: float) -> tuple[float, float]:
+    """``value`` as float32 ``hi + lo`` (about 48 bits): exact through the GPU's fp32 float arguments."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
 def _philox_tile(n_rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -146,7 +157,7 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction):
     grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     grad_lv = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     gz_strides = (grad_z.stride(0), grad_z.stride(1)) if grad_z is not None else (0, 0)
-    kl_divisor = 1
+    kl_scale = 1.0
     gkl_strides = (0, 0)
     if grad_kl is not None:
         if reduction == "none":
@@ -154,12 +165,12 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction):
         elif reduction == "per_sample":
             gkl_strides = (grad_kl.stride(0), 0)
         elif reduction == "batchmean":
-            kl_divisor = n_rows
+            kl_scale = 1.0 / n_rows
     launch(
         reparameterize_kl_bwd_kernel, (triton.cdiv(n_rows, block_r),),
         grad_z, grad_kl, mu, logvar, seed, grad_mu, grad_lv,
         n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-        *gz_strides, *gkl_strides, kl_divisor,
+        *gz_strides, *gkl_strides, *_split(kl_scale),
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, ACC=accumulation_type(mu.dtype),
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
     )
