@@ -39,13 +39,21 @@ def _installed_triton() -> str:
         return "not installed"
 
 
-@functools.lru_cache(maxsize=1)
+_kernels_or_error: ModuleType | Exception | None = None
+
+
 def _import_kernels() -> ModuleType | Exception:
-    try:
-        import fastvae.kernels as kernels
-    except Exception as error:  # ImportError without Triton; anything Triton raises on a bare machine
-        return error
-    return kernels
+    """``fastvae.kernels``, imported once, or the error that its import raised. A plain module global
+    rather than ``functools.lru_cache``, which torch.compile warns about when it traces an op's forward."""
+    global _kernels_or_error
+    if _kernels_or_error is None:
+        try:
+            import fastvae.kernels as kernels
+        except Exception as error:  # ImportError without Triton; anything Triton raises on a bare machine
+            _kernels_or_error = error
+        else:
+            _kernels_or_error = kernels
+    return _kernels_or_error
 
 
 def triton_available() -> bool:
