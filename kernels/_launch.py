@@ -102,6 +102,13 @@ def row_tile(n_cols: int, max_tile: int = 4096, max_cols: int = 1024) -> tuple[i
     return block_r, block_d, num_warps
 
 
+def float32_pair(value: float) -> tuple[float, float]:
+    """``value`` as float32 ``hi + lo`` (about 48 bits), both exact float32 numbers: a Python float kernel
+    argument reaches the GPU as float32, so a float64 constant travels as this pair."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
 def accumulation_type(dtype: torch.dtype):
     """The Triton accumulation type: fp64 for float64 inputs, fp32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulation_type, last_to_arrive, launch, partial_block, row_tile, sum_partials, workspace
+from ._launch import accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, sum_partials, workspace
 from .aot import Spec, image_pair
 
 LOSS_ELEMENTWISE, LOSS_PER_ROW, LOSS_TOTAL = 1, 2, 3
@@ -35,14 +35,8 @@ RULE_NONE, RULE_EMA, RULE_MIN_EMA = 0, 1, 2
 _RULES = {None: RULE_NONE, "ema": RULE_EMA, "min-ema": RULE_MIN_EMA}
 
 
-def _split(value: float) -> tuple[float, float]:
-    """``value`` as float32 ``hi + lo`` (about 48 bits)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
-
-
-_HALF_LOG_2PI_HI: tl.constexpr = tl.constexpr(_split(0.5 * math.log(2 * math.pi))[0])
-_HALF_LOG_2PI_LO: tl.constexpr = tl.constexpr(_split(0.5 * math.log(2 * math.pi))[1])
+_HALF_LOG_2PI_HI: tl.constexpr = tl.constexpr(float32_pair(0.5 * math.log(2 * math.pi))[0])
+_HALF_LOG_2PI_LO: tl.constexpr = tl.constexpr(float32_pair(0.5 * math.log(2 * math.pi))[1])
 
 
 @triton.jit(do_not_specialize=["N", "loss_divisor"])  # the batch size must not pick a compiled kernel
@@ -164,7 +158,7 @@ def forward(x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reductio
         balanced_mse_fwd_kernel, (n_programs,),
         x_hat, x, gamma2, loss, sse, gamma2_used, partials, row_partials, counter,
         N, M, n_col_blocks, x_hat.stride(0), x_hat.stride(1), x.stride(0), x.stride(1),
-        N if reduction == "batchmean" else 1, *_split(momentum),
+        N if reduction == "batchmean" else 1, *float32_pair(momentum),
         LOSS_MODE=mode, FULL=full, RULE=_RULES[rule], ACC=accumulation_type(acc),
         BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(),
         num_warps=num_warps,

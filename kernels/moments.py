@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    accumulation_type, last_to_arrive, launch, partial_block, row_tile, store_total, sum_partials, workspace,
+    accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, store_total, sum_partials, workspace,
 )
 from .aot import Spec, batch_pair, batch_slab
 
@@ -431,18 +431,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _split(value: float) -> tuple[float, float]:
-    """``value`` as float32 ``hi + lo``."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(value - hi)
-
-
 def _target(target) -> tuple[torch.Tensor | None, int, float, float]:
     """``(tensor, stride, hi, lo)`` of a target: a tensor of ``F`` (or one) elements, or a Python float."""
     if isinstance(target, torch.Tensor):
         flat = target.reshape(-1)
         return flat, (flat.stride(0) if flat.numel() > 1 else 0), 0.0, 0.0
-    return None, 0, *_split(float(target))
+    return None, 0, *float32_pair(float(target))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -529,7 +523,7 @@ def renormalize(z, target_mean, target_var, *, scalar_mode: bool, eps: float):
         renormalize_fwd_kernel, _grid_tiles(plan, N),
         z, out, mean, var, scalars, tm, tv,
         N, A * C, C, plan.n_col_blocks, *_strides(z), stride_tm, stride_tv,
-        tm_hi, tm_lo, tv_hi, tv_lo, *_split(eps),
+        tm_hi, tm_lo, tv_hi, tv_lo, *float32_pair(eps),
         SCALAR_MODE=scalar_mode, TM_TENSOR=tm is not None, TV_TENSOR=tv is not None, ACC=accumulation_type(z.dtype),
         BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, num_warps=plan.num_warps,
     )
@@ -554,7 +548,7 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
         sum_g = torch.empty(F, dtype=acc, device=z.device)
         sum_gy = torch.empty(F, dtype=acc, device=z.device)
         total = partials = counter = None
-    eps_pair = _split(eps)
+    eps_pair = float32_pair(eps)
     block_p = partial_block()
     acc_type = accumulation_type(z.dtype)
     launch(

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulation_type, launch, partial_block, row_tile, store_total, workspace
+from ._launch import accumulation_type, float32_pair, launch, partial_block, row_tile, store_total, workspace
 from .aot import Spec, latent_pair
 
 KL_NONE, KL_ELEMENTWISE, KL_PER_ROW, KL_TOTAL = 0, 1, 2, 3
@@ -103,12 +103,6 @@ def reparameterize_kl_bwd_kernel(
         tl.store(grad_lv_ptr + flat, grad_lv.to(grad_lv_ptr.dtype.element_ty), mask=mask)
 
 
-def _split(value: float) -> tuple[float, float]:
-    """``value`` as float32 ``hi + lo`` (about 48 bits): exact through the GPU's fp32 float arguments."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
-
-
 def _philox_tile(n_rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """``row_tile`` with 4 warps and one 128-bit access per tensor and thread (8 half-precision, 4 fp32
     or 2 fp64 elements): every element runs a 10-round Philox, and 16 elements a thread spilled."""
@@ -170,7 +164,7 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction):
         reparameterize_kl_bwd_kernel, (triton.cdiv(n_rows, block_r),),
         grad_z, grad_kl, mu, logvar, seed, grad_mu, grad_lv,
         n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-        *gz_strides, *gkl_strides, *_split(kl_scale),
+        *gz_strides, *gkl_strides, *float32_pair(kl_scale),
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, ACC=accumulation_type(mu.dtype),
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
     )
