@@ -24,7 +24,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "numpy>=1.24",
-        "triton>=3.2; platform_system == 'Linux'",
+        "triton>=3.4; platform_system == 'Linux'",
     ],
     extras_require={
         "cpu": CPU,

@@ -170,7 +170,7 @@ def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], ao
         if spec is None:
             return None
         n_kernels = kernels.get(key, len(spec.traffic))
-        total_launches += n_kernels
+        total_launches += n_kernels + spec.memsets  # the zero fill of a reduction's workspace is a launch too
         triton_launches += n_kernels
         total_bytes += sum(r + w for r, w in spec.traffic.values()) * elements * element_size
     return Side(total_launches, total_bytes, triton_launches)
@@ -300,6 +300,116 @@ def model_table(rows: Sequence[ModelRow], measured: dict | None = None) -> list[
     return lines
 
 
+# The custom ops of a training step and the AOT spec whose kernels they launch.
+_STEP_SPECS = {
+    "reparameterize_kl": ("reparameterize_kl", "forward"),
+    "reparameterize_kl_backward": ("reparameterize_kl", "backward"),
+    "balanced_mse_update_": ("balanced_mse", "forward"),
+    "balanced_mse": ("balanced_mse", "forward"),
+    "balanced_mse_backward": ("balanced_mse", "backward"),
+}
+
+
+@dataclass
+class StepLaunches:
+    """Every launch of one training step on the GPU path: ATen kernels (``aten``), Triton kernels and
+    the memsets that zero the reductions' workspaces."""
+    aten: int
+    triton: int
+    memsets: int
+    aten_names: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return self.aten + self.triton + self.memsets
+
+
+def training_step_launches(batch: int = 128, modules: Sequence[str] = aot.SPEC_MODULES) -> StepLaunches:
+    """The launches of one step of the dense 784-256-64-32-16 VAE with the balanced loss and Adam
+    (forward, backward, ``zero_grad(set_to_none)``, ``step``), traced on the meta device: each ATen op
+    that computes is one launch, each fastvae custom op the kernels and memsets of its AOT spec."""
+    import importlib
+
+    from fastvae.losses import BalancedLoss, Objective
+    from fastvae.models import DenseVAE
+
+    specs = {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS}
+    meta = torch.device("meta")
+    objective = Objective(DenseVAE(), BalancedLoss()).to(meta)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)  # CUDA's default
+    x = torch.empty(batch, 1, 28, 28, device=meta)
+    seed = torch.zeros(1, dtype=torch.int64, device=meta)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = objective(x, seed)
+        loss.backward()
+        optimizer.step()
+
+    step()  # the first step allocates Adam's state
+    with TrafficCounter() as counter:
+        step()
+    aten, triton_kernels, memsets, names = 0, 0, 0, {}
+    for launch in counter.launches:
+        if launch.fused:
+            spec = specs[_STEP_SPECS[launch.name.removeprefix("fastvae::")]]
+            triton_kernels += len(spec.traffic)
+            memsets += spec.memsets
+        else:
+            if launch.name.startswith("_record_function"):  # profiler markers, no kernel
+                continue
+            aten += 1
+            names[launch.name] = names.get(launch.name, 0) + 1
+    return StepLaunches(aten, triton_kernels, memsets, names)
+
+
+def step_section() -> list[str]:
+    step = training_step_launches()
+    top = ", ".join(f"`{n}` {c}" for n, c in sorted(step.aten_names.items(), key=lambda kv: -kv[1])[:8])
+    return [
+        "## Launches of one training step (counted, not predicted)",
+        "",
+        f"Dense 784-256-64-32-16 VAE, balanced loss, Adam, batch 128, float32, traced on the meta device "
+        f"(`bench.static.training_step_launches`): **{step.total} launches**: {step.aten} ATen kernels, "
+        f"{step.triton} Triton kernels and {step.memsets} memsets (the zeroed workspaces of the total KL and of "
+        f"balanced_mse). The ATen ones: {top}, ... (the layers, their gradients and Adam's foreach updates, after its first step). "
+        "The running-MSE update adds none: it runs in balanced_mse's kernel.",
+        "",
+    ]
+
+
+def fidelity_costs() -> list[str]:
+    """Predicted costs of the launch, finish-kernel and layout changes (on paper, from the model's constants)."""
+    h100 = GPUS["H100 SXM"]
+    chunks = 4 * 132  # 4 chunks per multiprocessor on an H100
+    load_latency = 0.6e-6  # one dependent global load round trip
+    block_c = 1024 // 64  # BLOCK_C for 64 columns
+    image = 128 * 3 * 64 * 64 * 4  # bytes of one float32 channels_last image batch
+    us = 1e6
+    return [
+        "## What the GPU-fidelity changes cost (predictions, not measurements)",
+        "",
+        f"- **Per-launch ticket workspace**: `reparameterize_kl` with a total KL and `balanced_mse` forward zero a fresh "
+        f"workspace (one memset) before their kernel: +1 launch, about {T_CPU_ATEN * us:.0f} us of CPU issue and "
+        f"{T_GPU * us:.0f} us of GPU per call. `renormalize`'s scalar mode needs it only when the rows fit one chunk "
+        "(with several, the partials kernel zeroes the finish kernel's counter). In exchange no launch depends on another.",
+        f"- **Running-MSE update in the kernel**: `balanced_mse` with `update=True` loses the clone, division and ~5 ATen "
+        f"ops of the update: about 7 launches, {7 * T_CPU_ATEN * us:.0f} us of CPU issue per training step, net of the memset "
+        f"{6 * T_CPU_ATEN * us:.0f} us.",
+        f"- **Finish kernels as a tree**: with {chunks} chunks (4 per SM on an H100) the old finish program walked the chunks "
+        f"one dependent load after another, about {chunks} x {load_latency * us:.1f} us = {chunks * load_latency * us:.0f} us; "
+        f"combining {block_c} chunks per step (64 columns) takes {-(-chunks // block_c)} steps, about "
+        f"{-(-chunks // block_c) * load_latency * us:.0f} us.",
+        f"- **channels_last images in place**: `balanced_mse` no longer copies a channels_last `x_hat` and `x` to row-major "
+        f"(each copy reads and writes {image / 1e6:.1f} MB at 128x3x64x64 float32) nor the gradient back: about "
+        f"{3 * 2 * image / h100 * us:.0f} us saved per step on an H100 ({3 * 2 * image / GPUS['RTX 4090'] * us:.0f} us on an RTX 4090).",
+        "- **The short last batch compiles nothing**: tiles, `BLOCK_P` and the specialization of batch-size arguments no "
+        "longer follow the batch, so an epoch whose last batch is short (60000 = 468 x 128 + 96) no longer JIT-compiles "
+        "a second variant of every kernel (a few hundred ms per kernel on the first epoch of each process).",
+        "",
+    ]
+
+
 def render(results: Sequence[aot.Result], rows: Sequence[ModelRow], measured: dict | None = None) -> str:
     targets = sorted({r.target for r in results})
     target_list = ", ".join(f"sm_{t} ({aot.TARGET_NAMES.get(t, '?')})" for t in targets)
@@ -313,7 +423,8 @@ def render(results: Sequence[aot.Result], rows: Sequence[ModelRow], measured: di
         f"for {target_list}, with the specializations Triton's JIT picks for the "
         "launcher's own arguments: `aligned` is contiguous tensors from the allocator (16-byte pointers, "
         f"latents {aot.LATENT_SHAPE[0]}x{aot.LATENT_SHAPE[1]}, images {'x'.join(map(str, aot.IMAGE_SHAPE))}); "
-        f"`strided` is an unaligned view (latents as the halves of `h.chunk(2, -1)` with D={aot.LATENT_SHAPE_ODD[1]}, "
+        f"`strided` is an unaligned view (latents: `mu` the half of `h.chunk(2, -1)` with D={aot.LATENT_SHAPE_ODD[1]}, "
+        "`logvar` a column-major view, "
         "images one element into a padded buffer), compiled once per kernel: float32 for "
         + ", ".join(f"sm_{t}" for t in aot.STRIDED_TARGETS) + ".",
         "",
@@ -335,6 +446,8 @@ def render(results: Sequence[aot.Result], rows: Sequence[ModelRow], measured: di
         "",
         *headline(results),
         "",
+        *step_section(),
+        *fidelity_costs(),
         "## Cost model on paper (predictions, not measurements)",
         "",
         f"Per op at a typical size in {str(MODEL_DTYPE).removeprefix('torch.')}. Eager is the PyTorch composition of "

@@ -79,7 +79,8 @@ class Spec:
     and writes per element of the op's main input (broadcast gradients, scalars and per-program partials
     excluded). It is the fused side of the cost model and what the 128-bit access check covers.
     ``tile`` names the constexprs whose product is the elements one program handles in one pass (those
-    a kernel lacks are left out: a finish kernel's tile is its ``BLOCK_D``).
+    a kernel lacks are left out: a finish kernel's tile is its ``BLOCK_C x BLOCK_D``). ``memsets``: the
+    workspace zero fills the launcher issues besides its kernels (launches, but not Triton ones).
     """
 
     op: str
@@ -88,9 +89,10 @@ class Spec:
     inputs: Callable[[torch.dtype, bool], tuple]
     launch: Callable[..., Any]
     traffic: dict[str, tuple[int, int]]
-    tile: tuple[str, ...] = ("BLOCK_R", "BLOCK_D")
+    tile: tuple[str, ...] = ("BLOCK_R", "BLOCK_C", "BLOCK_D")
     dtypes: tuple[torch.dtype, ...] = DTYPES
     tag: str = ""
+    memsets: int = 0
 
     @property
     def name(self) -> str:
@@ -99,12 +101,15 @@ class Spec:
 
 
 def latent_pair(dtype: torch.dtype, aligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mu, logvar)``: two contiguous ``LATENT_SHAPE`` tensors, or the halves of an encoder output
-    ``h`` of shape ``(B, 2 * 33)`` (``logvar`` starts 33 elements in, rows 66 elements apart)."""
+    """``(mu, logvar)``: two contiguous ``LATENT_SHAPE`` tensors, or strided views: ``mu`` the first half
+    of an encoder output ``h`` of shape ``(B, 2 * 33)`` (rows 66 elements apart) and ``logvar`` a
+    column-major ``(B, 33)`` view (the transpose of a contiguous ``(33, B)``: column stride ``B``), so
+    that a column offset computed in 32 bits shows on an address path."""
     if aligned:
         return torch.randn(LATENT_SHAPE, dtype=dtype), torch.randn(LATENT_SHAPE, dtype=dtype)
     B, D = LATENT_SHAPE_ODD
-    mu, logvar = torch.randn(B, 2 * D, dtype=dtype).chunk(2, dim=-1)
+    mu = torch.randn(B, 2 * D, dtype=dtype)[:, :D]
+    logvar = torch.randn(D, B + 1, dtype=dtype)[:, 1:].t()  # unaligned too: starts one element in
     return mu, logvar
 
 
@@ -128,11 +133,12 @@ def batch_slab(dtype: torch.dtype, aligned: bool) -> tuple[torch.Tensor]:
 
 def batch_pair(dtype: torch.dtype, aligned: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mu, logvar)`` as two ``(1, N, D)`` views for the variance law: two contiguous ``BATCH_SHAPE``
-    tensors, or the two halves of an ``(N, 2 * 33)`` encoder output."""
+    tensors, or the first half of an ``(N, 2 * 33)`` encoder output and a column-major ``(N, 33)`` view."""
     N, D = BATCH_SHAPE
     if aligned:
         return torch.randn(N, D, dtype=dtype)[None], torch.randn(N, D, dtype=dtype)[None]
-    mu, logvar = torch.randn(N, 66, dtype=dtype).chunk(2, dim=-1)
+    mu = torch.randn(N, 66, dtype=dtype)[:, :33]
+    logvar = torch.randn(33, N + 1, dtype=dtype)[:, 1:].t()
     return mu[None], logvar[None]
 
 
@@ -385,7 +391,8 @@ def _specialize(kernel, target: int, args: tuple, kwargs: dict):
     kwargs = dict(kwargs)  # as JITFunction.run completes them
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton >= 3.9; 3.8 has no such option
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     backend = make_backend(GPUTarget("cuda", target, _WARP))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)

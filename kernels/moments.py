@@ -7,7 +7,9 @@ of the input's size are contiguous ``(A, N, C)``; statistics are contiguous ``(F
 
 Column reductions (the moments, the backward's column sums) take at most two launches. The rows are
 cut into chunks of whole ``BLOCK_R`` tiles; program ``(chunk, column block)`` reduces its chunk and
-writes a partial per column, and a finish kernel combines the chunks of a column in chunk order.
+writes a partial per column, and a finish kernel combines the chunks of a column in a fixed order:
+``BLOCK_C`` chunks at a time by a tree over a ``(BLOCK_C, BLOCK_D)`` tile (not one chunk after another:
+with ~4 chunks per multiprocessor that serial loop was the finish kernel's whole cost).
 When one chunk covers all rows the first launch writes the result itself (``FINAL``) and the finish
 kernel is not launched. No float atomics: the result is the same bits at every call.
 
@@ -16,8 +18,8 @@ Chan's parallel combine, tile after tile and then chunk after chunk. All of it r
 shifted by the first row, so a mean much larger than the spread costs no precision.
 
 One value across all columns (``renormalize``'s scalar factor, the total of its backward) is reduced
-by the programs that finish columns with the ticket of ``_launch``: the last to arrive adds the
-partials up in program order.
+by the programs that finish columns with the ticket of ``_launch`` (a per-call zeroed workspace):
+the last to arrive adds the partials up in program order.
 
 Python floats reach a kernel as float32; the targets and ``eps`` are passed as a float32 pair
 ``hi + lo`` so that float64 inputs get them to about 48 bits.
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    accumulation_type, last_to_arrive, launch, partial_block, release_ticket, row_tile, store_total, sum_partials, ticket,
+    accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, store_total, sum_partials, workspace,
 )
 from .aot import Spec, batch_pair, batch_slab
 
@@ -106,11 +108,10 @@ def _store_moments(
                 mean_tv = _pair(tv_hi, tv_lo, ACC)
             tl.store(scalars_ptr, tl.sqrt(mean_tv) / mean_sd)
             tl.store(scalars_ptr + 1, mean_sd)
-            release_ticket(ticket_ptr)
 
 
 # ----------------------------------------------------------------------------------- moments
-@triton.jit(do_not_specialize=["N", "rows_per_chunk"])
+@triton.jit(do_not_specialize=["N", "rows_per_chunk", "denominator"])  # the batch must not pick a compiled kernel
 def moments_partial_kernel(
     z_ptr, logvar_ptr, work_ptr, mean_ptr, var_ptr, scalars_ptr, partial_ptr, ticket_ptr, tv_ptr,
     N, F, C, rows_per_chunk, n_col_blocks, denominator,
@@ -152,6 +153,9 @@ def moments_partial_kernel(
             HAS_LOGVAR, SCALE, TV_TENSOR, ACC, BLOCK_P,
         )
     else:
+        if SCALE:
+            if pid == 0:  # the finish kernel's ticket counter, which this call allocated unzeroed
+                tl.store(ticket_ptr, 0)
         out = work_ptr + chunk.to(tl.int64) * 3 * F + cols
         tl.store(out, mean, mask=col_mask)
         tl.store(out + F, m2, mask=col_mask)
@@ -159,30 +163,40 @@ def moments_partial_kernel(
             tl.store(out + F + F, exp_sum, mask=col_mask)  # not 2 * F: a 32-bit product on an address path
 
 
-@triton.jit(do_not_specialize=["N", "rows_per_chunk", "n_chunks"])
+@triton.jit(do_not_specialize=["N", "rows_per_chunk", "n_chunks", "denominator"])
 def moments_finish_kernel(
     z_ptr, work_ptr, mean_ptr, var_ptr, scalars_ptr, partial_ptr, ticket_ptr, tv_ptr,
     N, F, C, rows_per_chunk, n_chunks, denominator,
     stride_za, stride_zc, stride_tv,
     tv_hi, tv_lo,
     HAS_LOGVAR: tl.constexpr, SCALE: tl.constexpr, TV_TENSOR: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Combine the chunks of ``BLOCK_D`` columns, ``BLOCK_C`` chunks at a time: a ``(BLOCK_C, BLOCK_D)``
+    tile is merged by a fixed-order tree (``tl.sum``: the pooled mean, then
+    ``M2 = sum(M2_c + n_c (mean_c - mean)^2)``), and tiles by Chan's combine."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < F
     shift = tl.load(z_ptr + _column_offsets(cols, C, stride_za, stride_zc), mask=col_mask, other=0.0).to(ACC)
     mean = tl.zeros([BLOCK_D], dtype=ACC)
     m2 = tl.zeros([BLOCK_D], dtype=ACC)
     exp_sum = tl.zeros([BLOCK_D], dtype=ACC)
-    for chunk in range(0, n_chunks):
-        n_before = tl.cast(chunk, tl.int64) * rows_per_chunk
-        n_chunk = tl.minimum(N - n_before, rows_per_chunk).to(ACC)
-        part = work_ptr + tl.cast(chunk, tl.int64) * 3 * F + cols
-        chunk_mean = tl.load(part, mask=col_mask, other=0.0)
-        chunk_m2 = tl.load(part + F, mask=col_mask, other=0.0)
-        mean, m2 = _chan_combine(mean, m2, n_before.to(ACC), chunk_mean, chunk_m2, n_chunk)
+    for first in range(0, n_chunks, BLOCK_C):
+        chunks = tl.cast(first, tl.int64) + tl.arange(0, BLOCK_C)
+        chunk_mask = chunks < n_chunks
+        n_chunk = tl.where(chunk_mask, tl.minimum(N - chunks * rows_per_chunk, rows_per_chunk), 0).to(ACC)
+        mask = chunk_mask[:, None] & col_mask[None, :]
+        part = work_ptr + chunks[:, None] * 3 * F + cols[None, :]
+        chunk_mean = tl.load(part, mask=mask, other=0.0)
+        chunk_m2 = tl.load(part + F, mask=mask, other=0.0)
+        n_tile = tl.sum(n_chunk, axis=0)
+        tile_mean = tl.sum(n_chunk[:, None] * chunk_mean, axis=0) / n_tile
+        deviation = tl.where(mask, chunk_mean - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(chunk_m2 + n_chunk[:, None] * deviation * deviation, axis=0)
+        n_before = (tl.cast(first, tl.int64) * rows_per_chunk).to(ACC)
+        mean, m2 = _chan_combine(mean, m2, n_before, tile_mean, tile_m2, n_tile)
         if HAS_LOGVAR:
-            exp_sum += tl.load(part + F + F, mask=col_mask, other=0.0)  # not 2 * F (32 bits)
+            exp_sum += tl.sum(tl.load(part + F + F, mask=mask, other=0.0), axis=0)  # not 2 * F (32 bits)
     _store_moments(
         mean, m2, exp_sum, shift, cols, col_mask, mean_ptr, var_ptr, N, denominator,
         scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, F,
@@ -190,7 +204,7 @@ def moments_finish_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "denominator"])
 def moments_bwd_kernel(
     grad_mean_ptr, grad_var_ptr, z_ptr, mean_ptr, logvar_ptr, grad_z_ptr, grad_lv_ptr,
     N, F, C, n_col_blocks, denominator,
@@ -225,7 +239,7 @@ def moments_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------- renormalize
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def renormalize_fwd_kernel(
     z_ptr, out_ptr, mean_ptr, var_ptr, scalars_ptr, tm_ptr, tv_ptr,
     N, F, C, n_col_blocks,
@@ -261,7 +275,7 @@ def _store_column_sums(
 ):
     """``per_dim``: write the column sums; ``scalar``: take part in the total of ``sum_gy``, which holds ``sum(g z)``."""
     if SCALAR_MODE:
-        store_total(partial_ptr, ticket_ptr, total_ptr, tl.sum(sum_gy, axis=0), 1.0, BLOCK_P)
+        store_total(partial_ptr, ticket_ptr, total_ptr, tl.sum(sum_gy, axis=0), 1, BLOCK_P)
     else:
         tl.store(sum_g_ptr + cols, sum_g, mask=col_mask)
         tl.store(sum_gy_ptr + cols, sum_gy, mask=col_mask)
@@ -303,6 +317,9 @@ def renormalize_bwd_partial_kernel(
     if FINAL:
         _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, SCALAR_MODE, BLOCK_P)
     else:
+        if SCALAR_MODE:
+            if pid == 0:  # the finish kernel's ticket counter, which this call allocated unzeroed
+                tl.store(ticket_ptr, 0)
         out = work_ptr + chunk.to(tl.int64) * 2 * F + cols
         tl.store(out, sum_g, mask=col_mask)
         tl.store(out + F, sum_gy, mask=col_mask)
@@ -311,20 +328,23 @@ def renormalize_bwd_partial_kernel(
 @triton.jit(do_not_specialize=["n_chunks"])
 def renormalize_bwd_finish_kernel(
     work_ptr, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, F, n_chunks,
-    SCALAR_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    SCALAR_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Add up the chunks' column sums, ``BLOCK_C`` chunks at a time by a fixed-order tree."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < F
     sum_g = tl.zeros([BLOCK_D], dtype=ACC)
     sum_gy = tl.zeros([BLOCK_D], dtype=ACC)
-    for chunk in range(0, n_chunks):
-        part = work_ptr + tl.cast(chunk, tl.int64) * 2 * F + cols
-        sum_g += tl.load(part, mask=col_mask, other=0.0)
-        sum_gy += tl.load(part + F, mask=col_mask, other=0.0)
+    for first in range(0, n_chunks, BLOCK_C):
+        chunks = tl.cast(first, tl.int64) + tl.arange(0, BLOCK_C)
+        mask = (chunks < n_chunks)[:, None] & col_mask[None, :]
+        part = work_ptr + chunks[:, None] * 2 * F + cols[None, :]
+        sum_g += tl.sum(tl.load(part, mask=mask, other=0.0), axis=0)
+        sum_gy += tl.sum(tl.load(part + F, mask=mask, other=0.0), axis=0)
     _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, SCALAR_MODE, BLOCK_P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def renormalize_bwd_kernel(
     grad_ptr, z_ptr, mean_ptr, var_ptr, scalars_ptr, tv_ptr, sum_g_ptr, sum_gy_ptr, total_ptr, grad_z_ptr,
     N, F, C, n_col_blocks,
@@ -370,10 +390,16 @@ class _Plan(NamedTuple):
     n_chunks: int
 
     @property
+    def finish_chunks(self) -> int:
+        """``BLOCK_C``: chunks that a finish kernel combines at once, in tiles of 1024 elements (a
+        constant per column count, never per batch)."""
+        return max(1, 1024 // self.block_d)
+
+    @property
     def finish_warps(self) -> int:
-        """Warps of the finish kernels, which handle ``block_d`` columns: one warp per 32 (8 warps for 64
-        columns left most threads idle, and ptxas spilled the fp64 variance-law finish on sm_120)."""
-        return max(1, min(self.num_warps, self.block_d // 32))
+        """Warps of the finish kernels' ``(BLOCK_C, BLOCK_D)`` tiles of 1024 elements: 4 (8 elements a
+        thread; ptxas spilled the fp64 variance-law finish on sm_120 with 8 warps on 64 columns)."""
+        return 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -388,7 +414,7 @@ def _plan(shape: torch.Size, device: torch.device) -> _Plan:
     """Tiles and row chunks for an ``(A, N, C)`` problem."""
     _, N, C = shape
     F = shape[0] * C
-    block_r, block_d, num_warps = row_tile(N, F, max_cols=_MAX_COLS)
+    block_r, block_d, num_warps = row_tile(F, max_cols=_MAX_COLS)
     n_col_blocks = triton.cdiv(F, block_d)
     n_row_tiles = triton.cdiv(N, block_r)
     wanted_chunks = max(1, _target_programs(device) // n_col_blocks)
@@ -405,18 +431,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _split(value: float) -> tuple[float, float]:
-    """``value`` as float32 ``hi + lo``."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(value - hi)
-
-
 def _target(target) -> tuple[torch.Tensor | None, int, float, float]:
     """``(tensor, stride, hi, lo)`` of a target: a tensor of ``F`` (or one) elements, or a Python float."""
     if isinstance(target, torch.Tensor):
         flat = target.reshape(-1)
         return flat, (flat.stride(0) if flat.numel() > 1 else 0), 0.0, 0.0
-    return None, 0, *_split(float(target))
+    return None, 0, *float32_pair(float(target))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -441,21 +461,21 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
     var = torch.empty(F, dtype=acc, device=z.device)
     scale = target_var is not None
     scalars = torch.empty(2, dtype=acc, device=z.device) if scale else None
-    partials = torch.empty(2 * plan.n_col_blocks, dtype=acc, device=z.device) if scale else None
-    tv, stride_tv, tv_hi, tv_lo = _target(target_var) if scale else (None, 0, 0.0, 0.0)
     final = plan.n_chunks == 1
+    partials, counter = workspace(2 * plan.n_col_blocks, acc, z.device, zeroed=final) if scale else (None, None)
+    tv, stride_tv, tv_hi, tv_lo = _target(target_var) if scale else (None, 0, 0.0, 0.0)
     # per chunk and column: the mean and M2 of the shifted data and the sum of exp(logvar)
     work = None if final else torch.empty((plan.n_chunks, 3, F), dtype=acc, device=z.device)
     lv_strides = _strides(logvar) if logvar is not None else (0, 0, 0)
-    counter = ticket(z.device) if scale else None
     flags = dict(HAS_LOGVAR=logvar is not None, SCALE=scale, TV_TENSOR=tv is not None, ACC=accumulation_type(z.dtype))
     launch(
         moments_partial_kernel, (plan.n_chunks * plan.n_col_blocks,),
         z, logvar, work, mean, var, scalars, partials, counter, tv,
         N, F, C, plan.rows_per_chunk, plan.n_col_blocks, N - correction,
         *_strides(z), *lv_strides, stride_tv, tv_hi, tv_lo,
-        FINAL=final, **flags, BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, BLOCK_P=partial_block(plan.n_col_blocks),
-        num_warps=plan.num_warps,
+        FINAL=final, **flags, BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, BLOCK_P=partial_block(),
+        # 16-bit inputs with 8 warps: Triton 3.8 held ptxas to 64 registers and spilled 8 B on sm_120
+        num_warps=4 if z.element_size() == 2 else plan.num_warps,
     )
     if not final:
         launch(
@@ -463,7 +483,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
             z, work, mean, var, scalars, partials, counter, tv,
             N, F, C, plan.rows_per_chunk, plan.n_chunks, N - correction,
             z.stride(0), z.stride(2), stride_tv, tv_hi, tv_lo,
-            **flags, BLOCK_D=plan.block_d, BLOCK_P=partial_block(plan.n_col_blocks),
+            **flags, BLOCK_D=plan.block_d, BLOCK_C=plan.finish_chunks, BLOCK_P=partial_block(),
             num_warps=plan.finish_warps,
         )
     return mean, var, scalars
@@ -504,7 +524,7 @@ def renormalize(z, target_mean, target_var, *, scalar_mode: bool, eps: float):
         renormalize_fwd_kernel, _grid_tiles(plan, N),
         z, out, mean, var, scalars, tm, tv,
         N, A * C, C, plan.n_col_blocks, *_strides(z), stride_tm, stride_tv,
-        tm_hi, tm_lo, tv_hi, tv_lo, *_split(eps),
+        tm_hi, tm_lo, tv_hi, tv_lo, *float32_pair(eps),
         SCALAR_MODE=scalar_mode, TM_TENSOR=tm is not None, TV_TENSOR=tv is not None, ACC=accumulation_type(z.dtype),
         BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, num_warps=plan.num_warps,
     )
@@ -524,14 +544,13 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
     if scalar_mode:
         sum_g = sum_gy = None
         total = torch.empty(1, dtype=acc, device=z.device)
-        partials = torch.empty(plan.n_col_blocks, dtype=acc, device=z.device)
-        counter = ticket(z.device)
+        partials, counter = workspace(plan.n_col_blocks, acc, z.device, zeroed=final)
     else:
         sum_g = torch.empty(F, dtype=acc, device=z.device)
         sum_gy = torch.empty(F, dtype=acc, device=z.device)
         total = partials = counter = None
-    eps_pair = _split(eps)
-    block_p = partial_block(plan.n_col_blocks)
+    eps_pair = float32_pair(eps)
+    block_p = partial_block()
     acc_type = accumulation_type(z.dtype)
     launch(
         renormalize_bwd_partial_kernel, (plan.n_chunks * plan.n_col_blocks,),
@@ -544,7 +563,8 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
         launch(
             renormalize_bwd_finish_kernel, (plan.n_col_blocks,),
             work, sum_g, sum_gy, partials, counter, total, F, plan.n_chunks,
-            SCALAR_MODE=scalar_mode, ACC=acc_type, BLOCK_D=plan.block_d, BLOCK_P=block_p, num_warps=plan.finish_warps,
+            SCALAR_MODE=scalar_mode, ACC=acc_type, BLOCK_D=plan.block_d, BLOCK_C=plan.finish_chunks, BLOCK_P=block_p,
+            num_warps=plan.finish_warps,
         )
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     tv, stride_tv, tv_hi, tv_lo = _target(target_var)

@@ -9,7 +9,9 @@ CLAMP: logvar is clamped to ``[LOGVAR_MIN, LOGVAR_MAX]`` after loading; the back
 logvar gradient outside that range (torch.clamp's rule, bounds included).
 
 KL_MODE: 0 no KL, 1 elementwise (``none``), 2 one value per row (``per_sample``), 3 one total
-(``batchmean``/``sum``, scaled by ``kl_scale``), written by a one-launch ticket reduction.
+(``batchmean``/``sum``, divided by the integer ``kl_divisor``), written by a one-launch ticket reduction
+on a per-call zeroed workspace. Counts travel as integers and are divided in the accumulation dtype:
+a Python float argument would reach the GPU as fp32, whatever the tensors' dtype.
 """
 from __future__ import annotations
 
@@ -17,19 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulation_type, launch, partial_block, row_tile, store_total, ticket
+from ._launch import accumulation_type, float32_pair, launch, partial_block, row_tile, store_total, workspace
 from .aot import Spec, latent_pair
 
 KL_NONE, KL_ELEMENTWISE, KL_PER_ROW, KL_TOTAL = 0, 1, 2, 3
 _KL_MODES = {"none": KL_ELEMENTWISE, "per_sample": KL_PER_ROW, "batchmean": KL_TOTAL, "sum": KL_TOTAL}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "kl_divisor"])  # the batch size must not pick a compiled kernel
 def reparameterize_kl_fwd_kernel(
     mu_ptr, logvar_ptr, seed_ptr, z_ptr, kl_ptr, partial_ptr, ticket_ptr,
     n_rows, D,
     stride_mu_r, stride_mu_c, stride_lv_r, stride_lv_c,
-    kl_scale,
+    kl_divisor,
     HAS_Z: tl.constexpr, KL_MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
@@ -41,7 +43,7 @@ def reparameterize_kl_fwd_kernel(
         seed = tl.load(seed_ptr)
     row_kl = tl.zeros([BLOCK_R], dtype=ACC)
     for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)  # times a column stride that may pass 2**31
         mask = row_mask[:, None] & (cols < D)[None, :]
         mu = tl.load(mu_ptr + rows[:, None] * stride_mu_r + cols[None, :] * stride_mu_c, mask=mask, other=0.0).to(ACC)
         logvar = tl.load(logvar_ptr + rows[:, None] * stride_lv_r + cols[None, :] * stride_lv_c, mask=mask, other=0.0).to(ACC)
@@ -62,16 +64,16 @@ def reparameterize_kl_fwd_kernel(
     if KL_MODE == 2:
         tl.store(kl_ptr + rows, row_kl, mask=row_mask)
     if KL_MODE == 3:
-        store_total(partial_ptr, ticket_ptr, kl_ptr, tl.sum(row_kl, axis=0), kl_scale, BLOCK_P)
+        store_total(partial_ptr, ticket_ptr, kl_ptr, tl.sum(row_kl, axis=0), kl_divisor, BLOCK_P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def reparameterize_kl_bwd_kernel(
     grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, seed_ptr, grad_mu_ptr, grad_lv_ptr,
     n_rows, D,
     stride_mu_r, stride_mu_c, stride_lv_r, stride_lv_c,
     stride_gz_r, stride_gz_c, stride_gkl_r, stride_gkl_c,
-    kl_scale,
+    kl_scale_hi, kl_scale_lo,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
@@ -81,6 +83,11 @@ def reparameterize_kl_bwd_kernel(
     row_mask = rows < n_rows
     if HAS_GRAD_Z:
         seed = tl.load(seed_ptr)
+    # 1 / n_rows as a float32 pair (about 48 bits) for float64; float32 needs hi alone (a division
+    # here, or the pair, cost ptxas 8 B of spill on sm_120)
+    kl_scale = tl.cast(kl_scale_hi, ACC)
+    if ACC == tl.float64:
+        kl_scale += tl.cast(kl_scale_lo, ACC)
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)  # times a column stride that may pass 2**31
         mask = row_mask[:, None] & (cols < D)[None, :]
@@ -115,17 +122,18 @@ def _philox_tile(n_rows: int, D: int, dtype: torch.dtype) -> tuple[int, int, int
     """``row_tile`` with 4 warps and one 128-bit access per tensor and thread (8 half-precision, 4 fp32
     or 2 fp64 elements): every element runs a 10-round Philox, and 16 elements a thread spilled."""
     elements_per_thread = 16 // torch.empty((), dtype=dtype).element_size()
-    return row_tile(n_rows, D, max_tile=4 * 32 * elements_per_thread)
+    return row_tile(D, max_tile=4 * 32 * elements_per_thread)
 
 
-def _kl_output(mu: torch.Tensor, reduction: str) -> tuple[torch.Tensor, float]:
+def _kl_output(mu: torch.Tensor, reduction: str) -> tuple[torch.Tensor, int]:
+    """The KL output and the integer its total is divided by (``n_rows`` for batchmean, else 1)."""
     n_rows, _ = mu.shape
     acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
     if reduction == "none":
-        return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device), 1.0
+        return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device), 1
     if reduction == "per_sample":
-        return torch.empty(n_rows, dtype=acc, device=mu.device), 1.0
-    return torch.empty(1, dtype=acc, device=mu.device), (1.0 / n_rows if reduction == "batchmean" else 1.0)
+        return torch.empty(n_rows, dtype=acc, device=mu.device), 1
+    return torch.empty(1, dtype=acc, device=mu.device), (n_rows if reduction == "batchmean" else 1)
 
 
 def _clamp_flags(logvar_clamp) -> dict:
@@ -143,15 +151,15 @@ def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, r
     block_r, block_d, num_warps = _philox_tile(n_rows, D, mu.dtype)
     grid = (triton.cdiv(n_rows, block_r),)
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if seed is not None else None
-    kl, kl_scale = _kl_output(mu, reduction) if reduction is not None else (None, 1.0)
+    kl, kl_divisor = _kl_output(mu, reduction) if reduction is not None else (None, 1)
     kl_mode = _KL_MODES[reduction] if reduction is not None else KL_NONE
-    partials = torch.empty(grid[0], dtype=kl.dtype, device=mu.device) if kl_mode == KL_TOTAL else None
+    partials, counter = workspace(grid[0], kl.dtype, mu.device) if kl_mode == KL_TOTAL else (None, None)
     launch(
         reparameterize_kl_fwd_kernel, grid,
-        mu, logvar, seed, z, kl, partials, ticket(mu.device) if kl_mode == KL_TOTAL else None,
-        n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), kl_scale,
+        mu, logvar, seed, z, kl, partials, counter,
+        n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1), kl_divisor,
         HAS_Z=z is not None, KL_MODE=kl_mode, ACC=accumulation_type(mu.dtype),
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(grid[0]),
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(),
         num_warps=num_warps, **_clamp_flags(logvar_clamp),
     )
     return z, kl
@@ -178,7 +186,7 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp=None):
         reparameterize_kl_bwd_kernel, (triton.cdiv(n_rows, block_r),),
         grad_z, grad_kl, mu, logvar, seed, grad_mu, grad_lv,
         n_rows, D, mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-        *gz_strides, *gkl_strides, kl_scale,
+        *gz_strides, *gkl_strides, *float32_pair(kl_scale),
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None, ACC=accumulation_type(mu.dtype),
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, **_clamp_flags(logvar_clamp),
     )
@@ -213,7 +221,7 @@ def _aot_backward_clamped(mu, logvar):
 
 AOT_SPECS = [
     Spec("reparameterize_kl", "forward", "z and batchmean KL (HAS_Z, KL_MODE=3)", latent_pair, _aot_forward,
-         traffic={"reparameterize_kl_fwd_kernel": (2, 1)}),
+         traffic={"reparameterize_kl_fwd_kernel": (2, 1)}, memsets=1),
     Spec("reparameterize_kl", "backward", "grad z and batchmean grad KL (HAS_GRAD_Z, HAS_GRAD_KL)", latent_pair, _aot_backward,
          traffic={"reparameterize_kl_bwd_kernel": (3, 2)}),
     Spec("reparameterize_kl", "forward", "DiagonalGaussian: z and per-sample KL, logvar clamped (CLAMP, KL_MODE=2)",

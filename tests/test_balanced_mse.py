@@ -14,6 +14,8 @@ import fastvae
 from fastvae import reference
 from fastvae.backend import use_backend
 from fastvae.kernels import count_launches
+from fastvae.kernels._launch import ZERO_FILL
+from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import DTYPES, RTOL, assert_close_scaled
 
 BACKENDS = ("triton", "torch")
@@ -174,8 +176,11 @@ def test_opcheck(backend):
     with use_backend(backend):
         for reduction in REDUCTIONS:
             torch.library.opcheck(torch.ops.fastvae.balanced_mse.default, (x_hat, x, gamma2, reduction, True))
+            torch.library.opcheck(
+                torch.ops.fastvae.balanced_mse_update_.default, (x_hat.detach(), x, gamma2.clone(), reduction, True, 0.9, "min-ema")
+            )
         torch.library.opcheck(
-            torch.ops.fastvae.balanced_mse_backward.default, (torch.randn(4), x_hat.detach(), x, gamma2, "per_sample", True, False)
+            torch.ops.fastvae.balanced_mse_backward.default, (torch.randn(4), x_hat.detach(), x, gamma2, "per_sample", True, False, backend)
         )
 
 
@@ -196,6 +201,43 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_with_update_matches_eager(backend):
+    """With update=True (the training default) inductor must give the gradient of gamma^2 before the
+    update, as eager does (it used to read the running MSE after the in-place update)."""
+    def step(x_hat, x, running):
+        return fastvae.balanced_mse(torch.sigmoid(x_hat), x, running, momentum=0.5, rule="ema") * 2
+
+    x = torch.rand(8, 12)
+    results = []
+    with use_backend(backend):
+        for fn in (step, torch.compile(step, fullgraph=True, backend="inductor")):
+            x_hat = torch.randn(8, 12, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+            running = torch.tensor(0.5)
+            loss = fn(x_hat, x, running)
+            loss.backward()
+            results.append((loss.detach(), x_hat.grad, running.clone()))
+    (loss_e, grad_e, running_e), (loss_c, grad_c, running_c) = results
+    assert running_e.item() != 0.5  # the update happened
+    torch.testing.assert_close(running_c, running_e)
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(grad_c, grad_e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_runs_on_the_backend_of_its_forward(backend):
+    """A forward inside use_backend(backend) whose backward runs after the block (or inside the other
+    backend) runs the backward of the forward's backend."""
+    other = "torch" if backend == "triton" else "triton"
+    for update in (False, True):
+        x_hat = torch.rand(4, 30, requires_grad=True)
+        with use_backend(backend):
+            loss = fastvae.balanced_mse(x_hat, torch.rand(4, 30), torch.tensor(1.0), update=update)
+        with use_backend(other), count_launches() as launches:
+            loss.backward()
+        assert launches == ({"balanced_mse_bwd_kernel": 1} if backend == "triton" else {}), launches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_only_inputs_are_saved_for_backward(backend):
     x_hat = torch.rand(16, 1, 8, 8, requires_grad=True)
     x = torch.rand(16, 1, 8, 8)
@@ -208,17 +250,44 @@ def test_only_inputs_are_saved_for_backward(backend):
     assert {t.data_ptr() for t in saved if t.numel() > 1} == {x_hat.data_ptr(), x.data_ptr()}
 
 
+@pytest.mark.parametrize("update", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_one_launch_forward_and_one_backward(reduction):
+def test_one_launch_forward_and_one_backward(reduction, update):
+    """One kernel forward (after the memset that zeroes its ticket workspace; the running-MSE update is in
+    the kernel) and one backward."""
     x_hat = torch.rand(9, 3000, requires_grad=True)  # several column blocks and row blocks
     x = torch.rand(9, 3000)
     with use_backend("triton"):
         with count_launches() as forward:
-            loss = fastvae.balanced_mse(x_hat, x, torch.tensor(1.0), reduction=reduction)
+            loss = fastvae.balanced_mse(x_hat, x, torch.tensor(1.0), reduction=reduction, update=update)
         with count_launches() as backward:
             loss.sum().backward()
-    assert sum(forward.values()) == 1, forward
+    assert forward == {"balanced_mse_fwd_kernel": 1, ZERO_FILL: 1}, forward
     assert sum(backward.values()) == 1, backward
+
+
+class _TopLevelOps(TorchDispatchMode):
+    """The ATen and custom ops called at the top level of a block (what runs around the custom ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_update_adds_no_aten_op_around_the_kernel():
+    """The running-MSE update runs in the kernel's last program: no clone, division or ATen op around it."""
+    x_hat = torch.rand(6, 50, requires_grad=True)
+    x, running = torch.rand(6, 50), torch.tensor(1.0)
+    with use_backend("triton"), _TopLevelOps() as mode:
+        fastvae.balanced_mse(x_hat, x, running)
+    # detach/view launch nothing; reading the value (_local_scalar_dense) is the input check, on CPU only
+    launched = [op for op in mode.ops if op not in ("aten.detach", "aten.view", "aten._local_scalar_dense")]
+    assert launched == ["fastvae.balanced_mse_update_"], mode.ops
+    assert running.item() < 1.0
 
 
 # -------------------------------------------------------------------------------- bad inputs
@@ -290,3 +359,29 @@ def test_one_pass_cpu_form_is_differentiable():
     loss, _ = reference.balanced_mse_forward(x_hat, x, torch.tensor(0.5, dtype=torch.float64))
     loss.backward()
     torch.testing.assert_close(x_hat.grad, (x_hat - x).detach() / 0.5 / 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_images_are_read_in_place_and_gradients_keep_the_format(backend):
+    """channels_last reconstructions and images are flattened in memory order (a view, no copy), and the
+    elementwise loss and the gradients come back channels_last, matching the reference."""
+    import importlib
+
+    ops = importlib.import_module("fastvae.ops.balanced_mse")
+
+    shape = (4, 3, 5, 6)
+    x_hat = torch.rand(shape).to(memory_format=torch.channels_last).requires_grad_(True)
+    x = torch.rand(shape).to(memory_format=torch.channels_last)
+    rows_hat, rows_x, order = ops._pair_rows(x_hat, x)
+    assert order == [2, 3, 1] and rows_hat.data_ptr() == x_hat.data_ptr() and rows_x.data_ptr() == x.data_ptr()
+    for reduction in REDUCTIONS:
+        _check_against_reference(x_hat, x, torch.tensor(0.3), reduction, True)
+        leaf = x_hat.detach().clone().requires_grad_(True)
+        with use_backend(backend):
+            loss = fastvae.balanced_mse(leaf, x, torch.tensor(0.3), reduction=reduction, update=False)
+            loss.backward(torch.ones_like(loss))
+        assert leaf.grad.is_contiguous(memory_format=torch.channels_last), (reduction, leaf.grad.stride())
+        if reduction == "none":
+            assert loss.is_contiguous(memory_format=torch.channels_last), loss.stride()
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.fastvae.balanced_mse.default, (x_hat, x, torch.tensor(0.3), "none", True))

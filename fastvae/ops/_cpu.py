@@ -211,3 +211,16 @@ def clamp_logvar_grad(grad_logvar: Tensor, logvar: Tensor, logvar_clamp) -> Tens
         return grad_logvar
     inside = (logvar >= logvar_clamp[0]) & (logvar <= logvar_clamp[1])
     return torch.where(inside, grad_logvar, torch.zeros_like(grad_logvar))
+
+
+def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: float, rule: str) -> Tensor:
+    """``reference.update_running_mse`` in place (``ema``: ``r = m r + (1 - m) batch_mse``; ``min-ema``:
+    ``r = min(r, ema)``), except that a non-finite ``batch_mse`` (the loss reports it) leaves ``r`` as it was
+    instead of poisoning every later step."""
+    with torch.no_grad():
+        batch_mse = batch_mse.to(running_mse.dtype).reshape(running_mse.shape)
+        ema = running_mse * momentum + batch_mse * (1 - momentum)
+        if rule == "min-ema":
+            ema = torch.minimum(running_mse, ema)
+        running_mse.copy_(torch.where(torch.isfinite(batch_mse), ema, running_mse))
+    return running_mse

@@ -1,9 +1,12 @@
 """The balanced reconstruction loss (Asperti & Trentin 2020): ``balanced_mse`` and ``BalancedMSE``.
 
 A Gaussian negative log-likelihood whose variance ``gamma^2`` is a running estimate of the MSE.
-The custom op ``fastvae::balanced_mse`` returns the loss and the sum of squared errors in one pass;
-the running estimate is then updated from that sum (all-reduced over ranks under torch.distributed)
-outside the op, so the op itself mutates nothing.
+With ``update`` (the training default) the custom op ``fastvae::balanced_mse_update_`` computes the
+loss and updates the running estimate in place in the same pass (``mutates_args``), and returns the
+``gamma^2`` it used, which the backward reads: so the gradient uses the pre-update value under
+torch.compile too. Without ``update``, and under torch.distributed (whose all-reduce of the batch MSE
+runs between the pass and the update), the functional ``fastvae::balanced_mse`` returns the loss and
+the sum of squared errors and the update runs after it.
 """
 from __future__ import annotations
 
@@ -14,13 +17,30 @@ from torch import Tensor, nn
 from .. import backend, reference
 from . import _cpu
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, finite_check_enabled
-from ._layout import as_rows
+from ._layout import as_rows, from_memory_order, memory_order, samples_in_memory_order
 
 
 # ---------------------------------------------------------------------------------------- dispatch
 def _rows(x: Tensor) -> Tensor:
     """``(N, *)`` as ``(N, prod(*))``."""
     return as_rows(x, x[0].numel() if x.dim() > 1 else 1)
+
+
+def _pair_rows(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, list[int] | None]:
+    """``(x_hat, x)`` as ``(N, M)`` rows for the kernels, and the column order used. Every reduction
+    sums over a sample's elements in any order, so when both share their strides (channels_last
+    images) they are read in memory order, in place; else row-major (copied when no view exists)."""
+    if x_hat.dim() > 2 and x_hat.stride() == x.stride():
+        order = memory_order(x_hat)
+        rows_hat, rows_x = samples_in_memory_order(x_hat, order), samples_in_memory_order(x, order)
+        if rows_hat is not None and rows_x is not None:
+            return rows_hat, rows_x, order
+    return _rows(x_hat), _rows(x), None
+
+
+def _unrows(flat: Tensor, like: Tensor, order: list[int] | None) -> Tensor:
+    """A kernel's contiguous ``(N, M)`` result in ``like``'s shape (and memory format, with an ``order``)."""
+    return from_memory_order(flat, like, order) if order is not None else flat.view(like.shape)
 
 
 def _loss_shape(x: Tensor, reduction: str) -> torch.Size:
@@ -38,56 +58,121 @@ def _accumulation(x_hat: Tensor, x: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastvae::balanced_mse", mutates_args=())
 def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, full: bool) -> tuple[Tensor, Tensor]:
     """``(loss, sum((x_hat - x)^2))`` with variance ``gamma2``; the sum is not differentiable."""
-    if not backend.use_triton(x_hat):
+    if backend.decide(x_hat) == "torch":
         return _cpu.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
-    loss, sse = backend.kernels().balanced_mse.forward(_rows(x_hat), _rows(x), gamma2, reduction, full)
-    return loss.view(_loss_shape(x_hat, reduction)), sse.view(())
+    rows_hat, rows_x, order = _pair_rows(x_hat, x)
+    loss, sse, _ = backend.kernels().balanced_mse.forward(rows_hat, rows_x, gamma2, reduction, full)
+    loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
+    return loss, sse.view(())
+
+
+@torch.library.custom_op("fastvae::balanced_mse_update_", mutates_args=("running_mse",))
+def _balanced_mse_update_op(
+    x_hat: Tensor, x: Tensor, running_mse: Tensor, reduction: str, full: bool, momentum: float, rule: str
+) -> tuple[Tensor, Tensor]:
+    """``(loss, gamma2)``: the loss with ``gamma2`` = ``running_mse`` as it was (returned, one element,
+    for the backward), then ``running_mse`` updated in place by ``rule``. On Triton, the kernel's last
+    program does the update: no ATen op runs around the launch."""
+    if backend.decide(x_hat) == "torch":
+        gamma2 = running_mse.detach().clone()
+        loss, sse = _cpu.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
+        _cpu.update_running_mse(running_mse, sse / x_hat.numel(), momentum=momentum, rule=rule)
+        return loss, gamma2
+    rows_hat, rows_x, order = _pair_rows(x_hat, x)
+    loss, _, gamma2 = backend.kernels().balanced_mse.forward(rows_hat, rows_x, running_mse, reduction, full, rule, momentum)
+    loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
+    return loss, gamma2.view(running_mse.shape)
 
 
 @torch.library.custom_op("fastvae::balanced_mse_backward", mutates_args=())
 def _balanced_mse_backward_op(
-    grad: Tensor, x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, need_x_hat: bool, need_x: bool
+    grad: Tensor, x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, need_x_hat: bool, need_x: bool,
+    backend_name: str,
 ) -> tuple[Tensor, Tensor]:
-    """``(d/dx_hat, d/dx)``; a gradient not needed comes back as an empty tensor."""
-    if not backend.use_triton(x_hat):
+    """``(d/dx_hat, d/dx)`` on ``backend_name`` (its forward's); a gradient not needed comes back as an empty tensor."""
+    if backend_name == "torch":
         grad_x_hat, grad_x = _cpu.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
     else:
-        grad_rows = _rows(grad) if reduction == "none" else grad.reshape(-1)
+        rows_hat, rows_x, order = _pair_rows(x_hat, x)
+        if reduction != "none":
+            grad_rows = grad.reshape(-1)
+        elif order is not None:  # the upstream gradient's columns in the same order as the inputs'
+            grad_rows = samples_in_memory_order(grad, order)
+            grad_rows = grad_rows if grad_rows is not None else grad.permute(0, *order).reshape(grad.shape[0], -1)
+        else:
+            grad_rows = _rows(grad)
         grad_x_hat, grad_x = backend.kernels().balanced_mse.backward(
-            grad_rows, _rows(x_hat), _rows(x), gamma2, reduction, need_x_hat, need_x
+            grad_rows, rows_hat, rows_x, gamma2, reduction, need_x_hat, need_x
         )
-        grad_x_hat = grad_x_hat.view(x_hat.shape) if need_x_hat else grad_x_hat
-        grad_x = grad_x.view(x.shape) if need_x else grad_x
+        grad_x_hat = _unrows(grad_x_hat, x_hat, order) if need_x_hat else grad_x_hat
+        grad_x = _unrows(grad_x, x, order) if need_x else grad_x
     return (grad_x_hat if need_x_hat else x_hat.new_empty(0)), (grad_x if need_x else x.new_empty(0))
+
+
+def _like_input(t: Tensor, x_hat: Tensor, x: Tensor) -> Tensor:
+    """An empty tensor of ``t``'s shape and dtype in the memory format that the ops return for it."""
+    order = _pair_rows(x_hat, x)[2]
+    return _unrows(t.new_empty((t.shape[0], t[0].numel() if t.dim() > 1 else 1)), t, order)
+
+
+def _fake_loss(x_hat: Tensor, x: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return _like_input(x_hat, x_hat, x)
+    return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=_accumulation(x_hat, x))
 
 
 @_balanced_mse_op.register_fake
 def _(x_hat, x, gamma2, reduction, full):
-    acc = _accumulation(x_hat, x)
-    loss_dtype = x_hat.dtype if reduction == "none" else acc
-    return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=loss_dtype), x_hat.new_empty((), dtype=acc)
+    return _fake_loss(x_hat, x, reduction), x_hat.new_empty((), dtype=_accumulation(x_hat, x))
+
+
+@_balanced_mse_update_op.register_fake
+def _(x_hat, x, running_mse, reduction, full, momentum, rule):
+    return _fake_loss(x_hat, x, reduction), running_mse.new_empty(running_mse.shape)
 
 
 @_balanced_mse_backward_op.register_fake
-def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x):
-    return x_hat.new_empty(x_hat.shape if need_x_hat else (0,)), x.new_empty(x.shape if need_x else (0,))
+def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x, backend_name):
+    return (_like_input(x_hat, x_hat, x) if need_x_hat else x_hat.new_empty(0)), (_like_input(x, x_hat, x) if need_x else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
     x_hat, x, gamma2, reduction, _ = inputs
     ctx.save_for_backward(x_hat, x, gamma2)
     ctx.reduction = reduction
+    # setup_context runs right after the forward, under the same backend state: the forward's decision
+    ctx.backend = backend.decide(x_hat)
     ctx.mark_non_differentiable(output[1])
 
 
 def _grad(ctx, grad_loss, _grad_sse):
     x_hat, x, gamma2 = ctx.saved_tensors
     need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x)
+    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x, ctx.backend)
     return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None
 
 
 _balanced_mse_op.register_autograd(_grad, setup_context=_setup)
+
+
+class _BalancedMSEUpdate(torch.autograd.Function):
+    """Autograd of ``fastvae::balanced_mse_update_`` (torch.library refuses a formula for a mutating op):
+    the backward uses the ``gamma2`` that the op returned, the value before its update, in eager and
+    under torch.compile alike."""
+
+    @staticmethod
+    def forward(ctx, x_hat, x, running_mse, reduction, full, momentum, rule, backend_name):
+        loss, gamma2 = torch.ops.fastvae.balanced_mse_update_(x_hat, x, running_mse, reduction, full, momentum, rule)
+        ctx.save_for_backward(x_hat, x, gamma2)
+        ctx.reduction, ctx.backend = reduction, backend_name
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x_hat, x, gamma2 = ctx.saved_tensors
+        need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x, ctx.backend)
+        return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------- public API
@@ -109,9 +194,13 @@ def _check_running_mse(op: str, running_mse: object, device: torch.device) -> Te
     return running_mse
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def batch_mse(sse: Tensor, numel: int) -> Tensor:
     """``sse / numel``, summed over all ranks first when torch.distributed is initialized."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         totals = torch.stack([sse.detach().double(), torch.tensor(float(numel), dtype=torch.float64, device=sse.device)])
         dist.all_reduce(totals)
         return (totals[0] / totals[1]).to(sse.dtype)
@@ -165,14 +254,14 @@ def balanced_mse(
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
     check_finite(op, x_hat=x_hat, x=x, running_mse=running_mse)
+    if update and not _distributed():
+        # the update happens inside the op (the kernel's last program on Triton)
+        return _BalancedMSEUpdate.apply(x_hat, x, running_mse, reduction, full, float(momentum), rule, backend.decide(x_hat))
     # the loss and its backward use gamma^2 as it was before this call's in-place update
     gamma2 = running_mse.detach().clone() if update else running_mse.detach()
     loss, sse = torch.ops.fastvae.balanced_mse(x_hat, x, gamma2, reduction, full)
     if update:
-        mse = batch_mse(sse, x_hat.numel())
-        # a non-finite batch (the loss reports it) leaves the running estimate as it was, instead of poisoning it
-        mse = torch.where(torch.isfinite(mse), mse, running_mse.detach().reshape(mse.shape).to(mse.dtype))
-        reference.update_running_mse(running_mse, mse, momentum=momentum, rule=rule)
+        _cpu.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
     return loss
 
 

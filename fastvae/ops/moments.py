@@ -57,7 +57,7 @@ def _target(tensor: Optional[Tensor], value: float) -> Tensor | float:
 # ------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastvae::moments", mutates_args=())
 def _moments_op(z: Tensor, dim: int, correction: int) -> tuple[Tensor, Tensor]:
-    if not backend.use_triton(z):
+    if backend.decide(z) == "torch":
         return _cpu.moments(z, dim=dim, correction=correction)
     mean, var, _ = backend.kernels().moments.moments(_slab(z, dim), correction=correction)
     shape = _stat_shape(z, dim)
@@ -66,7 +66,7 @@ def _moments_op(z: Tensor, dim: int, correction: int) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("fastvae::variance_law", mutates_args=())
 def _variance_law_op(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
-    if not backend.use_triton(mu):
+    if backend.decide(mu) == "torch":
         return _cpu.variance_law(mu, logvar)
     mean, var, _ = backend.kernels().moments.moments(_slab(mu, None), logvar=_slab(logvar, None))
     return mean, var
@@ -75,11 +75,11 @@ def _variance_law_op(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("fastvae::moments_backward", mutates_args=())
 def _moments_backward_op(
     grad_mean: Optional[Tensor], grad_var: Optional[Tensor], z: Tensor, mean: Tensor, logvar: Optional[Tensor],
-    dim: Optional[int], correction: int,
+    dim: Optional[int], correction: int, backend_name: str,
 ) -> tuple[Tensor, Tensor]:
     """``(d/dz, d/dlogvar)`` of ``moments`` over ``dim`` or, with ``dim=None``, of ``variance_law``
-    (``z`` is ``mu``). Without ``logvar`` the second is an empty tensor."""
-    if not backend.use_triton(z):
+    (``z`` is ``mu``), on ``backend_name`` (the forward's). Without ``logvar`` the second is an empty tensor."""
+    if backend_name == "torch":
         if dim is not None:
             return _cpu.moments_backward(grad_mean, grad_var, z, mean, dim, correction), z.new_empty(0)
         grad_mu, grad_logvar = _cpu.variance_law_backward(grad_mean, grad_var, z, logvar, mean)
@@ -101,7 +101,7 @@ def _renormalize_op(
     given, else the value."""
     tm, tv = _target(target_mean, target_mean_value), _target(target_var, target_var_value)
     scalar_mode = mode == "scalar"
-    if not backend.use_triton(z):
+    if backend.decide(z) == "torch":
         mean, var = _cpu.moments(z, dim=dim)
         out = _cpu.renormalize_from_moments(z, mean, var, tm, tv, dim=dim, mode=mode, eps=eps)
         scalars = _cpu.scalar_renormalization(var, tv) if scalar_mode else var.new_empty(0)
@@ -117,10 +117,11 @@ def _renormalize_op(
 @torch.library.custom_op("fastvae::renormalize_backward", mutates_args=())
 def _renormalize_backward_op(
     grad: Tensor, z: Tensor, mean: Tensor, var: Tensor, scalars: Tensor, target_var: Optional[Tensor],
-    target_var_value: float, dim: int, mode: str, eps: float,
+    target_var_value: float, dim: int, mode: str, eps: float, backend_name: str,
 ) -> Tensor:
+    """``d/dz`` on ``backend_name`` (the forward's)."""
     tv = _target(target_var, target_var_value)
-    if not backend.use_triton(z):
+    if backend_name == "torch":
         return _cpu.renormalize_backward(grad, z, mean, var, tv, dim=dim, mode=mode, eps=eps)
     grad_z = backend.kernels().moments.renormalize_backward(
         _slab(grad, dim), _slab(z, dim), mean.reshape(-1), var.reshape(-1), scalars,
@@ -140,7 +141,7 @@ def _(mu, logvar):
 
 
 @_moments_backward_op.register_fake
-def _(grad_mean, grad_var, z, mean, logvar, dim, correction):
+def _(grad_mean, grad_var, z, mean, logvar, dim, correction, backend_name):
     return z.new_empty(z.shape), (logvar.new_empty(logvar.shape) if logvar is not None else z.new_empty(0))
 
 
@@ -151,7 +152,7 @@ def _(z, target_mean, target_var, target_mean_value, target_var_value, dim, mode
 
 
 @_renormalize_backward_op.register_fake
-def _(grad, z, mean, var, scalars, target_var, target_var_value, dim, mode, eps):
+def _(grad, z, mean, var, scalars, target_var, target_var_value, dim, mode, eps, backend_name):
     return z.new_empty(z.shape)
 
 
@@ -159,23 +160,25 @@ def _setup_moments(ctx, inputs, output):
     z, dim, correction = inputs
     ctx.save_for_backward(z, output[0])
     ctx.dim, ctx.correction = dim, correction
+    ctx.backend = backend.decide(z)  # runs right after the forward, in its backend state
 
 
 def _moments_grad(ctx, grad_mean, grad_var):
     z, mean = ctx.saved_tensors
-    grad_z, _ = _moments_backward_op(grad_mean, grad_var, z, mean, None, ctx.dim, ctx.correction)
+    grad_z, _ = _moments_backward_op(grad_mean, grad_var, z, mean, None, ctx.dim, ctx.correction, ctx.backend)
     return grad_z, None, None
 
 
 def _setup_variance_law(ctx, inputs, output):
     mu, logvar = inputs
     ctx.save_for_backward(mu, logvar, output[0])
+    ctx.backend = backend.decide(mu)
 
 
 def _variance_law_grad(ctx, grad_mean, grad_var):
     mu, logvar, mean = ctx.saved_tensors
     need_logvar = ctx.needs_input_grad[1]
-    grad_mu, grad_logvar = _moments_backward_op(grad_mean, grad_var, mu, mean, logvar if need_logvar else None, None, 0)
+    grad_mu, grad_logvar = _moments_backward_op(grad_mean, grad_var, mu, mean, logvar if need_logvar else None, None, 0, ctx.backend)
     return grad_mu, (grad_logvar if need_logvar else None)
 
 
@@ -185,11 +188,12 @@ def _setup_renormalize(ctx, inputs, output):
     ctx.save_for_backward(z, mean, var, scalars, target_var)
     ctx.mark_non_differentiable(mean, var, scalars)
     ctx.target_var_value, ctx.dim, ctx.mode, ctx.eps = target_var_value, dim, mode, eps
+    ctx.backend = backend.decide(z)
 
 
 def _renormalize_grad(ctx, grad, _grad_mean, _grad_var, _grad_scalars):
     z, mean, var, scalars, target_var = ctx.saved_tensors
-    grad_z = _renormalize_backward_op(grad, z, mean, var, scalars, target_var, ctx.target_var_value, ctx.dim, ctx.mode, ctx.eps)
+    grad_z = _renormalize_backward_op(grad, z, mean, var, scalars, target_var, ctx.target_var_value, ctx.dim, ctx.mode, ctx.eps, ctx.backend)
     return grad_z, None, None, None, None, None, None, None
 
 

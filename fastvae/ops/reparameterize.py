@@ -28,7 +28,7 @@ Clamp = Optional[list[float]]
 # ---------------------------------------------------------------------------------------- dispatch
 def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str], logvar_clamp: Clamp = None):
     """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
-    if not backend.use_triton(mu):
+    if backend.decide(mu) == "torch":
         return _cpu.reparameterize_kl(mu, _cpu.clamp_logvar(logvar, logvar_clamp), seed, reduction)
     D = mu.shape[-1]
     z, kl = backend.kernels().reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction, logvar_clamp)
@@ -40,8 +40,9 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Opti
 
 
 def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
-              logvar_clamp: Clamp = None):
-    if not backend.use_triton(mu):
+              backend_name: str, logvar_clamp: Clamp = None):
+    """The gradients on ``backend_name``: the backend that the forward ran on."""
+    if backend_name == "torch":
         grad_mu, grad_logvar = _cpu.reparameterize_kl_backward(
             grad_z, grad_kl, mu, _cpu.clamp_logvar(logvar, logvar_clamp), seed, reduction
         )
@@ -88,9 +89,9 @@ def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str, logvar_clamp: 
 @torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
 def _backward_op(
     grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
-    logvar_clamp: Clamp = None,
+    backend_name: str, logvar_clamp: Clamp = None,
 ) -> tuple[Tensor, Tensor]:
-    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp)
+    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp)
 
 
 @_reparameterize_kl_op.register_fake
@@ -109,7 +110,7 @@ def _(mu, logvar, reduction, logvar_clamp=None):
 
 
 @_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp=None):
+def _(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp=None):
     return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
 
 
@@ -117,35 +118,38 @@ def _setup_reparameterize_kl(ctx, inputs, output):
     mu, logvar, seed, reduction, logvar_clamp = inputs
     ctx.save_for_backward(mu, logvar, seed)
     ctx.reduction, ctx.logvar_clamp = reduction, logvar_clamp
+    ctx.backend = backend.decide(mu)  # runs right after the forward, in its backend state
 
 
 def _setup_reparameterize(ctx, inputs, output):
     mu, logvar, seed, logvar_clamp = inputs
     ctx.save_for_backward(mu, logvar, seed)
     ctx.logvar_clamp = logvar_clamp
+    ctx.backend = backend.decide(mu)
 
 
 def _setup_kl_divergence(ctx, inputs, output):
     mu, logvar, reduction, logvar_clamp = inputs
     ctx.save_for_backward(mu, logvar)
     ctx.reduction, ctx.logvar_clamp = reduction, logvar_clamp
+    ctx.backend = backend.decide(mu)
 
 
 def _reparameterize_kl_grad(ctx, grad_z, grad_kl):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction, ctx.logvar_clamp)
+    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction, ctx.backend, ctx.logvar_clamp)
     return grad_mu, grad_logvar, None, None, None
 
 
 def _reparameterize_grad(ctx, grad_z):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.logvar_clamp)
+    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.backend, ctx.logvar_clamp)
     return grad_mu, grad_logvar, None, None
 
 
 def _kl_divergence_grad(ctx, grad_kl):
     mu, logvar = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction, ctx.logvar_clamp)
+    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction, ctx.backend, ctx.logvar_clamp)
     return grad_mu, grad_logvar, None, None
 
 
