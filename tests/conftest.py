@@ -1,12 +1,16 @@
 """Test set-up: the Triton kernels run in Triton's interpreter on CPU tensors.
 
 TRITON_INTERPRET must be set before fastvae.kernels is first imported, so it is set here, before
-any test module imports fastvae.
+any test module imports fastvae; so is inductor's cache folder, before torch is imported.
 """
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# inductor's on-disk cache outlives a change of a custom op's schema: a graph compiled against an older
+# signature of fastvae's ops would be loaded and fail, so each test session compiles into its own folder
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastvae-inductor-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
