@@ -212,8 +212,9 @@ class _Run:
         config = self.config
         if self.rank == 0:
             eval_images = self.test_images if self.test_images is not None else self.images[:2048]
-            metrics = evaluate(self.model, self.policy, eval_images, kl_weight=config.kl_weight,
-                               batch_size=config.eval_batch_size, seed=config.seed, autocast=self.autocast)
+            metrics = evaluate(self.model, self.policy, eval_images, kl_weight=config.kl_weight, kl=config.kl,
+                               sampling=config.sampling, batch_size=config.eval_batch_size, seed=config.seed,
+                               autocast=self.autocast)
             self.test_metrics = {"split": "test" if self.test_images is not None else "train-subset",
                                  "epoch": self.epoch, "step": self.step, **metrics, "epoch_time_s": epoch_time,
                                  "time_s": time.perf_counter() - self.started}
@@ -457,23 +458,23 @@ def _grids(model: nn.Module, test_images: Tensor, out: Path, epoch: int, config:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: float = 1.0, batch_size: int = 1000,
-             seed: int = 0, autocast=contextlib.nullcontext) -> dict:
-    """Loss, reconstruction, KL (per sample) and MSE (per element) of ``images`` in eval mode, with the
-    reparameterization noise seeded per batch (the same every call); gamma of ``policy`` as it stands."""
+def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: float = 1.0, kl: str = "full",
+             sampling: bool = True, batch_size: int = 1000, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
+    """Loss, reconstruction, KL term (per sample) and MSE (per element) of ``images`` in eval mode, under the
+    objective the run trains with (``TrainObjective`` with ``kl_weight``, ``kl``, ``sampling``), the
+    reparameterization noise of batch ``k`` seeded with ``seed + k`` (the same every call); gamma of ``policy``
+    as it stands."""
+    objective = TrainObjective(model, policy, kl_weight=kl_weight, kl=kl, sampling=sampling)
     totals = torch.zeros(4, dtype=torch.float64, device=images.device)
     with eval_mode(model, policy):
         for k, start in enumerate(range(0, images.shape[0], batch_size)):
             x = images[start:start + batch_size]
             with autocast():
-                x_hat, kl = model(x, seed + k)
-                rec = policy(x_hat, x)
-            n = x.shape[0]
-            totals += torch.stack([(rec + kl_weight * kl) * n, rec * n, kl * n,
-                                   (x_hat.float() - x.float()).square().sum() / x[0].numel()]).double()
-    loss, rec, kl, mse = (totals / images.shape[0]).tolist()
+                terms = objective(x, seed + k)
+            totals += torch.stack([t.double() for t in terms]) * x.shape[0]
+    loss, rec, kl_term, mse = (totals / images.shape[0]).tolist()
     gamma = policy.gamma
-    return {"loss": loss, "rec": rec, "kl": kl, "mse": mse, "gamma": float(gamma) if gamma is not None else None}
+    return {"loss": loss, "rec": rec, "kl": kl_term, "mse": mse, "gamma": float(gamma) if gamma is not None else None}
 
 
 def _non_finite_message(window: Tensor, first_step: int, epoch: int, checkpoint: Path, last_good: int | None) -> str:
