@@ -7,6 +7,7 @@ import torch
 
 import fastvae
 from fastvae import analysis, experiments, two_stage
+from fastvae._util import derive_seed
 from fastvae.cli import main
 from fastvae.data import load_dataset
 from fastvae.losses import BetaLoss, Objective
@@ -166,7 +167,7 @@ def test_active_latents_fill_and_renormalize():
     expected = two_stage.generate_latents(second, 500, 2, seed=3, mode="per_dim",
                                           target=two_stage.AggregatePosterior(target.mean[variables], target.var[variables]))
     torch.testing.assert_close(z[:, variables], expected)
-    torch.testing.assert_close(z[:, [0, 2]], torch.randn(500, 4, generator=torch.Generator().manual_seed(4))[:, [0, 2]])
+    torch.testing.assert_close(z[:, [0, 2]], torch.randn(500, 4, generator=torch.Generator().manual_seed(derive_seed(3, 1)))[:, [0, 2]])
     mean, var = z[:, variables].mean(0), z[:, variables].var(0, correction=0)
     torch.testing.assert_close(mean, target.mean[variables], atol=1e-5, rtol=0)
     torch.testing.assert_close(var, target.var[variables], rtol=1e-4, atol=0)

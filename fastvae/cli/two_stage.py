@@ -89,9 +89,7 @@ def run(args) -> int:
         print(f"fastvae two-stage: training a second stage {width}-{'-'.join(map(str, args.hidden))}-"
               f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs into {folder}")
         second, result, target = two_stage.train_second_stage(first, images, second_config, source=args.source,
-                                                              variables=variables)
-        if active:
-            two_stage.save_active_variables(args.run_dir, variables)
+                                                              variables=variables, run_dir=args.run_dir)
         metrics = result.test_metrics
         print(f"fastvae two-stage: second stage done: loss {metrics.get('loss', float('nan')):.4g}, "
               f"MSE {metrics.get('mse', float('nan')):.4g}")

@@ -73,8 +73,8 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
         callbacks: Iterable[Callable] | None = None, resume: bool = False) -> TrainResult:
     """Train ``model`` on ``data`` as ``config`` says (see ``fastvae.train``); returns a ``TrainResult``.
 
-    Seeds torch's generators with ``config.seed + rank`` (the reparameterization noise); the model arrives
-    initialized. Raises ``NonFiniteLossError`` on a NaN or infinite loss, ``FileExistsError`` when ``config.out``
+    Seeds torch's generators with ``config.seed`` (``derive_seed(config.seed, rank)`` on each rank of a
+    distributed run) for the reparameterization noise; the model arrives initialized. Raises ``NonFiniteLossError`` on a NaN or infinite loss, ``FileExistsError`` when ``config.out``
     already holds a run (unless ``resume`` or ``config.overwrite``), ``RunFolderBusy`` when another process
     writes into it, ``TrainingInterrupted`` after a Ctrl-C, ValueError/TypeError on bad arguments.
     """
@@ -104,10 +104,12 @@ class _Run:
             torch.set_num_threads(config.threads)
         if config.precision == "fp16" and device.type != "cuda":
             raise ValueError("TrainConfig.precision fp16 needs CUDA (a GradScaler); use bf16 on the CPU")
-        torch.manual_seed(config.seed + rank)
+        # one process draws from config.seed itself; each rank of a distributed run from its own derived seed
+        noise_seed = config.seed if world == 1 else derive_seed(config.seed, rank)
+        torch.manual_seed(noise_seed)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            torch.cuda.manual_seed(config.seed + rank)
+            torch.cuda.manual_seed(noise_seed)
             torch.backends.cudnn.benchmark = True
         self.channels_last = device.type == "cuda" and images.dim() == 4
         self.model = model.to(device)
@@ -462,7 +464,7 @@ def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: 
              sampling: bool = True, batch_size: int = 1000, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
     """Loss, reconstruction, KL term (per sample) and MSE (per element) of ``images`` in eval mode, under the
     objective the run trains with (``TrainObjective`` with ``kl_weight``, ``kl``, ``sampling``), the
-    reparameterization noise of batch ``k`` seeded with ``seed + k`` (the same every call); gamma of ``policy``
+    reparameterization noise of batch ``k`` seeded with ``derive_seed(seed, k)`` (the same every call); gamma of ``policy``
     as it stands."""
     objective = TrainObjective(model, policy, kl_weight=kl_weight, kl=kl, sampling=sampling)
     totals = torch.zeros(4, dtype=torch.float64, device=images.device)
@@ -470,7 +472,7 @@ def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: 
         for k, start in enumerate(range(0, images.shape[0], batch_size)):
             x = images[start:start + batch_size]
             with autocast():
-                terms = objective(x, seed + k)
+                terms = objective(x, derive_seed(seed, k))
             totals += torch.stack([t.double() for t in terms]) * x.shape[0]
     loss, rec, kl_term, mse = (totals / images.shape[0]).tolist()
     gamma = policy.gamma
