@@ -50,14 +50,16 @@ def ops_table(rows: list[dict]) -> list[str]:
 
 
 def loop_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | loop | epoch s | images/s | time / plain | time / tensors |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | loop | epoch s | images/s | time / plain | time / tensors |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model and r.get("epoch_s")]
         tensors = next((r["epoch_s"] for r in mine if r["loop"] == "tensors"), None)
         for k, r in enumerate(mine):
             ratio = f"{r['vs_plain']:.2f}" if r.get("vs_plain") else "–"
             vs_tensors = f"{r['epoch_s'] / tensors:.2f}" if tensors else "–"
-            lines.append(f"| {_MODEL_NAMES.get(model, model) if k == 0 else ''} | {_LOOP_NAMES.get(r['loop'], r['loop'])} | "
+            lines.append(f"| {_MODEL_NAMES.get(model, model) if k == 0 else ''} | "
+                         f"{_LOOP_NAMES.get(r['loop'], r['loop'])} | "
                          f"{r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {ratio} | {vs_tensors} |")
     return lines
 
@@ -71,7 +73,9 @@ def block(results: Path = RESULTS) -> str:
     lines = [BEGIN, "", f"Machine: {meta.get('machine', '?')}. Runs: {'; '.join(commands) or '–'}.", "",
              "Training loop, Fashion-MNIST train split, batch 128, Adam, interleaved epochs of each loop:", ""]
     lines += loop_table(read_csv(results / "cpu_loop.csv"))
-    lines += ["", "Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in parentheses, "
+    lines += ["",
+              "Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in "
+              "parentheses, "
               "the largest ratio of any size (below 1 the fused op is faster):", ""]
     lines += ops_table(read_csv(results / "cpu.csv"))
     return "\n".join(lines + ["", END])
@@ -86,7 +90,8 @@ def render(readme: str, generated: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when README's tables differ from the results files")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when README's tables differ from the results files")
     args = parser.parse_args(argv)
     current = README.read_text()
     updated = render(current, block())

@@ -39,7 +39,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _check_model(model: object, name: str = "model") -> None:
     if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
-        raise TypeError(f"{name} must have encode(x) -> (mu, logvar) and decode(z) -> x_hat, got {type(model).__name__}")
+        raise TypeError(f"{name} must have encode(x) -> (mu, logvar) and decode(z) -> x_hat, "
+                        f"got {type(model).__name__}")
 
 
 def _check_images(images: object, name: str = "images") -> Tensor:

@@ -38,7 +38,8 @@ COMMANDS = (
     "fastvae analyze RUNS/dense-kl-quadratic --gain-samples 2000",
     "fastvae analyze RUNS/dense-no-sampling --gain-samples 2000",
     f"fastvae train --latent 3 --hidden 256 64 16 --epochs 10 --out RUNS/dense3d {T}",
-    f"fastvae train --latent 3 --hidden 256 64 16 --epochs 10 --no-sampling --kl quadratic --out RUNS/dense3d-nosampling-quadratic {T}",
+    "fastvae train --latent 3 --hidden 256 64 16 --epochs 10 --no-sampling --kl quadratic --out "
+    f"RUNS/dense3d-nosampling-quadratic {T}",
     "fastvae analyze RUNS/dense3d --gain-samples 2000",
     "fastvae analyze RUNS/dense3d-nosampling-quadratic --gain-samples 2000",
     "fastvae noise-injection RUNS/dense --limit 15000 --increment 0.5 --recovery-epochs 3",
@@ -93,7 +94,8 @@ def _inactive(runs: Path, name: str) -> str:
         return "not run"
     gains = [v.get("gain") for v in report.get("variables", [])]
     used = "" if not gains or None in gains else f"; {sum(g > USED_GAIN for g in gains)} with gain > {USED_GAIN:g}"
-    return f"{report['num_inactive']} of {report['latent_dim']} (largest \\|Var+E-1\\| {report['max_deviation']:.3f}{used})"
+    deviation = report["max_deviation"]
+    return f"{report['num_inactive']} of {report['latent_dim']} (largest \\|Var+E-1\\| {deviation:.3f}{used})"
 
 
 def stationary_over_training(history: dict) -> list[tuple[int, float, float]]:
@@ -149,7 +151,8 @@ def build(runs: Path, figures=()) -> str:
               f"| dense 784-256-64-32-16, balanced loss, 20 epochs | 8 of 16 inactive | {_inactive(runs, 'dense')} | "
               f"{_cmd('fastvae train', 'fastvae analyze RUN')} |",
               f"| conv (32-64 channels), balanced loss, 5 epochs (CPU time) | inactive variables also in conv VAEs | "
-              f"{_inactive(runs, 'conv')} | {_cmd('fastvae train --model conv --epochs 5', 'fastvae analyze RUN')} |", ""]
+              f"{_inactive(runs, 'conv')} | {_cmd('fastvae train --model conv --epochs 5', 'fastvae analyze RUN')} |",
+              ""]
 
     lines += ["## The stationary condition over training: Var(mu_j) + E[sigma_j^2] -> 1", "",
               "| step | max_j \\|Var(mu_j) + E[sigma_j^2] - 1\\| | mean_j |", "| --- | --- | --- |"]
@@ -173,9 +176,11 @@ def build(runs: Path, figures=()) -> str:
         test = _last_test(runs / name)
         fid = _json(runs / name / "fid.json") or {}
         rows = fid.get("settings", {})
-        lines.append(f"| {flag} | {_fmt(test and test.get('mse'), 4)} | {_fmt(rows.get('first-stage', {}).get('fid'))} | "
+        train = "fastvae train" + (" --loss beta" if name == "dense-beta" else "")
+        first_fid = _fmt(rows.get("first-stage", {}).get("fid"))
+        lines.append(f"| {flag} | {_fmt(test and test.get('mse'), 4)} | {first_fid} | "
                      f"{_fmt(rows.get('second-stage + per_dim', {}).get('fid'))} | {_inactive(runs, name)} | "
-                     f"{_cmd('fastvae train' + (' --loss beta' if name == 'dense-beta' else ''), 'fastvae two-stage RUN', 'fastvae fid RUN')} |")
+                     f"{_cmd(train, 'fastvae two-stage RUN', 'fastvae fid RUN')} |")
     lines += ["", "Seed: balancing the reconstruction against the KL through gamma^2 = running MSE (the balanced "
               "loss) does better than a fixed KL weight; here, test MSE and FID of the two runs at equal epochs.", ""]
 
@@ -186,10 +191,14 @@ def build(runs: Path, figures=()) -> str:
             ("dense-kl-none", "no KL", "no inactive variable", " --kl none"),
             ("dense-kl-quadratic", "quadratic penalty mu^2/2 only", "no inactive variable", " --kl quadratic"),
             ("dense-no-sampling", "full KL, z = mu (10 epochs)", "(not stated)", " --no-sampling --epochs 10")):
-        lines.append(f"| {what} | {seed} | {_inactive(runs, name)} | {_cmd('fastvae train' + flags, 'fastvae analyze RUN')} |")
-    lines += ["", "3-D latent space (784-256-64-16-3, 10 epochs), figures `RUN/analysis/latent_3d.png` and `latent_slices.png`:", "",
+        lines.append(f"| {what} | {seed} | {_inactive(runs, name)} | "
+                     f"{_cmd('fastvae train' + flags, 'fastvae analyze RUN')} |")
+    lines += ["",
+              "3-D latent space (784-256-64-16-3, 10 epochs), figures `RUN/analysis/latent_3d.png` and "
+              "`latent_slices.png`:", "",
               "| run | inactive | command |", "| --- | --- | --- |",
-              f"| sampling, full KL | {_inactive(runs, 'dense3d')} | {_cmd('fastvae train --latent 3 --hidden 256 64 16 --epochs 10')} |",
+              f"| sampling, full KL | {_inactive(runs, 'dense3d')} | "
+              f"{_cmd('fastvae train --latent 3 --hidden 256 64 16 --epochs 10')} |",
               f"| no sampling, quadratic KL | {_inactive(runs, 'dense3d-nosampling-quadratic')} | "
               f"{_cmd('fastvae train --latent 3 --hidden 256 64 16 --epochs 10 --no-sampling --kl quadratic')} |", ""]
     for kind, label in (("sampling", "sampling, full KL"), ("nosampling-quadratic", "no sampling, quadratic KL")):
@@ -203,16 +212,22 @@ def build(runs: Path, figures=()) -> str:
     else:
         s, e = summary["stopped_at"], summary["end"]
         lines += ["| | noise std | gain (nats) | KL | Var(mu) | E[sigma^2] |", "| --- | --- | --- | --- | --- | --- |"]
-        for label, row in (("start", summary["start"]), ("noise stopped", s), (f"after {summary['recovery_epochs']} epochs without noise", e)):
-            lines.append(f"| {label} | {row['noise_std']:g} | {row['gain_nats']:.3g} | {row['kl']:.3g} | {row['var_mu']:.3g} | "
+        for label, row in (("start", summary["start"]), ("noise stopped", s),
+                           (f"after {summary['recovery_epochs']} epochs without noise", e)):
+            lines.append(f"| {label} | {row['noise_std']:g} | {row['gain_nats']:.3g} | {row['kl']:.3g} | "
+                         f"{row['var_mu']:.3g} | "
                          f"{row['mean_sigma2']:.3g} |")
         lines += ["", f"Variable {summary['variable']} (the active one with the smallest gain), variables "
-                  f"{summary['held']} held inactive. The gain {'fell below' if summary['gain_below_kl'] else 'did not fall below'} "
-                  f"the KL; the variable was {'inactive' if summary['inactive_when_stopped'] else 'still active'} when the noise "
-                  f"stopped and is {'active' if summary['active_at_end'] else 'inactive'} after the recovery (inactive: "
+                  f"{summary['held']} held inactive. The gain "
+                  f"{'fell below' if summary['gain_below_kl'] else 'did not fall below'} "
+                  f"the KL; the variable was {'inactive' if summary['inactive_when_stopped'] else 'still active'} when "
+                  "the noise "
+                  f"stopped and is {'active' if summary['active_at_end'] else 'inactive'} after the recovery "
+                  "(inactive: "
                   "Var(mu) < 0.05 and E[sigma^2] > 0.8). Seed: growing noise makes an active variable inactive once "
                   "its gain falls below its KL; the reversal asks whether it comes back when the noise is removed. "
-                  f"{_cmd('fastvae noise-injection RUN --limit 15000 --increment 0.5 --recovery-epochs 3')} (`RUN/noise_injection/history.csv`, "
+                  f"{_cmd('fastvae noise-injection RUN --limit 15000 --increment 0.5 --recovery-epochs 3')} "
+                  "(`RUN/noise_injection/history.csv`, "
                   "`noise_injection.png`)."]
     lines.append("")
     lines += _figure("noise_injection.png", figures, "noise injection and reversal")
@@ -220,21 +235,25 @@ def build(runs: Path, figures=()) -> str:
     lines += ["## Two-stage generation: FID (fastvae classifier features, 10,000 samples)", "",
               "| setting | dense (20 epochs) | dense, second stages with seed 1 | conv (5 epochs) |",
               "| --- | --- | --- | --- |"]
-    fids = {name: (_json(runs / name / "fid.json") or {}).get("settings", {}) for name in ("dense", "dense-seed1", "conv")}
+    fids = {name: (_json(runs / name / "fid.json") or {}).get("settings", {}) for name in ("dense", "dense-seed1",
+                                                                                           "conv")}
     for k in dict.fromkeys(list(fids["dense"]) + list(fids["dense-seed1"]) + list(fids["conv"])):
         lines.append("| " + " | ".join([k] + [_fmt(fids[n].get(k, {}).get("fid")) for n in fids]) + " |")
     spread = _spread(runs / "conv", fids["conv"])
     if spread is not None and spread > 0:
         lines += ["", f"Run-to-run spread: every variable of the conv run is active, so its `--latents active` second "
                   f"stage has the plain one's model and settings; trained a second time (before the second stage's "
-                  f"initial weights were seeded) it ended with other weights, and the two differ by up to {spread:.3g} FID "
+                  f"initial weights were seeded) it ended with other weights, and the two differ by up to {spread:.3g} "
+                  "FID "
                   "over the three renormalization modes. Differences smaller than that are not evidence."]
     elif spread == 0:
-        lines += ["", "The conv run's `--latents active` second stage covers every variable and is the same model as the "
+        lines += ["",
+                  "The conv run's `--latents active` second stage covers every variable and is the same model as the "
                   "plain one (same seed): these tables hold no estimate of the seed-to-seed spread of FID."]
     lines += ["", "Active second stage: trained on the active variables only, inactive ones filled with N(0, 1) noise "
               "(or zeros) at generation. Commands: "
-              f"{_cmd('fastvae fid-features --dataset fashion-mnist', 'fastvae two-stage RUN', 'fastvae two-stage RUN --latents active', 'fastvae fid RUN')}.", ""]
+              + _cmd("fastvae fid-features --dataset fashion-mnist", "fastvae two-stage RUN",
+                   "fastvae two-stage RUN --latents active", "fastvae fid RUN") + ".", ""]
     return "\n".join(lines)
 
 

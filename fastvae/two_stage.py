@@ -302,7 +302,8 @@ def _pixel_variance(x: Tensor) -> float:
 
 @torch.no_grad()
 def variance_report(first: nn.Module, second: nn.Module | None, images: Tensor, *, n: int = 10000, seed: int = 0,
-                    target: AggregatePosterior | None = None, latents: dict | None = None, batch_size: int = 1000) -> dict:
+                    target: AggregatePosterior | None = None, latents: dict | None = None,
+                    batch_size: int = 1000) -> dict:
     """The variance loss of each generation setting (see the module docstring) as a JSON-ready dict:
     ``aggregate_posterior`` (per-dimension moments), ``data_pixel_var``, and per setting ``latent_var``
     ``(D,)``, ``latent_var_mean`` and ``pixel_var``. ``images`` are the data the targets come from;
@@ -321,7 +322,8 @@ def variance_report(first: nn.Module, second: nn.Module | None, images: Tensor, 
     for name, z in latents.items():
         latent_var = moments(z.float(), dim=0)[1].cpu()
         x = decode_all(first, z, batch_size=batch_size)
-        report["settings"][name] = {"latent_var": latent_var.tolist(), "latent_var_mean": float(latent_var.double().mean()),
+        report["settings"][name] = {"latent_var": latent_var.tolist(),
+                                    "latent_var_mean": float(latent_var.double().mean()),
                                     "pixel_var": _pixel_variance(x)}
     return report
 
@@ -334,7 +336,8 @@ def format_variance_report(report: dict) -> str:
              f"{'aggregate posterior / data':<26} {agg:28.4f} {data:10.5f}"]
     for name, row in report["settings"].items():
         lines.append(f"{name:<26} {row['latent_var_mean']:28.4f} {row['pixel_var']:10.5f}")
-    lines.append(f"(n = {report['n']} generated per setting; latent var of the aggregate posterior = Var(mu) + E[sigma^2])")
+    lines.append(f"(n = {report['n']} generated per setting; latent var of the aggregate posterior = Var(mu) + "
+                 "E[sigma^2])")
     return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ RTOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.fl
 RTOL_NOISE = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-6}
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, scale: torch.Tensor | float = 0.0) -> None:
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float,
+                        scale: torch.Tensor | float = 0.0) -> None:
     """``|actual - expected| <= rtol * (|expected| + scale)`` elementwise, infinities equal by sign.
 
     ``expected`` (float64) is first rounded to ``actual``'s dtype, so a value past that dtype's range

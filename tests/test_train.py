@@ -275,4 +275,5 @@ def test_eval_mode_and_derive_seed():
     assert a.training
     assert derive_seed(5, 3) == 5 * 1_000_003 + 3 and derive_seed(5) == 5
     assert len({derive_seed(s, e) for s in range(4) for e in range(50)}) == 200
-    assert torch.equal(epoch_permutation(100, 5, 3), torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(5, 3))))
+    assert torch.equal(epoch_permutation(100, 5, 3),
+                       torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(5, 3))))

@@ -78,12 +78,14 @@ def test_variance_report_against_direct_computation():
         mu, logvar = first.encode(images[:400])
     agg = torch.var(mu, 0, correction=0) + logvar.exp().mean(0)
     assert report["aggregate_posterior"]["var"] == pytest.approx(agg.tolist(), rel=1e-4)
-    assert report["data_pixel_var"] == pytest.approx(float(images[:400].flatten(1).var(0, correction=0).mean()), rel=1e-5)
+    assert report["data_pixel_var"] == pytest.approx(float(images[:400].flatten(1).var(0, correction=0).mean()),
+                                                     rel=1e-5)
     rows = report["settings"]
     assert list(rows) == [name for name, _, _ in two_stage.SETTINGS]
     assert rows["first-stage"]["latent_var"] == pytest.approx([1.0] * 4, abs=0.1)  # N(0, I) draws
     assert rows["second-stage + per_dim"]["latent_var"] == pytest.approx(agg.tolist(), rel=1e-3)
-    z = two_stage.setting_latents(first, second, 3000, two_stage.aggregate_posterior(first, images[:400]), seed=1)["second-stage"]
+    z = two_stage.setting_latents(first, second, 3000, two_stage.aggregate_posterior(first, images[:400]),
+                                  seed=1)["second-stage"]
     with torch.no_grad():
         x = first.decode(z)
     assert rows["second-stage"]["pixel_var"] == pytest.approx(float(x.flatten(1).var(0, correction=0).mean()), rel=1e-4)
@@ -128,7 +130,8 @@ def test_two_stage_command_end_to_end(tmp_path, capsys):
     folder = run / "two_stage"
     report = json.loads((folder / "report.json").read_text())
     assert set(report["settings"]) == {name for name, _, _ in two_stage.SETTINGS} and report["n"] == 300
-    assert report["settings"]["second-stage + per_dim"]["latent_var"] == pytest.approx(report["aggregate_posterior"]["var"], rel=1e-3)
+    per_dim = report["settings"]["second-stage + per_dim"]["latent_var"]
+    assert per_dim == pytest.approx(report["aggregate_posterior"]["var"], rel=1e-3)
     for name in ("samples.png", "variance.png", "checkpoint.pt"):
         assert (folder / name).stat().st_size > 0
     assert isinstance(two_stage.load_second_stage(run), SecondStageVAE)
@@ -164,7 +167,8 @@ def test_two_stage_command_on_active_latents(tmp_path, capsys):
     second, variables = two_stage.load_active_second_stage(run)
     assert variables == [0, 2] and second.input_shape == (2,) and second.latent_dim == 2
     report = json.loads((folder / "report.json").read_text())
-    assert set(report["settings"]) == {name for name, _, _ in two_stage.ACTIVE_SETTINGS} and report["variables"] == [0, 2]
+    assert set(report["settings"]) == {name for name, _, _ in two_stage.ACTIVE_SETTINGS} and report["variables"] == [0,
+                                                                                                                     2]
     target = report["aggregate_posterior"]["var"]
     per_dim = report["settings"]["active second-stage + per_dim"]["latent_var"]
     assert [per_dim[0], per_dim[2]] == pytest.approx([target[0], target[2]], rel=1e-3)
@@ -182,7 +186,8 @@ def test_second_stage_initial_weights_follow_the_seed(tmp_path):
     for k in range(2):
         torch.manual_seed(100 + k)  # a different global generator state before each call
         config = two_stage.second_stage_config(fastvae.TrainConfig(dataset="digits", latent=4), tmp_path / str(k),
-                                               epochs=1, batch_size=256, progress=False, hidden=[8], max_steps=1, lr=1e-12)
+                                               epochs=1, batch_size=256, progress=False, hidden=[8], max_steps=1,
+                                               lr=1e-12)
         second, _, _ = two_stage.train_second_stage(first, images[:256], config, source="mean")
         weights.append(second.encoder.body[0].weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-9)

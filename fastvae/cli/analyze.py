@@ -18,7 +18,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "analyze", help="per-latent statistics of a trained run: sparsity and the stationary condition",
         description="For every latent variable j of the run's model, over a data split: Var(mu_j), E[sigma_j^2], their "
-                    "sum (the stationary condition says ~1), mean KL and the reconstruction gain (MSE increase when z_j "
+                    "sum (the stationary condition says ~1), mean KL and the reconstruction gain (MSE increase when "
+                    "z_j "
                     "is set to 0). Flags inactive variables and checks that zeroing them leaves samples unchanged.")
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     parser.add_argument("--split", choices=("train", "test"), default="train", help="data split (default: train)")
@@ -30,7 +31,8 @@ def register(subparsers) -> None:
                         help=f"inactive when E[sigma^2] > this ... (default: {SIGMA2_MIN})")
     parser.add_argument("--var-max", type=float, default=VAR_MAX, help=f"... and Var(mu) < this (default: {VAR_MAX})")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
-                        help=f"the stationary condition holds when every |Var(mu_j) + E[sigma_j^2] - 1| <= this (default: {TOLERANCE})")
+                        help="the stationary condition holds when every |Var(mu_j) + E[sigma_j^2] - 1| <= this "
+                             f"(default: {TOLERANCE})")
     parser.add_argument("--samples", type=int, default=16, help="generated samples for the zeroing check (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the zeroing check's z draws (default: 0)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
@@ -67,7 +69,8 @@ def run(args) -> int:
         model, images, batch_size=args.batch_size, gain=not args.no_gain, gain_limit=args.gain_samples or None,
         sigma2_min=args.sigma2_min, var_max=args.var_max, tolerance=args.tolerance)
     objective = f"KL {getattr(config, 'kl', 'full')}, {'sampling' if getattr(config, 'sampling', True) else 'z = mu'}"
-    print(f"fastvae analyze: {config.model} VAE, latent {model.latent_dim} ({objective}), {config.dataset} {args.split} "
+    print(f"fastvae analyze: {config.model} VAE, latent {model.latent_dim} ({objective}), {config.dataset} "
+          f"{args.split} "
           f"split ({stats.count} images; gain on {stats.extra['gain_count']})")
     print(stats.table())
     check = analysis.zeroing_check(model, stats.inactive, num_samples=args.samples, seed=args.seed, gain=stats.gain)

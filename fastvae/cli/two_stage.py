@@ -33,10 +33,12 @@ def register(subparsers) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256], metavar="N",
                         help="second-stage hidden widths (default: 256 256)")
     parser.add_argument("--latent", type=int, default=None, help="second-stage latent dimension (default: the run's)")
-    parser.add_argument("--n", type=int, default=10000, help="samples generated per setting for the report (default: 10000)")
+    parser.add_argument("--n", type=int, default=10000,
+                        help="samples generated per setting for the report (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and generation (default: 0)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="retrain even when RUN/two_stage already holds a second stage")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain even when RUN/two_stage already holds a second stage")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bar while training (default: on)")
     parser.set_defaults(func=run, parser=parser)
@@ -87,7 +89,8 @@ def run(args) -> int:
             parser.error(str(error))
         width = len(variables) if active else first.latent_dim
         print(f"fastvae two-stage: training a second stage {width}-{'-'.join(map(str, args.hidden))}-"
-              f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs into {folder}")
+              f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs into "
+              f"{folder}")
         second, result, target = two_stage.train_second_stage(first, images, second_config, source=args.source,
                                                               variables=variables, run_dir=args.run_dir)
         metrics = result.test_metrics

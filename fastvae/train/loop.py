@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -74,7 +73,8 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
     """Train ``model`` on ``data`` as ``config`` says (see ``fastvae.train``); returns a ``TrainResult``.
 
     Seeds torch's generators with ``config.seed`` (``derive_seed(config.seed, rank)`` on each rank of a
-    distributed run) for the reparameterization noise; the model arrives initialized. Raises ``NonFiniteLossError`` on a NaN or infinite loss, ``FileExistsError`` when ``config.out``
+    distributed run) for the reparameterization noise; the model arrives initialized. Raises
+    ``NonFiniteLossError`` on a NaN or infinite loss, ``FileExistsError`` when ``config.out``
     already holds a run (unless ``resume`` or ``config.overwrite``), ``RunFolderBusy`` when another process
     writes into it, ``TrainingInterrupted`` after a Ctrl-C, ValueError/TypeError on bad arguments.
     """
@@ -464,8 +464,8 @@ def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: 
              sampling: bool = True, batch_size: int = 1000, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
     """Loss, reconstruction, KL term (per sample) and MSE (per element) of ``images`` in eval mode, under the
     objective the run trains with (``TrainObjective`` with ``kl_weight``, ``kl``, ``sampling``), the
-    reparameterization noise of batch ``k`` seeded with ``derive_seed(seed, k)`` (the same every call); gamma of ``policy``
-    as it stands."""
+    reparameterization noise of batch ``k`` seeded with ``derive_seed(seed, k)`` (the same every call); gamma of
+    ``policy`` as it stands."""
     objective = TrainObjective(model, policy, kl_weight=kl_weight, kl=kl, sampling=sampling)
     totals = torch.zeros(4, dtype=torch.float64, device=images.device)
     with eval_mode(model, policy):
