@@ -5,7 +5,7 @@ import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Relative tolerance against the float64 reference (DESIGN.md). float64 results that involve the noise
+# Relative tolerance against the float64 reference, per dtype. float64 results that involve the noise
 # are bounded by the float32 noise itself (eps is float32 by definition, and log/cos may differ by an ulp
 # between libraries), hence RTOL_NOISE.
 RTOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
