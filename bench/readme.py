@@ -85,8 +85,7 @@ def block(results: Path = RESULTS) -> str:
     lines += loop_table(read_csv(results / "cpu_loop.csv"))
     lines += ["",
               "Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in "
-              "parentheses, "
-              "the largest ratio of any size (below 1 the fused op is faster):", ""]
+              "parentheses, the largest ratio of any size (below 1 the fused op is faster):", ""]
     lines += ops_table(read_csv(results / "cpu.csv"))
     return "\n".join(lines + ["", END])
 

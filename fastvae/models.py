@@ -142,8 +142,8 @@ class ConvVAE(VAE):
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"ConvVAE: hidden must be a positive int, got {hidden!r}")
         if h % 2 ** len(channels):
-            raise ValueError(f"ConvVAE: {h}x{h} images cannot be halved {len(channels)} times; use fewer channels "
-                             "entries")
+            raise ValueError(f"ConvVAE: {h}x{h} images cannot be halved {len(channels)} times; "
+                             "use fewer channels entries")
         super().__init__("conv", (c, h, h), latent_dim, channels=channels, hidden=hidden)
         side = h // 2 ** len(channels)
         flat = channels[-1] * side * side

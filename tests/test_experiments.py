@@ -51,9 +51,8 @@ def test_train_options_validate_and_reach_the_loop(tmp_path, digits):
 def test_analyze_reports_the_inactive_count_of_a_no_kl_run(tmp_path, capsys):
     """The inactive count printed by analyze is the direct count over the encoder's outputs."""
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--latent", "4", "--kl",
-                 "none",
-                 "--no-sampling", "--out", str(run), "--no-progress", "--no-tensorboard"]) == 0
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--latent", "4",
+                 "--kl", "none", "--no-sampling", "--out", str(run), "--no-progress", "--no-tensorboard"]) == 0
     assert main(["analyze", str(run), "--samples", "2", "--no-gain"]) == 0
     assert "KL none, z = mu" in capsys.readouterr().out
     report = json.loads((run / "analysis" / "latents.json").read_text())

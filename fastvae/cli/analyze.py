@@ -19,8 +19,7 @@ def register(subparsers) -> None:
         "analyze", help="per-latent statistics of a trained run: sparsity and the stationary condition",
         description="For every latent variable j of the run's model, over a data split: Var(mu_j), E[sigma_j^2], their "
                     "sum (the stationary condition says ~1), mean KL and the reconstruction gain (MSE increase when "
-                    "z_j "
-                    "is set to 0). Flags inactive variables and checks that zeroing them leaves samples unchanged.")
+                    "z_j is set to 0). Flags inactive variables and checks that zeroing them leaves samples unchanged.")
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     parser.add_argument("--split", choices=("train", "test"), default="train", help="data split (default: train)")
     parser.add_argument("--limit", type=int, default=0, help="use the first LIMIT images only (default: 0, all)")

@@ -119,8 +119,8 @@ def run(args) -> int:
               f"{args.run_dir}` "
               "for the second-stage settings)")
     if active is None:
-        print(f"(no second stage of the active variables: run `fastvae two-stage {args.run_dir} --latents active` for "
-              "those)")
+        print("(no second stage of the active variables: run "
+              f"`fastvae two-stage {args.run_dir} --latents active` for those)")
     from fastvae.train.runfolder import provenance
 
     out = args.out or os.path.join(args.run_dir, "fid.json")

@@ -17,10 +17,9 @@ def register(subparsers) -> None:
         "noise-injection",
         help="make an active variable inactive by injecting noise, then remove it (the seed's experiment)",
         description="Train a run's model on with growing Gaussian noise on one active latent variable (inactive "
-                    "variables "
-                    "held inactive) until its reconstruction gain falls below its KL, then without noise; record per "
-                    "epoch "
-                    "the noise std, gain, KL, Var(mu), E[sigma^2] into RUN/noise_injection/history.csv and a figure.")
+                    "variables held inactive) until its reconstruction gain falls below its KL, then without noise; "
+                    "record per epoch the noise std, gain, KL, Var(mu), E[sigma^2] into "
+                    "RUN/noise_injection/history.csv and a figure.")
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     parser.add_argument("--variable", type=int, default=None,
                         help="the variable to inject noise into (default: the active one with the smallest gain)")
@@ -102,9 +101,7 @@ def run(args) -> int:
                                       variable=variable, held=inactive, increment=args.increment)
     print(f"fastvae noise-injection: the gain {'fell' if result['gain_below_kl'] else 'did not fall'} below the KL "
           f"at noise std {result['stopped_at']['noise_std']:g}; after {result['recovery_epochs']} epoch(s) without "
-          "noise "
-          f"the variable is {'active' if result['active_at_end'] else 'inactive'} (Var(mu) "
-          f"{result['end']['var_mu']:.3f}, "
-          f"E[sigma^2] {result['end']['mean_sigma2']:.3f})")
+          f"noise the variable is {'active' if result['active_at_end'] else 'inactive'} (Var(mu) "
+          f"{result['end']['var_mu']:.3f}, E[sigma^2] {result['end']['mean_sigma2']:.3f})")
     print(f"fastvae noise-injection: wrote history.csv, noise_injection.png, summary.json, model.pt to {out}")
     return 0
