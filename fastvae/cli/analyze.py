@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     from fastvae.analysis import SIGMA2_MIN, TOLERANCE, VAR_MAX
@@ -41,24 +43,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import fastvae
     from fastvae import analysis, plots
-    from fastvae.data import load_dataset
 
     parser = args.parser
-    for name in ("limit", "gain_samples"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("samples", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_minimum(parser, args, 0, "limit", "gain_samples")
+    check_minimum(parser, args, 1, "samples", "batch_size")
     if args.tolerance < 0:
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
-    try:
-        model, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    images, labels = load_dataset(config.dataset, config.data_root, args.split, download=config.download)
+    model, config = load_run(parser, args.run_dir, args.device)
+    images, labels = run_data(config, args.split)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     out = args.out or os.path.join(args.run_dir, "analysis")
@@ -110,13 +103,12 @@ def run(args) -> int:
 def _latent_3d(model, config, out: str) -> list[str]:
     """``latent_3d.png`` (means of up to 5,000 test images by class) and ``latent_slices.png``."""
     from fastvae import experiment_plots, experiments
-    from fastvae.data import load_dataset
     from fastvae.two_stage import decode_all
 
     try:
-        test, labels = load_dataset(config.dataset, config.data_root, "test", download=config.download)
+        test, labels = run_data(config, "test")
     except ValueError:  # a user file without a test split
-        test, labels = load_dataset(config.dataset, config.data_root, "train", download=config.download)
+        test, labels = run_data(config, "train")
     mu = experiments.encode_means(model, test[:5000])
     experiment_plots.latent_3d(mu, labels[:5000], os.path.join(out, "latent_3d.png"))
     levels = (-2.0, -1.0, 0.0, 1.0, 2.0)

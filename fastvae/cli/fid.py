@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     from fastvae.fid import EXTRACTORS
@@ -63,20 +65,14 @@ def run_features(args) -> int:
 
 
 def run(args) -> int:
-    import fastvae
     from fastvae import fid, two_stage
     from fastvae.analysis import encode_all
-    from fastvae.data import load_dataset
 
     parser = args.parser
     if args.n < 2:
         parser.error(f"--n must be at least 2, got {args.n}")
-    if args.classifier_epochs < 1:
-        parser.error(f"--classifier-epochs must be positive, got {args.classifier_epochs}")
-    try:
-        first, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+    check_minimum(parser, args, 1, "classifier_epochs")
+    first, config = load_run(parser, args.run_dir, args.device)
     if len(first.input_shape) != 3:
         parser.error(f"the run's model makes vectors of shape {first.input_shape}, not images; FID needs images")
     try:
@@ -84,8 +80,8 @@ def run(args) -> int:
                                       data_root=config.data_root, epochs=args.classifier_epochs)
     except (RuntimeError, FileNotFoundError) as error:
         parser.error(str(error))
-    train, _ = load_dataset(config.dataset, config.data_root, "train", download=config.download)
-    test, _ = load_dataset(config.dataset, config.data_root, "test", download=config.download)
+    train, _ = run_data(config, "train")
+    test, _ = run_data(config, "test")
     print(f"fastvae fid: features: {extractor.name}")
     print(f"fastvae fid: reference: {test.shape[0]} test images of {config.dataset}")
     reference = extractor(test)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -39,27 +41,18 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    import fastvae
     from fastvae import experiment_plots, experiments
     from fastvae.analysis import latent_statistics
-    from fastvae.data import load_dataset
 
     parser = args.parser
     if not args.increment > 0:
         parser.error(f"--increment must be positive, got {args.increment}")
-    for name in ("max_increments", "stats_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("recovery_epochs", "limit"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_minimum(parser, args, 1, "max_increments", "stats_samples")
+    check_minimum(parser, args, 0, "recovery_epochs", "limit")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    try:
-        model, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    images, _ = load_dataset(config.dataset, config.data_root, "train", download=config.download)
+    model, config = load_run(parser, args.run_dir, args.device)
+    images, _ = run_data(config)
     if args.limit:
         images = images[:args.limit]
     stats_images = images[:args.stats_samples]

@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -45,21 +47,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import fastvae
     from fastvae import plots, two_stage
-    from fastvae.data import load_dataset
 
     parser = args.parser
-    for name in ("epochs", "n"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    check_minimum(parser, args, 1, "epochs", "n")
     if args.n < 2:
         parser.error("--n must be at least 2 (renormalization works over the generated batch)")
-    try:
-        first, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    images, _ = load_dataset(config.dataset, config.data_root, "train", download=config.download)
+    first, config = load_run(parser, args.run_dir, args.device)
+    images, _ = run_data(config)
     active = args.latents == "active"
     folder = os.path.join(args.run_dir, two_stage.SUBDIR_ACTIVE if active else two_stage.SUBDIR)
 
