@@ -209,8 +209,8 @@ def count_kernels(fn: Callable[[], object], device: torch.device, skip_prefixes:
     events = prof.events()
     if device.type == "cuda":
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not getattr(e, "is_user_annotation",
-                                   False) and "annotation" not in str(getattr(e, "activity_type", "")))
+                   and not getattr(e, "is_user_annotation", False)
+                   and "annotation" not in str(getattr(e, "activity_type", "")))
     return _count_events(events, skip_prefixes)
 
 

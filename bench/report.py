@@ -53,8 +53,8 @@ def read_csv(path: Path) -> list[dict]:
         for raw in csv.DictReader(handle):
             row = {}
             for key, value in raw.items():
-                parsed = _parse(value) if key not in ("case", "note", "op", "mode", "provider", "device", "model",
-                                                      "loop") else value
+                text = key in ("case", "note", "op", "mode", "provider", "device", "model", "loop")
+                parsed = value if text else _parse(value)
                 row[key] = int(parsed) if key in _INT_COLUMNS and isinstance(parsed, float) else parsed
             rows.append(row)
         return rows
@@ -152,8 +152,8 @@ def summary(rows: Sequence[dict]) -> list[dict]:
 
 
 def _summary_table(rows: Sequence[dict]) -> list[str]:
-    lines = ["| op | mode | fused/eager (geomean) | fused wins vs eager | fused/compile (geomean) | fused wins vs "
-             "compile |",
+    lines = ["| op | mode | fused/eager (geomean) | fused wins vs eager | fused/compile (geomean) "
+             "| fused wins vs compile |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for s in summary(rows):
         ge = "–" if s["vs_eager"] is None else f"{s['vs_eager']:.2f}"

@@ -80,8 +80,8 @@ def test_noise_injection_rows_against_direct_computation(digits):
                                        recovery_epochs=2, batch_size=64, stats_images=images[:100], seed=0)
     phases = [r.phase for r in rows]
     noise = [r for r in rows if r.phase == "noise"]
-    assert phases[0] == "start" and phases[-2:] == ["recovery",
-                                                    "recovery"] and [r.epoch for r in rows] == list(range(len(rows)))
+    assert phases[0] == "start" and phases[-2:] == ["recovery", "recovery"]
+    assert [r.epoch for r in rows] == list(range(len(rows)))
     assert [r.noise_std for r in noise] == [0.5 * (k + 1) for k in range(len(noise))]
     # the noise grows while the gain stays at or above the KL, and stops at the first epoch where it falls below
     assert all(r.gain_nats >= r.kl for r in noise[:-1])

@@ -57,8 +57,8 @@ def test_matches_direct_scipy_computation_and_accepts_tensors():
     f2 = rng.normal(size=(400, 12)) * 1.5 + 0.3
     expected = _direct(f1, f2)
     assert fid.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-9)
-    assert fid.fid_from_features(torch.from_numpy(f1).float(), torch.from_numpy(f2).float()) == pytest.approx(expected,
-                                                                                                              rel=1e-4)
+    distance = fid.fid_from_features(torch.from_numpy(f1).float(), torch.from_numpy(f2).float())
+    assert distance == pytest.approx(expected, rel=1e-4)
 
 
 def test_singular_covariances():

@@ -167,8 +167,8 @@ def test_two_stage_command_on_active_latents(tmp_path, capsys):
     second, variables = two_stage.load_active_second_stage(run)
     assert variables == [0, 2] and second.input_shape == (2,) and second.latent_dim == 2
     report = json.loads((folder / "report.json").read_text())
-    assert set(report["settings"]) == {name for name, _, _ in two_stage.ACTIVE_SETTINGS} and report["variables"] == [0,
-                                                                                                                     2]
+    assert set(report["settings"]) == {name for name, _, _ in two_stage.ACTIVE_SETTINGS}
+    assert report["variables"] == [0, 2]
     target = report["aggregate_posterior"]["var"]
     per_dim = report["settings"]["active second-stage + per_dim"]["latent_var"]
     assert [per_dim[0], per_dim[2]] == pytest.approx([target[0], target[2]], rel=1e-3)
