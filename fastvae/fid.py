@@ -297,8 +297,8 @@ def fit_classifier_features(
     info["dataset"] = dataset
     save_classifier(net, info, path)
     if log:
-        log(f"fid classifier for {dataset!r}: test accuracy {info.get('test_accuracy', float('nan')):.4f}, saved to "
-            f"{path}")
+        accuracy = info.get("test_accuracy", float("nan"))
+        log(f"fid classifier for {dataset!r}: test accuracy {accuracy:.4f}, saved to {path}")
     return path
 
 
@@ -382,8 +382,8 @@ def load_inception_extractor(device: str | torch.device = "cpu") -> FeatureExtra
                 x = x.expand(-1, 3, -1, -1)
             return self.inception(x.clamp(0, 1))[0]
 
-    return FeatureExtractor(f"Inception-v3 pool3 (2048-d, pytorch-fid weights {path.name})", _Pool(net).to(device),
-                            None)
+    name = f"Inception-v3 pool3 (2048-d, pytorch-fid weights {path.name})"
+    return FeatureExtractor(name, _Pool(net).to(device), None)
 
 
 def get_extractor(

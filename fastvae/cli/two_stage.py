@@ -84,8 +84,8 @@ def run(args) -> int:
             parser.error(str(error))
         width = len(variables) if active else first.latent_dim
         print(f"fastvae two-stage: training a second stage {width}-{'-'.join(map(str, args.hidden))}-"
-              f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs into "
-              f"{folder}")
+              f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs "
+              f"into {folder}")
         second, result, target = two_stage.train_second_stage(first, images, second_config, source=args.source,
                                                               variables=variables, run_dir=args.run_dir)
         metrics = result.test_metrics
