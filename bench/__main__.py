@@ -43,18 +43,22 @@ SECTIONS = ("ops", "loop", "static")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and a slice of the data, to check that the suite runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and a slice of the data, to check that the suite runs")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]",
                         help="run only these: op names (reparameterize_kl, balanced_mse, moments, renormalize, "
                              "variance_law), 'ops' (all of them), 'loop', 'static'")
-    parser.add_argument("--out", default=None, help="results folder (default bench/results; with --quick a temporary folder)")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default bench/results; with --quick a temporary folder)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="dtype of the op inputs")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="dtype of the op inputs")
     parser.add_argument("--budget", type=float, default=None, metavar="S",
                         help="seconds of timing per (case, mode, provider) once calibrated (default 0.4; quick 0.02)")
     parser.add_argument("--min-rounds", type=int, default=None, help="timing rounds at least (default 5; quick 3)")
     parser.add_argument("--providers", default=None, help="comma-separated subset of eager,compile,fused")
-    parser.add_argument("--epochs", type=int, default=None, help="loop: epochs per loop, interleaved (default 3; quick 1)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="loop: epochs per loop, interleaved (default 3; quick 1)")
     parser.add_argument("--loop-models", default=None, help="loop: comma-separated subset of dense,conv")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser
@@ -102,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     providers = tuple(p.strip() for p in args.providers.split(",")) if args.providers else None
     if providers and not set(providers) <= set(PROVIDERS):
         raise SystemExit(f"--providers: choose from {PROVIDERS}, got {providers}")
-    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "fastvae-bench-quick" if args.quick else RESULTS)
+    quick_out = Path(tempfile.gettempdir()) / "fastvae-bench-quick"
+    out = Path(args.out) if args.out else (quick_out if args.quick else RESULTS)
     dev = device_name(device)
     command = getattr(args, "command_line", None) or "python -m bench"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -131,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         loop_rows = report.rows_as_dicts(rows)
         loop_columns = loop_bench.LoopRow.columns()
         facts["loop_note"] = loop_note
-        sections["loop"] = {"date": stamp, "command": command, "quick": args.quick, "wall_s": time.perf_counter() - start,
+        sections["loop"] = {"date": stamp, "command": command, "quick": args.quick,
+                            "wall_s": time.perf_counter() - start,
                             "load": f"{load} to {load_average()}"}
         print(f"loop: {sections['loop']['wall_s']:.0f} s")
     if ops or loop:
@@ -200,7 +206,8 @@ def fused_launches_cpu(names: Sequence[str], timeout_s: float = 300) -> dict[str
         f"print('@@' + json.dumps(_fused_launches_here({list(names)!r})))"
     )
     try:
-        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {name: f"launch count timed out after {timeout_s:.0f} s" for name in names}
     for line in done.stdout.splitlines():
@@ -276,7 +283,8 @@ def run_op(
                         if bandwidth:
                             row.bw_fraction = row.gbps * 1e9 / bandwidth
                     else:
-                        row.median_ms, row.p20_ms, row.p80_ms, row.rounds = time_cpu(call, settings, f"{op.name}-{label}-{mode}-{provider}")
+                        timing = time_cpu(call, settings, f"{op.name}-{label}-{mode}-{provider}")
+                        row.median_ms, row.p20_ms, row.p80_ms, row.rounds = timing
                     log(f"  {op.name:18s} {label:18s} {MODE_TITLES[mode]:16s} {provider:8s} {row.median_ms:10.4f} ms")
                     del call
                 del fn, args

@@ -14,7 +14,8 @@ size 128 and Adam with lr 1e-3:
   build of torch, so ``TorchvisionFashionMNIST`` reproduces its dataset exactly: ``__getitem__`` builds a
   PIL image from the uint8 array and applies ``to_tensor`` (torchvision's ``ToTensor`` for PIL images).
   The model's modules are the same; the reparameterization, KL and balanced loss are written in plain
-  PyTorch (``bench.cases.reparameterize_kl.eager`` and ``bench.cases.balanced_mse.eager``): the same objective as fastvae's.
+  PyTorch (``bench.cases.reparameterize_kl.eager`` and ``bench.cases.balanced_mse.eager``): the same objective as
+  fastvae's.
 - ``tensors``: a careful hand-written loop over in-memory tensors (``TensorLoop``): the images as one tensor,
   one ``randperm`` per epoch, ``index_select`` batches, fused Adam, the loss read once per epoch, and the same
   plain-PyTorch objective as ``plain``. fastvae's loop must beat it to show that its ops pay, not only its data path.
@@ -236,7 +237,8 @@ class PythaeLoop:
         training = BaseTrainerConfig(output_dir=out_dir, per_device_train_batch_size=BATCH, num_epochs=1_000_000,
                                      learning_rate=LR, optimizer_cls="Adam", no_cuda=device.type != "cuda")
         with _silenced():
-            self.trainer = BaseTrainer(vae, train_dataset=BaseDataset(images.cpu(), labels.cpu()), training_config=training)
+            self.trainer = BaseTrainer(vae, train_dataset=BaseDataset(images.cpu(), labels.cpu()),
+                                       training_config=training)
             self.trainer.prepare_training()
         self.n_epoch = 0
 
@@ -377,7 +379,8 @@ def print_ratios(rows: Sequence[LoopRow], log: Callable[[str], None] = print) ->
     """The epoch-time ratios between loops, per model."""
     for model_name in dict.fromkeys(r.model for r in rows):
         times = {r.loop: r.epoch_s for r in rows if r.model == model_name and r.epoch_s}
-        pairs = (("fastvae", "plain"), ("tensors", "plain"), ("pythae", "plain"), ("fastvae", "tensors"), ("fastvae", "pythae"))
+        pairs = (("fastvae", "plain"), ("tensors", "plain"), ("pythae", "plain"), ("fastvae", "tensors"),
+                 ("fastvae", "pythae"))
         parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in pairs
                  if a in times and b in times]
         speed = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())

@@ -144,7 +144,8 @@ def time_cuda(fn: Callable[[], object], settings: Settings) -> tuple[float, floa
     import triton.testing
 
     rep = 20 if settings.quick else max(100, int(settings.budget_s * 1000))
-    median, p20, p80 = triton.testing.do_bench(fn, warmup=5 if settings.quick else 25, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=5 if settings.quick else 25, rep=rep,
+                                               quantiles=[0.5, 0.2, 0.8])
     return float(median), float(p20), float(p80), -1
 
 
@@ -208,7 +209,8 @@ def count_kernels(fn: Callable[[], object], device: torch.device, skip_prefixes:
     events = prof.events()
     if device.type == "cuda":
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not getattr(e, "is_user_annotation", False) and "annotation" not in str(getattr(e, "activity_type", "")))
+                   and not getattr(e, "is_user_annotation", False)
+                   and "annotation" not in str(getattr(e, "activity_type", "")))
     return _count_events(events, skip_prefixes)
 
 

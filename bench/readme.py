@@ -1,13 +1,16 @@
-"""``python -m bench.readme``: README's performance tables, generated from ``bench/results/``.
+"""``python -m bench.readme``: README's generated blocks, its performance tables and its layout tree.
 
 The tables sit between ``<!-- bench:cpu:begin -->`` and ``<!-- bench:cpu:end -->`` in README.md:
 the training loop (``cpu_loop.csv``) and, per op and mode, fused time over eager time from
-``cpu.csv``: the geometric mean over the sizes and the largest ratio of any size. ``--check`` writes
-nothing and exits 1 when README differs from what the results files say (the test suite runs it).
+``cpu.csv``: the geometric mean over the sizes and the largest ratio of any size. The layout tree sits
+between ``<!-- layout:begin -->`` and ``<!-- layout:end -->``: every package and module of ``fastvae/``,
+``kernels/`` and ``bench/``, each with the first sentence of its docstring. ``--check`` writes nothing and
+exits 1 when README differs from what the results files and the modules say (the test suite runs it).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import re
 import sys
@@ -20,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
+LAYOUT_BEGIN, LAYOUT_END = "<!-- layout:begin -->", "<!-- layout:end -->"
+#: the trees the layout draws, and the folders without Python modules it names in one line
+_TREES = ("fastvae", "kernels", "bench")
+_FOLDERS = {
+    "bench/results": "measured numbers (csv, json, md, png); README's tables are generated from them",
+    "docs": "science.md and its figures, written by `python -m fastvae.science_table`",
+}
 _LOOP_NAMES = {
     "fastvae": "fastvae `fit`",
     "tensors": "hand-written loop over in-memory tensors",
@@ -50,14 +60,16 @@ def ops_table(rows: list[dict]) -> list[str]:
 
 
 def loop_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | loop | epoch s | images/s | time / plain | time / tensors |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | loop | epoch s | images/s | time / plain | time / tensors |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model and r.get("epoch_s")]
         tensors = next((r["epoch_s"] for r in mine if r["loop"] == "tensors"), None)
         for k, r in enumerate(mine):
             ratio = f"{r['vs_plain']:.2f}" if r.get("vs_plain") else "–"
             vs_tensors = f"{r['epoch_s'] / tensors:.2f}" if tensors else "–"
-            lines.append(f"| {_MODEL_NAMES.get(model, model) if k == 0 else ''} | {_LOOP_NAMES.get(r['loop'], r['loop'])} | "
+            lines.append(f"| {_MODEL_NAMES.get(model, model) if k == 0 else ''} | "
+                         f"{_LOOP_NAMES.get(r['loop'], r['loop'])} | "
                          f"{r['epoch_s']:.2f} | {r['images_per_s']:,.0f} | {ratio} | {vs_tensors} |")
     return lines
 
@@ -71,28 +83,75 @@ def block(results: Path = RESULTS) -> str:
     lines = [BEGIN, "", f"Machine: {meta.get('machine', '?')}. Runs: {'; '.join(commands) or '–'}.", "",
              "Training loop, Fashion-MNIST train split, batch 128, Adam, interleaved epochs of each loop:", ""]
     lines += loop_table(read_csv(results / "cpu_loop.csv"))
-    lines += ["", "Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in parentheses, "
-              "the largest ratio of any size (below 1 the fused op is faster):", ""]
+    lines += ["",
+              "Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in "
+              "parentheses, the largest ratio of any size (below 1 the fused op is faster):", ""]
     lines += ops_table(read_csv(results / "cpu.csv"))
     return "\n".join(lines + ["", END])
 
 
-def render(readme: str, generated: str) -> str:
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+def summary(path: Path, limit: int = 90) -> str:
+    """The first sentence of the module's docstring without its reST backquotes, at most ``limit`` characters."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    text = " ".join(doc.split("\n\n")[0].replace("``", "").split())
+    end = text.find(". ")
+    text = text if end < 0 else text[:end + 1]
+    if len(text) > limit:
+        text = text[:text.rfind(" ", 0, limit - 3)] + " ..."
+    return text
+
+
+def _tree(folder: Path, root: Path, depth: int) -> list[tuple[str, str]]:
+    """``(indented name, summary)`` for ``folder`` (its ``__init__``'s summary) and, below it, its modules
+    and subpackages in name order."""
+    init = folder / "__init__.py"
+    rows = [("  " * depth + folder.name + "/", summary(init) if init.is_file() else "")]
+    relative = folder.relative_to(root).as_posix()
+    if relative in _FOLDERS:
+        rows[0] = (rows[0][0], _FOLDERS[relative])
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and ((child / "__init__.py").is_file() or child.relative_to(root).as_posix() in _FOLDERS):
+            rows += _tree(child, root, depth + 1)
+        elif child.suffix == ".py" and child.name != "__init__.py":
+            rows.append(("  " * (depth + 1) + child.name, summary(child)))
+    return rows
+
+
+def layout_block(root: Path = ROOT) -> str:
+    """The generated layout tree between its markers (markers included)."""
+    rows = [row for name in _TREES for row in _tree(root / name, root, 0)]
+    tests = sorted((root / "tests").glob("test_*.py"))
+    rows.append(("tests/", f"pytest suite, {len(tests)} modules; conftest.py runs the kernels in Triton's interpreter"))
+    rows += [(name + "/", text) for name, text in _FOLDERS.items() if "/" not in name]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{name:<{width}}{text}".rstrip() for name, text in rows]
+    return "\n".join([LAYOUT_BEGIN, "", "```text", *lines, "```", "", LAYOUT_END])
+
+
+def render(readme: str, generated: str, begin: str = BEGIN, end: str = END) -> str:
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+        raise SystemExit(f"README.md has no {begin} ... {end} block")
     return pattern.sub(lambda _: generated, readme)
+
+
+def render_all(readme: str, results: Path = RESULTS, root: Path = ROOT) -> str:
+    """README with both generated blocks written afresh."""
+    readme = render(readme, block(results))
+    return render(readme, layout_block(root), LAYOUT_BEGIN, LAYOUT_END)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when README's tables differ from the results files")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when README's generated blocks differ from the results files and modules")
     args = parser.parse_args(argv)
     current = README.read_text()
-    updated = render(current, block())
+    updated = render_all(current)
     if args.check:
         if updated != current:
-            print("README.md's performance tables differ from bench/results/: run python -m bench.readme")
+            print("README.md's generated blocks (performance tables, layout) differ from bench/results/ and the "
+                  "modules: run python -m bench.readme")
             return 1
         return 0
     README.write_text(updated)

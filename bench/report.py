@@ -23,7 +23,8 @@ from .measure import Row
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-_INT_COLUMNS = {"rounds", "launches", "triton_launches", "saved_bytes", "saved_beyond_inputs", "peak_bytes", "min_bytes", "epochs", "images"}
+_INT_COLUMNS = {"rounds", "launches", "triton_launches", "saved_bytes", "saved_beyond_inputs", "peak_bytes",
+                "min_bytes", "epochs", "images"}
 
 
 def _parse(value: str):
@@ -52,7 +53,8 @@ def read_csv(path: Path) -> list[dict]:
         for raw in csv.DictReader(handle):
             row = {}
             for key, value in raw.items():
-                parsed = _parse(value) if key not in ("case", "note", "op", "mode", "provider", "device", "model", "loop") else value
+                text = key in ("case", "note", "op", "mode", "provider", "device", "model", "loop")
+                parsed = value if text else _parse(value)
                 row[key] = int(parsed) if key in _INT_COLUMNS and isinstance(parsed, float) else parsed
             rows.append(row)
         return rows
@@ -150,7 +152,8 @@ def summary(rows: Sequence[dict]) -> list[dict]:
 
 
 def _summary_table(rows: Sequence[dict]) -> list[str]:
-    lines = ["| op | mode | fused/eager (geomean) | fused wins vs eager | fused/compile (geomean) | fused wins vs compile |",
+    lines = ["| op | mode | fused/eager (geomean) | fused wins vs eager | fused/compile (geomean) "
+             "| fused wins vs compile |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for s in summary(rows):
         ge = "–" if s["vs_eager"] is None else f"{s['vs_eager']:.2f}"
@@ -177,7 +180,8 @@ def _launches(index, op, case, mode) -> str:
 def op_table(rows: Sequence[dict], op: str, mode: str, cuda: bool) -> list[str]:
     """One markdown table: a line per case of ``op`` in ``mode``."""
     index = _by_key(rows)
-    header = ["case", "eager ms [p20, p80]", "compile ms [p20, p80]", "fused ms [p20, p80]", "fused/eager", "fused/compile",
+    header = ["case", "eager ms [p20, p80]", "compile ms [p20, p80]", "fused ms [p20, p80]", "fused/eager",
+              "fused/compile",
               "launches e / c / f"]
     if mode == "forward":
         header += ["saved for backward e / c / f", "beyond inputs e / c / f"]
@@ -197,9 +201,11 @@ def op_table(rows: Sequence[dict], op: str, mode: str, cuda: bool) -> list[str]:
             cells.append(" / ".join(fmt_bytes(r[p].get("saved_beyond_inputs")) for p in PROVIDERS))
         if cuda:
             cells.append(" / ".join(fmt_bytes(r[p].get("peak_bytes")) for p in PROVIDERS))
-            cells.append(" / ".join("–" if r[p].get("bw_fraction") is None else f"{r[p]['bw_fraction']:.0%}" for p in PROVIDERS))
+            fractions = [r[p].get("bw_fraction") for p in PROVIDERS]
+            cells.append(" / ".join("–" if f is None else f"{f:.0%}" for f in fractions))
         lines.append("| " + " | ".join(cells) + " |")
-    notes = sorted({f"{x['provider']}: {x['note']}" for x in rows if x["op"] == op and x["mode"] == mode and x.get("note")})
+    notes = sorted({f"{x['provider']}: {x['note']}" for x in rows
+                    if x["op"] == op and x["mode"] == mode and x.get("note")})
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]
@@ -301,7 +307,8 @@ def loop_table(rows: Sequence[dict]) -> list[str]:
         ips = "–" if r.get("images_per_s") is None else f"{r['images_per_s']:,.0f}"
         ratio = "–" if r.get("vs_plain") is None else f"{r['vs_plain']:.2f}"
         first = "–" if r.get("first_epoch_s") is None else f"{r['first_epoch_s']:.2f}"
-        lines.append(f"| {r['model']} | {r['loop']} | {cell} | {ips} | {ratio} | {first} | {_fmt_int(r.get('epochs'))} | {r.get('note') or ''} |")
+        lines.append(f"| {r['model']} | {r['loop']} | {cell} | {ips} | {ratio} | {first} | {_fmt_int(r.get('epochs'))} "
+                     f"| {r.get('note') or ''} |")
     return lines
 
 

@@ -1,3 +1,4 @@
+"""``python -m fastvae``: the ``fastvae`` command (``fastvae.cli.main``)."""
 import sys
 
 from .cli import main

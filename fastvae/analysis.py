@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._util import eval_mode
 from .ops import moments
 
 SIGMA2_MIN = 0.8
@@ -38,7 +39,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _check_model(model: object, name: str = "model") -> None:
     if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
-        raise TypeError(f"{name} must have encode(x) -> (mu, logvar) and decode(z) -> x_hat, got {type(model).__name__}")
+        raise TypeError(f"{name} must have encode(x) -> (mu, logvar) and decode(z) -> x_hat, "
+                        f"got {type(model).__name__}")
 
 
 def _check_images(images: object, name: str = "images") -> Tensor:
@@ -220,11 +222,9 @@ def latent_statistics(
         raise ValueError(f"latent_statistics: gain_limit must be positive or None, got {gain_limit}")
     gain_count = min(images.shape[0], gain_limit or images.shape[0]) if gain else 0
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
     running = _Running()
     squared = None
-    try:
+    with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device)
             mu, logvar = model.encode(x)
@@ -234,8 +234,6 @@ def latent_statistics(
                 keep = min(x.shape[0], gain_count - start)
                 errors = reconstruction_errors(model, x[:keep], mu[:keep])
                 squared = errors if squared is None else squared + errors
-    finally:
-        model.train(was_training)
     d = running.mean.shape[0] // 3
     mean = running.mean.cpu()
     var = running.var.cpu()
@@ -296,9 +294,7 @@ def zeroing_check(model: nn.Module, inactive: Tensor, *, num_samples: int = 16, 
     d = inactive.shape[0]
     device = _model_device(model)
     z = torch.randn(num_samples, d, generator=torch.Generator().manual_seed(seed)).to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         samples = model.decode(z)
         z0 = z.clone()
         z0[:, inactive.to(device)] = 0.0
@@ -314,8 +310,6 @@ def zeroing_check(model: nn.Module, inactive: Tensor, *, num_samples: int = 16, 
             zr[:, ref_vars] = 0.0
             reference = model.decode(zr)
             ref_mad = float((samples - reference).abs().double().mean())
-    finally:
-        model.train(was_training)
     return ZeroingCheck(samples.cpu(), zeroed.cpu(), mad, [j for j in range(d) if bool(inactive[j])],
                         None if reference is None else reference.cpu(), ref_mad, ref_vars)
 
@@ -326,12 +320,8 @@ def encode_all(model: nn.Module, images: Tensor, *, batch_size: int = 1000) -> t
     _check_model(model)
     _check_images(images)
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         parts = [model.encode(images[i:i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)]
-    finally:
-        model.train(was_training)
     return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
 
 

@@ -264,7 +264,8 @@ def _load_file(path: Path, split: str):
         keys = set(archive.files)
         image_key = next((k for k in _NPZ_IMAGES[split] if k in keys), None)
         if image_key is None:
-            raise ValueError(f"{path}: no {split} images; expected one of the keys {_NPZ_IMAGES[split]}, found {sorted(keys)}")
+            raise ValueError(f"{path}: no {split} images; expected one of the keys {_NPZ_IMAGES[split]}, found "
+                             f"{sorted(keys)}")
         label_key = next((k for k in _NPZ_LABELS[split] if k in keys), None)
         return archive[image_key], (archive[label_key] if label_key else None)
 

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from .analysis import _check_images, _check_model, _model_device, encode_all, latent_statistics
-from .ops import kl_divergence, reparameterize
 from .losses import KL_MODES, kl_penalty
+from .ops import kl_divergence, reparameterize
 
 __all__ = ["KL_MODES", "kl_penalty", "smallest_gain_variable", "NoiseInjectionRow",
            "noise_injection", "write_history", "read_history", "slice_latents", "HISTORY_FIELDS"]

@@ -40,7 +40,8 @@ def feature_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.nd
     if features.ndim != 2:
         raise ValueError(f"feature_statistics: features must be (N, F), got shape {features.shape}")
     if features.shape[0] < 2:
-        raise ValueError(f"feature_statistics: features needs at least 2 rows for a covariance, got {features.shape[0]}")
+        raise ValueError("feature_statistics: features needs at least 2 rows for a covariance, "
+                         f"got {features.shape[0]}")
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
 
 
@@ -92,7 +93,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     if mu1.shape != (f,) or mu2.shape != (f,):
         raise ValueError(f"frechet_distance: mu1 and mu2 must both be (F,), got {mu1.shape} and {mu2.shape}")
     if sigma1.shape != (f, f) or sigma2.shape != (f, f):
-        raise ValueError(f"frechet_distance: sigma1 and sigma2 must be ({f}, {f}), got {sigma1.shape} and {sigma2.shape}")
+        raise ValueError(f"frechet_distance: sigma1 and sigma2 must be ({f}, {f}), got {sigma1.shape} and "
+                         f"{sigma2.shape}")
     diff = mu1 - mu2
     covmean = sqrtm_product(sigma1, sigma2, eps=eps)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
@@ -216,16 +218,19 @@ def train_feature_classifier(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> tuple[FeatureClassifier, dict]:
-    """Train ``FeatureClassifier`` with cross-entropy on ``images`` ``(N, C, H, W)`` in ``[0, 1]`` and integer ``labels`` ``(N,)``.
+    """Train ``FeatureClassifier`` with cross-entropy on ``images`` ``(N, C, H, W)`` in ``[0, 1]`` and integer
+    ``labels`` ``(N,)``.
 
     Returns the network (eval mode) and a dict of what it was trained on and its accuracy on ``test``.
     """
     if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
         raise TypeError("train_feature_classifier: images and labels must be tensors")
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"train_feature_classifier: images and labels differ in length ({images.shape[0]} and {labels.shape[0]})")
+        raise ValueError(f"train_feature_classifier: images and labels differ in length ({images.shape[0]} and "
+                         f"{labels.shape[0]})")
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"train_feature_classifier: epochs and batch_size must be positive, got {epochs} and {batch_size}")
+        raise ValueError(f"train_feature_classifier: epochs and batch_size must be positive, got {epochs} and "
+                         f"{batch_size}")
     images = _as_images(images).float()
     labels = labels.long()
     generator = torch.Generator().manual_seed(seed)
@@ -292,7 +297,8 @@ def fit_classifier_features(
     info["dataset"] = dataset
     save_classifier(net, info, path)
     if log:
-        log(f"fid classifier for {dataset!r}: test accuracy {info.get('test_accuracy', float('nan')):.4f}, saved to {path}")
+        accuracy = info.get("test_accuracy", float("nan"))
+        log(f"fid classifier for {dataset!r}: test accuracy {accuracy:.4f}, saved to {path}")
     return path
 
 
@@ -348,13 +354,15 @@ def load_inception_extractor(device: str | torch.device = "cpu") -> FeatureExtra
     """Inception-v3 pool3 features (2048-d) in the standard FID setting, from the local weights file."""
     path = inception_weights_path()
     if path is None:
-        raise RuntimeError(f"Inception weights ({INCEPTION_WEIGHTS}) are not on this machine; fastvae does not download them. "
+        raise RuntimeError(f"Inception weights ({INCEPTION_WEIGHTS}) are not on this machine; fastvae does not "
+                           "download them. "
                            "Put the file in the torch hub checkpoints directory or set FASTVAE_INCEPTION_WEIGHTS.")
     try:
         import pytorch_fid.inception as pfi
         from pytorch_fid.inception import InceptionV3
     except Exception as error:
-        raise RuntimeError("the Inception extractor needs pytorch-fid (pip install pytorch-fid, which needs torchvision)") from error
+        raise RuntimeError("the Inception extractor needs pytorch-fid (pip install pytorch-fid, which needs "
+                           "torchvision)") from error
     state = torch.load(path, map_location="cpu", weights_only=True)
     # pytorch-fid fetches its weights through load_state_dict_from_url; hand it the local file instead.
     original = pfi.load_state_dict_from_url
@@ -374,7 +382,8 @@ def load_inception_extractor(device: str | torch.device = "cpu") -> FeatureExtra
                 x = x.expand(-1, 3, -1, -1)
             return self.inception(x.clamp(0, 1))[0]
 
-    return FeatureExtractor(f"Inception-v3 pool3 (2048-d, pytorch-fid weights {path.name})", _Pool(net).to(device), None)
+    name = f"Inception-v3 pool3 (2048-d, pytorch-fid weights {path.name})"
+    return FeatureExtractor(name, _Pool(net).to(device), None)
 
 
 def get_extractor(
@@ -398,7 +407,8 @@ def get_extractor(
     path = classifier_path(dataset, root)
     if not path.exists():
         if not train_if_missing:
-            raise FileNotFoundError(f"no cached fid classifier for {dataset!r} at {path}; run `fastvae fid-features --dataset {dataset}`")
+            raise FileNotFoundError(f"no cached fid classifier for {dataset!r} at {path}; run `fastvae fid-features "
+                                    f"--dataset {dataset}`")
         fit_classifier_features(dataset, root=root, data_root=data_root, epochs=epochs, device=device, log=log)
     return load_classifier_extractor(path, device)
 

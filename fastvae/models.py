@@ -31,7 +31,8 @@ def _check_positive_ints(owner: str, name: str, values: Sequence[int], *, allow_
         raise TypeError(f"{owner}: {name} must be a sequence of ints, got {values!r}")
     values = tuple(values)
     if (not values and not allow_empty) or any(v < 1 for v in values):
-        raise ValueError(f"{owner}: {name} must be {'' if allow_empty else 'a non-empty sequence of '}positive ints, got {values!r}")
+        raise ValueError(f"{owner}: {name} must be {'' if allow_empty else 'a non-empty sequence of '}positive ints, "
+                         f"got {values!r}")
     return values
 
 
@@ -109,7 +110,8 @@ class DenseVAE(VAE):
     ``DenseVAE((1, 28, 28), latent_dim=16, hidden=(256, 64, 32))``. The decoder mirrors the encoder.
     """
 
-    def __init__(self, input_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 16, hidden: Sequence[int] = (256, 64, 32)):
+    def __init__(self, input_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 16,
+                 hidden: Sequence[int] = (256, 64, 32)):
         input_shape = _check_shape("DenseVAE", input_shape)
         latent_dim = _check_latent("DenseVAE", latent_dim)
         hidden = _check_positive_ints("DenseVAE", "hidden", hidden, allow_empty=True)
@@ -140,7 +142,8 @@ class ConvVAE(VAE):
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"ConvVAE: hidden must be a positive int, got {hidden!r}")
         if h % 2 ** len(channels):
-            raise ValueError(f"ConvVAE: {h}x{h} images cannot be halved {len(channels)} times; use fewer channels entries")
+            raise ValueError(f"ConvVAE: {h}x{h} images cannot be halved {len(channels)} times; "
+                             "use fewer channels entries")
         super().__init__("conv", (c, h, h), latent_dim, channels=channels, hidden=hidden)
         side = h // 2 ** len(channels)
         flat = channels[-1] * side * side
@@ -200,7 +203,8 @@ class ResNetVAE(VAE):
         downs = len(channels) - 1
         if h % 2 ** downs or h // 2 ** downs < 2:
             raise ValueError(f"ResNetVAE: {h}x{h} images cannot be halved {downs} times; use fewer channels entries")
-        super().__init__("resnet", (c, h, h), latent_dim, channels=channels, blocks_per_scale=blocks_per_scale, hidden=hidden)
+        super().__init__("resnet", (c, h, h), latent_dim, channels=channels, blocks_per_scale=blocks_per_scale,
+                         hidden=hidden)
         side = h // 2 ** downs
         flat = channels[-1] * side * side
         enc: list[nn.Module] = [nn.Conv2d(c, channels[0], 3, padding=1)]

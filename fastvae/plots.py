@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Latent analysis, two-stage generation (fastvae.analysis, fastvae.two_stage)
 # --------------------------------------------------------------------------------------------------
 def _images_for_display(x, image_shape=None):
-    """``(N, H, W)`` or ``(N, H, W, 3)`` numpy images in [0, 1] from ``(N, C, H, W)``, ``(N, H, W)`` or flat square ``(N, H*W)``."""
+    """``(N, H, W)`` or ``(N, H, W, 3)`` numpy images in [0, 1] from ``(N, C, H, W)``, ``(N, H, W)`` or flat
+    square ``(N, H*W)``."""
     import numpy as np
 
     x = x.detach().float().cpu() if hasattr(x, "detach") else x
@@ -95,7 +96,8 @@ def latent_evolution(history, path):
     var_mu = np.asarray(history["var_mu"])
     s2 = np.asarray(history["mean_sigma2"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
-    for ax, values, name in zip(axes, (var_mu, s2, var_mu + s2), ("Var(mu_j)", "E[sigma_j^2]", "Var(mu_j) + E[sigma_j^2]")):
+    for ax, values, name in zip(axes, (var_mu, s2, var_mu + s2),
+                                ("Var(mu_j)", "E[sigma_j^2]", "Var(mu_j) + E[sigma_j^2]")):
         for j in range(values.shape[1]):
             ax.plot(steps, values[:, j], linewidth=1)
         ax.set_title(name, fontsize=9)
@@ -173,7 +175,8 @@ def benchmark_bars(rows, path, *, title, modes, providers):
 
     cases = list(dict.fromkeys(r["case"] for r in rows))
     index = {(r["case"], r["mode"], r["provider"]): r for r in rows}
-    fig, axes = plt.subplots(1, len(modes), figsize=(max(6.0, 1.1 * len(cases) + 2) * len(modes) / 2, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(max(6.0, 1.1 * len(cases) + 2) * len(modes) / 2, 3.6),
+                             squeeze=False)
     width = 0.8 / len(providers)
     x = np.arange(len(cases))
     for ax, (mode, mode_title) in zip(axes[0], modes):

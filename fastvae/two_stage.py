@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ._util import derive_seed, eval_mode
 from .analysis import _check_images, _check_model, _model_device, encode_all
 from .ops import moments, renormalize, reparameterize, variance_law
 
@@ -74,7 +76,8 @@ class AggregatePosterior:
 
 
 class _Resample:
-    """Training callback: at each epoch end, redraw ``data = mu + sigma * eps`` in place (a fresh seed per epoch)."""
+    """Training callback: at each epoch end, redraw ``data = mu + sigma * eps`` in place, seeded
+    ``derive_seed(seed, epoch)`` after epoch ``epoch``."""
 
     def __init__(self, data: Tensor, mu: Tensor, logvar: Tensor, seed: int):
         self.data, self.mu, self.logvar, self.seed = data, mu, logvar, seed
@@ -83,7 +86,7 @@ class _Resample:
     def __call__(self, *, epoch: int, epoch_end: bool = False, **_) -> None:
         if epoch_end:
             with torch.no_grad():
-                self.data.copy_(reparameterize(self.mu, self.logvar, seed=self.seed + 7919 * epoch))
+                self.data.copy_(reparameterize(self.mu, self.logvar, seed=derive_seed(self.seed, epoch)))
             self.draws += 1
 
 
@@ -101,10 +104,15 @@ def second_stage_config(first_config, out: str | Path, **overrides):
 
 
 def train_second_stage(first: nn.Module, images: Tensor, config, *, source: str = "sample",
-                       callbacks=None, batch_size: int = 1000, variables=None):
+                       callbacks=None, batch_size: int = 1000, variables=None, run_dir: str | Path | None = None):
     """Encode ``images`` with ``first`` and ``fastvae.fit`` a second stage built from ``config`` (a ``TrainConfig``
     with ``model="second-stage"``) on the codes, or on their columns ``variables`` only when given.
-    Returns ``(second, fit_result, aggregate_posterior)`` (the posterior over all the first stage's variables)."""
+    Returns ``(second, fit_result, aggregate_posterior)`` (the posterior over all the first stage's variables).
+
+    The second stage's folder ``config.out`` gets ``latents.json`` (the ``variables``, when given) and, when the
+    first stage is a run folder's model, ``source.json`` naming that run's checkpoint (what ``load_second_stage``
+    and ``load_active_second_stage`` check): the run is ``run_dir``, or by default the parent of ``config.out``
+    when that folder is ``RUN/two_stage`` or ``RUN/two_stage_active`` of a run (a folder holding a checkpoint)."""
     from .train import fit, model_from_config
 
     _check_model(first, "first")
@@ -113,6 +121,7 @@ def train_second_stage(first: nn.Module, images: Tensor, config, *, source: str 
         raise ValueError(f"train_second_stage: source must be one of {SOURCES}, got {source!r}")
     if config.model != "second-stage":
         raise ValueError(f"train_second_stage: config.model must be 'second-stage', got {config.model!r}")
+    run_dir = _source_run(config.out, run_dir)
     mu, logvar = encode_all(first, images, batch_size=batch_size)
     full = AggregatePosterior.from_latents(mu, logvar)
     if variables is not None:
@@ -129,7 +138,39 @@ def train_second_stage(first: nn.Module, images: Tensor, config, *, source: str 
     torch.manual_seed(config.seed)  # the initial weights, as fastvae.train.train seeds the first stage's
     second = model_from_config(config, (mu.shape[1],))
     result = fit(second, data, config, callbacks=extra)
+    if _is_rank_zero():
+        _record_source(result.out_dir, run_dir, variables)
     return second.eval(), result, full
+
+
+def _source_run(out, run_dir) -> Path | None:
+    """The run folder a second stage trained into ``out`` comes from: ``run_dir`` (checked), or the parent of
+    ``out`` when ``out`` is its ``two_stage`` / ``two_stage_active`` folder and the parent holds a checkpoint."""
+    from .train.checkpoint import CHECKPOINT
+
+    if run_dir is not None:
+        if not (Path(run_dir) / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"train_second_stage: run_dir {run_dir} holds no {CHECKPOINT}")
+        return Path(run_dir)
+    if out is None or Path(out).name not in (SUBDIR, SUBDIR_ACTIVE):
+        return None
+    parent = Path(out).parent
+    return parent if (parent / CHECKPOINT).is_file() else None
+
+
+def _record_source(folder: Path, run_dir: Path | None, variables) -> None:
+    from .train.runfolder import write_provenance
+
+    if variables is not None:
+        (folder / "latents.json").write_text(json.dumps({"variables": [int(j) for j in variables]}) + "\n")
+    if run_dir is not None:
+        write_provenance(folder, run_dir)
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _check_variables(variables, latent_dim: int) -> list[int]:
@@ -153,7 +194,7 @@ def generate_active_latents(second: nn.Module, variables, n: int, latent_dim: in
                             device=None) -> Tensor:
     """``n`` first-stage latents ``(n, latent_dim)``: columns ``variables`` from the second stage (as
     ``generate_latents``, renormalized by ``mode`` against ``target`` restricted to them), the others
-    ``N(0, 1)`` draws (``fill="noise"``, seeded ``seed + 1``) or zeros."""
+    ``N(0, 1)`` draws (``fill="noise"``, seeded ``derive_seed(seed, 1)``) or zeros."""
     if fill not in FILLS:
         raise ValueError(f"generate_active_latents: fill must be one of {FILLS}, got {fill!r}")
     variables = _check_variables(variables, latent_dim)
@@ -163,7 +204,7 @@ def generate_active_latents(second: nn.Module, variables, n: int, latent_dim: in
     sub = None if target is None else AggregatePosterior(target.mean[variables], target.var[variables])
     part = generate_latents(second, n, len(variables), seed=seed, mode=mode, target=sub)
     if fill == "noise":
-        z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed + 1))
+        z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(derive_seed(seed, 1)))
     else:
         z = torch.zeros(n, latent_dim)
     z = z.to(part.device, part.dtype)
@@ -218,13 +259,9 @@ def generate_latents(second: nn.Module | None, n: int, latent_dim: int, *, seed:
         z = torch.randn(n, latent_dim, generator=generator)
         z = z.to(device) if device is not None else z
     else:
-        was_training = second.training
-        second.eval()
-        try:
+        with eval_mode(second):
             u = torch.randn(n, second.latent_dim, generator=generator).to(_model_device(second))
             z = second.decode(u).float()
-        finally:
-            second.train(was_training)
     return renormalize_latents(z, mode, target)
 
 
@@ -232,13 +269,9 @@ def generate_latents(second: nn.Module | None, n: int, latent_dim: int, *, seed:
 def decode_all(model: nn.Module, z: Tensor, *, batch_size: int = 1000) -> Tensor:
     """``model.decode`` of ``z`` in batches, in eval mode; float32 on the CPU."""
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return torch.cat([model.decode(z[i:i + batch_size].to(device)).float().cpu()
                           for i in range(0, z.shape[0], batch_size)])
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -269,7 +302,8 @@ def _pixel_variance(x: Tensor) -> float:
 
 @torch.no_grad()
 def variance_report(first: nn.Module, second: nn.Module | None, images: Tensor, *, n: int = 10000, seed: int = 0,
-                    target: AggregatePosterior | None = None, latents: dict | None = None, batch_size: int = 1000) -> dict:
+                    target: AggregatePosterior | None = None, latents: dict | None = None,
+                    batch_size: int = 1000) -> dict:
     """The variance loss of each generation setting (see the module docstring) as a JSON-ready dict:
     ``aggregate_posterior`` (per-dimension moments), ``data_pixel_var``, and per setting ``latent_var``
     ``(D,)``, ``latent_var_mean`` and ``pixel_var``. ``images`` are the data the targets come from;
@@ -288,7 +322,8 @@ def variance_report(first: nn.Module, second: nn.Module | None, images: Tensor, 
     for name, z in latents.items():
         latent_var = moments(z.float(), dim=0)[1].cpu()
         x = decode_all(first, z, batch_size=batch_size)
-        report["settings"][name] = {"latent_var": latent_var.tolist(), "latent_var_mean": float(latent_var.double().mean()),
+        report["settings"][name] = {"latent_var": latent_var.tolist(),
+                                    "latent_var_mean": float(latent_var.double().mean()),
                                     "pixel_var": _pixel_variance(x)}
     return report
 
@@ -301,39 +336,47 @@ def format_variance_report(report: dict) -> str:
              f"{'aggregate posterior / data':<26} {agg:28.4f} {data:10.5f}"]
     for name, row in report["settings"].items():
         lines.append(f"{name:<26} {row['latent_var_mean']:28.4f} {row['pixel_var']:10.5f}")
-    lines.append(f"(n = {report['n']} generated per setting; latent var of the aggregate posterior = Var(mu) + E[sigma^2])")
+    lines.append(f"(n = {report['n']} generated per setting; latent var of the aggregate posterior = Var(mu) + "
+                 "E[sigma^2])")
     return "\n".join(lines)
 
 
 def load_second_stage(run_dir: str | Path, *, device="cpu") -> nn.Module | None:
-    """The second stage saved under ``RUN/two_stage`` by ``fastvae two-stage`` for the run's current checkpoint
-    (its ``source.json`` names it), or None when there is none."""
-    from .run import load
-    from .train.runfolder import matches_checkpoint
-
-    folder = Path(run_dir) / SUBDIR
-    if not (folder / "checkpoint.pt").is_file() or not matches_checkpoint(folder, run_dir):
-        return None  # none, or one trained on the latents of another checkpoint of the run
-    second, _ = load(folder, device=device)
-    return second
+    """The second stage saved under ``RUN/two_stage`` (by ``fastvae two-stage`` or ``train_second_stage``) for the
+    run's current checkpoint (its ``source.json`` names it), or None when there is none; a second stage of
+    another checkpoint (or with no ``source.json``) is ignored with a warning."""
+    return _load_current(Path(run_dir), SUBDIR, device)
 
 
 def save_active_variables(run_dir: str | Path, variables) -> None:
+    """Write ``RUN/two_stage_active/latents.json`` naming ``variables`` (``train_second_stage`` does it itself)."""
     folder = Path(run_dir) / SUBDIR_ACTIVE
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "latents.json").write_text(json.dumps({"variables": [int(j) for j in variables]}) + "\n")
+    _record_source(folder, None, variables)
 
 
 def load_active_second_stage(run_dir: str | Path, *, device="cpu") -> tuple[nn.Module, list[int]] | None:
-    """``(second, variables)`` saved under ``RUN/two_stage_active`` by ``fastvae two-stage --latents active``, or None."""
-    from .run import load
-    from .train.runfolder import matches_checkpoint
-
+    """``(second, variables)`` saved under ``RUN/two_stage_active`` (by ``fastvae two-stage --latents active`` or
+    ``train_second_stage(variables=...)``) for the run's current checkpoint, or None, as ``load_second_stage``."""
     folder = Path(run_dir) / SUBDIR_ACTIVE
-    if not (folder / "checkpoint.pt").is_file() or not (folder / "latents.json").is_file():
+    if not (folder / "latents.json").is_file():
+        return None
+    second = _load_current(Path(run_dir), SUBDIR_ACTIVE, device)
+    return None if second is None else (second, json.loads((folder / "latents.json").read_text())["variables"])
+
+
+def _load_current(run_dir: Path, subdir: str, device) -> nn.Module | None:
+    """The model in ``run_dir/subdir`` when its ``source.json`` names the run's current checkpoint, else None."""
+    from .run import load
+    from .train.runfolder import PROVENANCE, matches_checkpoint
+
+    folder = run_dir / subdir
+    if not (folder / "checkpoint.pt").is_file():
         return None
     if not matches_checkpoint(folder, run_dir):
-        return None  # trained on the latents of another checkpoint of the run
+        why = "was trained on another checkpoint of the run" if (folder / PROVENANCE).is_file() else \
+            f"has no {PROVENANCE} naming the run checkpoint it came from"
+        warnings.warn(f"{folder} {why}: not used (train it again)", stacklevel=3)
+        return None
     second, _ = load(folder, device=device)
-    return second, json.loads((folder / "latents.json").read_text())["variables"]
-
+    return second

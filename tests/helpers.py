@@ -5,14 +5,15 @@ import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Relative tolerance against the float64 reference (DESIGN.md). float64 results that involve the noise
+# Relative tolerance against the float64 reference, per dtype. float64 results that involve the noise
 # are bounded by the float32 noise itself (eps is float32 by definition, and log/cos may differ by an ulp
 # between libraries), hence RTOL_NOISE.
 RTOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
 RTOL_NOISE = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-6}
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, scale: torch.Tensor | float = 0.0) -> None:
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float,
+                        scale: torch.Tensor | float = 0.0) -> None:
     """``|actual - expected| <= rtol * (|expected| + scale)`` elementwise, infinities equal by sign.
 
     ``expected`` (float64) is first rounded to ``actual``'s dtype, so a value past that dtype's range

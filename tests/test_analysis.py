@@ -85,7 +85,8 @@ def test_inactive_variable_flag_gain_and_zeroing(digits):
     check = analysis.zeroing_check(model, stats.inactive, num_samples=8, gain=stats.gain)
     assert check.samples.shape == (8, 1, 8, 8) and check.inactive == [1]
     assert check.mean_abs_diff == 0.0
-    assert check.reference_mean_abs_diff > 1e-4 and check.reference_variables == [max((0, 2, 3), key=lambda j: float(stats.gain[j]))]
+    assert check.reference_mean_abs_diff > 1e-4
+    assert check.reference_variables == [max((0, 2, 3), key=lambda j: float(stats.gain[j]))]
 
     report = stats.to_dict()
     json.dumps(report)
@@ -150,6 +151,7 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     images, _ = load_dataset("digits", split="train")
     with torch.no_grad():
         mu, logvar = model.encode(images)
-    assert report["variables"][0]["var_mu"] == pytest.approx(float(torch.var(mu[:, 0], correction=0)), rel=1e-4, abs=1e-8)
+    assert report["variables"][0]["var_mu"] == pytest.approx(float(torch.var(mu[:, 0], correction=0)), rel=1e-4,
+                                                             abs=1e-8)
     for name in ("latents.png", "zeroing.png", "latent_circles.png"):
         assert (run / "analysis" / name).stat().st_size > 0

@@ -28,7 +28,8 @@ def test_quick_run_writes_tables_csv_and_charts(tmp_path):
     md = (tmp_path / "cpu.md").read_text()
     for mode in ("forward", "backward", "forward+backward"):
         assert f"### balanced_mse: {mode}" in md
-    assert "| case | eager ms [p20, p80] | compile ms [p20, p80] | fused ms [p20, p80] | fused/eager | fused/compile |" in md
+    assert ("| case | eager ms [p20, p80] | compile ms [p20, p80] | fused ms [p20, p80] | fused/eager "
+            "| fused/compile |") in md
     assert "## Training loop" in md
     rows = _csv(tmp_path / "cpu.csv")
     assert set(measure.Row.columns()) <= set(rows[0])

@@ -104,9 +104,12 @@ def test_moments_and_renormalize_match_the_spec(dtype, dim):
         _close(got, want, dtype)
     mean, var = reference.moments(z, dim)
     g_mean, g_var = torch.randn(mean.shape), torch.randn(var.shape)
-    _close(_cpu.moments_backward(g_mean, g_var, z, mean, dim, 1), reference.moments_backward(g_mean, g_var, z, mean, dim, 1), dtype)
-    _close(_cpu.moments_backward(None, g_var, z, mean, dim), reference.moments_backward(None, g_var, z, mean, dim), dtype)
-    _close(_cpu.moments_backward(g_mean, None, z, mean, dim), reference.moments_backward(g_mean, None, z, mean, dim), dtype)
+    _close(_cpu.moments_backward(g_mean, g_var, z, mean, dim, 1),
+           reference.moments_backward(g_mean, g_var, z, mean, dim, 1), dtype)
+    _close(_cpu.moments_backward(None, g_var, z, mean, dim),
+           reference.moments_backward(None, g_var, z, mean, dim), dtype)
+    _close(_cpu.moments_backward(g_mean, None, z, mean, dim),
+           reference.moments_backward(g_mean, None, z, mean, dim), dtype)
     target_mean, target_var = torch.randn(mean.shape), torch.rand(var.shape) + 0.5
     grad = torch.randn(z.shape, dtype=torch.float64).to(dtype)
     for mode in reference.RENORMALIZE_MODES:

@@ -25,7 +25,8 @@ def _worker(rank: int, port: int, out: str, results: str) -> None:
     writes = []
 
     def audit(event, args):  # every file this rank opens for writing under the run folder
-        if event == "open" and isinstance(args[0], str) and args[0].startswith(out) and args[1] and set(args[1]) & set("wax+"):
+        under_run = event == "open" and isinstance(args[0], str) and args[0].startswith(out)
+        if under_run and args[1] and set(args[1]) & set("wax+"):
             writes.append(args[0])
 
     sys.addaudithook(audit)

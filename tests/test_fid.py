@@ -57,7 +57,8 @@ def test_matches_direct_scipy_computation_and_accepts_tensors():
     f2 = rng.normal(size=(400, 12)) * 1.5 + 0.3
     expected = _direct(f1, f2)
     assert fid.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-9)
-    assert fid.fid_from_features(torch.from_numpy(f1).float(), torch.from_numpy(f2).float()) == pytest.approx(expected, rel=1e-4)
+    distance = fid.fid_from_features(torch.from_numpy(f1).float(), torch.from_numpy(f2).float())
+    assert distance == pytest.approx(expected, rel=1e-4)
 
 
 def test_singular_covariances():
@@ -181,7 +182,8 @@ def test_fid_commands_end_to_end(tmp_path, monkeypatch, capsys, one_thread):
     test, _ = load_dataset("digits", split="test")
     with torch.no_grad():
         samples = model.decode(torch.randn(200, 4, generator=torch.Generator().manual_seed(0)))
-    assert rows["first-stage"]["fid"] == pytest.approx(fid.fid_from_features(extractor(samples), extractor(test)), rel=1e-6)
+    assert rows["first-stage"]["fid"] == pytest.approx(fid.fid_from_features(extractor(samples), extractor(test)),
+                                                       rel=1e-6)
 
     # a second stage of the active variables adds its settings; the zeros one checked against its direct draws
     from test_two_stage import _active_run

@@ -9,7 +9,8 @@ from fastvae import reference
 def test_public_names_stay_importable():
     for name in ("philox_uint32", "philox_randn", "accumulation_dtype", "reduce_loss", "expand_reduced_grad",
                  "reparameterize", "kl_divergence", "reparameterize_kl", "reparameterize_kl_backward", "UPDATE_RULES",
-                 "balanced_mse_loss", "balanced_mse_forward", "update_running_mse", "balanced_mse", "balanced_mse_backward",
+                 "balanced_mse_loss", "balanced_mse_forward", "update_running_mse", "balanced_mse",
+                 "balanced_mse_backward",
                  "RENORMALIZE_MODES", "moments", "renormalize", "renormalize_from_moments", "scalar_renormalization",
                  "variance_law", "moments_backward", "renormalize_backward", "variance_law_backward"):
         assert hasattr(reference, name), name

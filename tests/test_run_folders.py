@@ -127,11 +127,13 @@ def test_a_second_stage_is_reused_only_for_the_checkpoint_it_came_from(run, base
     from fastvae.train.runfolder import write_provenance
 
     shutil.copytree(base_run, run / "two_stage")  # stands in for a second stage: any run folder loads
-    assert two_stage.load_second_stage(run) is None  # no record of its source
+    with pytest.warns(UserWarning, match="no source.json"):
+        assert two_stage.load_second_stage(run) is None  # no record of its source
     write_provenance(run / "two_stage", run)
     assert two_stage.load_second_stage(run) is not None
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0  # the run's checkpoint moves on
-    assert two_stage.load_second_stage(run) is None
+    with pytest.warns(UserWarning, match="another checkpoint"):
+        assert two_stage.load_second_stage(run) is None
     record = json.loads((run / "two_stage" / "source.json").read_text())
     assert record["checkpoint"] == str(run.resolve() / "checkpoint.pt") and len(record["sha256"]) == 64
 

@@ -239,6 +239,30 @@ def test_fit_trains_with_other_kl_terms_and_without_sampling(tmp_path, fashion, 
     assert TrainConfig.load(tmp_path / "run" / "config.json").kl == kl and result.step == 8
 
 
+@pytest.mark.parametrize("kl,sampling", [("quadratic", False), ("none", True)])
+def test_test_rows_are_computed_with_the_training_objective(tmp_path, fashion, kl, sampling):
+    """The end-of-epoch rows of a --kl / --no-sampling run describe the model as trained: the KL term of its
+    mode and z = mu (or z sampled with the evaluation's seed), recomputed here from the final model."""
+    from fastvae._util import derive_seed, eval_mode
+
+    x, x_test = fashion
+    model = _tiny()
+    config = _config(tmp_path / "run", kl=kl, sampling=sampling, epochs=1, seed=4)
+    result = fit(model, x, config, test_data=x_test)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    test_row = [r for r in rows if r["split"] == "test"][-1]
+    with torch.no_grad(), eval_mode(model, result.policy):
+        mu, logvar = model.encode(x_test)
+        z = fastvae.reparameterize(mu, logvar, seed=derive_seed(config.seed, 0)) if sampling else mu
+        x_hat = model.decode(z)
+        rec = float(result.policy(x_hat, x_test))
+    kl_term = float(mu.square().sum() / (2 * len(mu))) if kl == "quadratic" else 0.0
+    assert test_row["kl"] == pytest.approx(kl_term, rel=1e-5, abs=1e-7)
+    assert test_row["rec"] == pytest.approx(rec, rel=1e-5)
+    assert test_row["loss"] == pytest.approx(rec + kl_term, rel=1e-5)
+    assert test_row["mse"] == pytest.approx(float((x_hat - x_test).square().mean()), rel=1e-5)
+
+
 def test_eval_mode_and_derive_seed():
     from fastvae._util import derive_seed, eval_mode
 
@@ -251,4 +275,5 @@ def test_eval_mode_and_derive_seed():
     assert a.training
     assert derive_seed(5, 3) == 5 * 1_000_003 + 3 and derive_seed(5) == 5
     assert len({derive_seed(s, e) for s in range(4) for e in range(50)}) == 200
-    assert torch.equal(epoch_permutation(100, 5, 3), torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(5, 3))))
+    assert torch.equal(epoch_permutation(100, 5, 3),
+                       torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(5, 3))))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     from fastvae.analysis import SIGMA2_MIN, TOLERANCE, VAR_MAX
@@ -18,8 +20,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "analyze", help="per-latent statistics of a trained run: sparsity and the stationary condition",
         description="For every latent variable j of the run's model, over a data split: Var(mu_j), E[sigma_j^2], their "
-                    "sum (the stationary condition says ~1), mean KL and the reconstruction gain (MSE increase when z_j "
-                    "is set to 0). Flags inactive variables and checks that zeroing them leaves samples unchanged.")
+                    "sum (the stationary condition says ~1), mean KL and the reconstruction gain (MSE increase when "
+                    "z_j is set to 0). Flags inactive variables and checks that zeroing them leaves samples unchanged.")
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     parser.add_argument("--split", choices=("train", "test"), default="train", help="data split (default: train)")
     parser.add_argument("--limit", type=int, default=0, help="use the first LIMIT images only (default: 0, all)")
@@ -30,7 +32,8 @@ def register(subparsers) -> None:
                         help=f"inactive when E[sigma^2] > this ... (default: {SIGMA2_MIN})")
     parser.add_argument("--var-max", type=float, default=VAR_MAX, help=f"... and Var(mu) < this (default: {VAR_MAX})")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
-                        help=f"the stationary condition holds when every |Var(mu_j) + E[sigma_j^2] - 1| <= this (default: {TOLERANCE})")
+                        help="the stationary condition holds when every |Var(mu_j) + E[sigma_j^2] - 1| <= this "
+                             f"(default: {TOLERANCE})")
     parser.add_argument("--samples", type=int, default=16, help="generated samples for the zeroing check (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the zeroing check's z draws (default: 0)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
@@ -40,24 +43,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import fastvae
     from fastvae import analysis, plots
-    from fastvae.data import load_dataset
 
     parser = args.parser
-    for name in ("limit", "gain_samples"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("samples", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_minimum(parser, args, 0, "limit", "gain_samples")
+    check_minimum(parser, args, 1, "samples", "batch_size")
     if args.tolerance < 0:
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
-    try:
-        model, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    images, labels = load_dataset(config.dataset, config.data_root, args.split, download=config.download)
+    model, config = load_run(parser, args.run_dir, args.device)
+    images, labels = run_data(config, args.split)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     out = args.out or os.path.join(args.run_dir, "analysis")
@@ -67,7 +61,8 @@ def run(args) -> int:
         model, images, batch_size=args.batch_size, gain=not args.no_gain, gain_limit=args.gain_samples or None,
         sigma2_min=args.sigma2_min, var_max=args.var_max, tolerance=args.tolerance)
     objective = f"KL {getattr(config, 'kl', 'full')}, {'sampling' if getattr(config, 'sampling', True) else 'z = mu'}"
-    print(f"fastvae analyze: {config.model} VAE, latent {model.latent_dim} ({objective}), {config.dataset} {args.split} "
+    print(f"fastvae analyze: {config.model} VAE, latent {model.latent_dim} ({objective}), {config.dataset} "
+          f"{args.split} "
           f"split ({stats.count} images; gain on {stats.extra['gain_count']})")
     print(stats.table())
     check = analysis.zeroing_check(model, stats.inactive, num_samples=args.samples, seed=args.seed, gain=stats.gain)
@@ -108,13 +103,12 @@ def run(args) -> int:
 def _latent_3d(model, config, out: str) -> list[str]:
     """``latent_3d.png`` (means of up to 5,000 test images by class) and ``latent_slices.png``."""
     from fastvae import experiment_plots, experiments
-    from fastvae.data import load_dataset
     from fastvae.two_stage import decode_all
 
     try:
-        test, labels = load_dataset(config.dataset, config.data_root, "test", download=config.download)
+        test, labels = run_data(config, "test")
     except ValueError:  # a user file without a test split
-        test, labels = load_dataset(config.dataset, config.data_root, "train", download=config.download)
+        test, labels = run_data(config, "train")
     mu = experiments.encode_means(model, test[:5000])
     experiment_plots.latent_3d(mu, labels[:5000], os.path.join(out, "latent_3d.png"))
     levels = (-2.0, -1.0, 0.0, 1.0, 2.0)

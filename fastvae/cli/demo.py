@@ -43,7 +43,8 @@ def run(args) -> int:
     print(f"reparameterize_kl: z {tuple(z.shape)}, KL per sample {kl.item():.4f}")
     print(f"balanced_mse: loss {rec.item():.4f}, running_mse 1.0 -> {running_mse.item():.4f}")
     print(f"gradient norm through both: {h.grad.norm().item():.4f}")
-    print(f"moments of z: mean {mean.mean().item():+.4f}, var {var.mean().item():.4f} (averaged over {args.latent} dims)")
+    print(f"moments of z: mean {mean.mean().item():+.4f}, var {var.mean().item():.4f} "
+          f"(averaged over {args.latent} dims)")
     print(f"renormalized to the variance law: var {fastvae.moments(z_renorm)[1].mean().item():.4f}")
     print(f"done in {elapsed * 1000:.1f} ms")
     return 0

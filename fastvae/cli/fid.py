@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     from fastvae.fid import EXTRACTORS
@@ -27,7 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--n", type=int, default=10000, help="images per setting (default: 10000)")
     parser.add_argument("--extractor", choices=EXTRACTORS, default="auto",
                         help="feature extractor (default: auto, Inception when available, else the classifier)")
-    parser.add_argument("--cache-dir", default=None, help="where the classifier is cached (default: $FASTVAE_CACHE or ~/.cache/fastvae)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the classifier is cached (default: $FASTVAE_CACHE or ~/.cache/fastvae)")
     parser.add_argument("--classifier-epochs", type=int, default=3,
                         help="epochs of the classifier when it must be trained first (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default: 0)")
@@ -41,7 +44,8 @@ def register(subparsers) -> None:
     features.add_argument("--dataset", required=True, help="dataset name (as for fastvae train) or .npz path")
     features.add_argument("--data-root", default=None, help="data folder (default: $FASTVAE_DATA or ./data)")
     features.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    features.add_argument("--cache-dir", default=None, help="cache folder (default: $FASTVAE_CACHE or ~/.cache/fastvae)")
+    features.add_argument("--cache-dir", default=None,
+                          help="cache folder (default: $FASTVAE_CACHE or ~/.cache/fastvae)")
     features.add_argument("--force", action="store_true", help="retrain even when a cached classifier exists")
     features.add_argument("--device", default="cpu", help="device (default: cpu)")
     features.set_defaults(func=run_features, parser=features)
@@ -61,20 +65,14 @@ def run_features(args) -> int:
 
 
 def run(args) -> int:
-    import fastvae
     from fastvae import fid, two_stage
     from fastvae.analysis import encode_all
-    from fastvae.data import load_dataset
 
     parser = args.parser
     if args.n < 2:
         parser.error(f"--n must be at least 2, got {args.n}")
-    if args.classifier_epochs < 1:
-        parser.error(f"--classifier-epochs must be positive, got {args.classifier_epochs}")
-    try:
-        first, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+    check_minimum(parser, args, 1, "classifier_epochs")
+    first, config = load_run(parser, args.run_dir, args.device)
     if len(first.input_shape) != 3:
         parser.error(f"the run's model makes vectors of shape {first.input_shape}, not images; FID needs images")
     try:
@@ -82,8 +80,8 @@ def run(args) -> int:
                                       data_root=config.data_root, epochs=args.classifier_epochs)
     except (RuntimeError, FileNotFoundError) as error:
         parser.error(str(error))
-    train, _ = load_dataset(config.dataset, config.data_root, "train", download=config.download)
-    test, _ = load_dataset(config.dataset, config.data_root, "test", download=config.download)
+    train, _ = run_data(config, "train")
+    test, _ = run_data(config, "test")
     print(f"fastvae fid: features: {extractor.name}")
     print(f"fastvae fid: reference: {test.shape[0]} test images of {config.dataset}")
     reference = extractor(test)
@@ -101,7 +99,8 @@ def run(args) -> int:
     if active is not None:
         second_active, variables = active
         print(f"fastvae fid: active second stage on variables {variables}")
-        for name, z in two_stage.active_setting_latents(first, second_active, variables, args.n, target, seed=args.seed).items():
+        for name, z in two_stage.active_setting_latents(first, second_active, variables, args.n, target,
+                                                        seed=args.seed).items():
             candidates[name] = two_stage.decode_all(first, z)
 
     rows = {}
@@ -112,15 +111,18 @@ def run(args) -> int:
     for name, row in rows.items():
         print(f"{name:<{width}} {row['n']:>6} {row['fid']:9.3f}")
     if second is None:
-        print(f"(no second stage in {os.path.join(args.run_dir, two_stage.SUBDIR)}: run `fastvae two-stage {args.run_dir}` "
+        print(f"(no second stage in {os.path.join(args.run_dir, two_stage.SUBDIR)}: run `fastvae two-stage "
+              f"{args.run_dir}` "
               "for the second-stage settings)")
     if active is None:
-        print(f"(no second stage of the active variables: run `fastvae two-stage {args.run_dir} --latents active` for those)")
+        print("(no second stage of the active variables: run "
+              f"`fastvae two-stage {args.run_dir} --latents active` for those)")
     from fastvae.train.runfolder import provenance
 
     out = args.out or os.path.join(args.run_dir, "fid.json")
     with open(out, "w") as handle:
-        json.dump({"run": os.path.abspath(args.run_dir), "source": provenance(args.run_dir), "extractor": extractor.name, "dataset": config.dataset,
+        json.dump({"run": os.path.abspath(args.run_dir), "source": provenance(args.run_dir),
+                   "extractor": extractor.name, "dataset": config.dataset,
                    "reference": f"test split, {test.shape[0]} images", "seed": args.seed,
                    "active_variables": None if active is None else active[1], "settings": rows}, handle, indent=2)
         handle.write("\n")

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "noise-injection", help="make an active variable inactive by injecting noise, then remove it (the seed's experiment)",
-        description="Train a run's model on with growing Gaussian noise on one active latent variable (inactive variables "
-                    "held inactive) until its reconstruction gain falls below its KL, then without noise; record per epoch "
-                    "the noise std, gain, KL, Var(mu), E[sigma^2] into RUN/noise_injection/history.csv and a figure.")
+        "noise-injection",
+        help="make an active variable inactive by injecting noise, then remove it (the seed's experiment)",
+        description="Train a run's model on with growing Gaussian noise on one active latent variable (inactive "
+                    "variables held inactive) until its reconstruction gain falls below its KL, then without noise; "
+                    "record per epoch the noise std, gain, KL, Var(mu), E[sigma^2] into "
+                    "RUN/noise_injection/history.csv and a figure.")
     parser.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     parser.add_argument("--variable", type=int, default=None,
                         help="the variable to inject noise into (default: the active one with the smallest gain)")
@@ -37,27 +41,18 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    import fastvae
     from fastvae import experiment_plots, experiments
     from fastvae.analysis import latent_statistics
-    from fastvae.data import load_dataset
 
     parser = args.parser
     if not args.increment > 0:
         parser.error(f"--increment must be positive, got {args.increment}")
-    for name in ("max_increments", "stats_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("recovery_epochs", "limit"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_minimum(parser, args, 1, "max_increments", "stats_samples")
+    check_minimum(parser, args, 0, "recovery_epochs", "limit")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    try:
-        model, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    images, _ = load_dataset(config.dataset, config.data_root, "train", download=config.download)
+    model, config = load_run(parser, args.run_dir, args.device)
+    images, _ = run_data(config)
     if args.limit:
         images = images[:args.limit]
     stats_images = images[:args.stats_samples]
@@ -98,8 +93,8 @@ def run(args) -> int:
     result = experiments.save_summary(rows, os.path.join(out, "summary.json"), run=os.path.abspath(args.run_dir),
                                       variable=variable, held=inactive, increment=args.increment)
     print(f"fastvae noise-injection: the gain {'fell' if result['gain_below_kl'] else 'did not fall'} below the KL "
-          f"at noise std {result['stopped_at']['noise_std']:g}; after {result['recovery_epochs']} epoch(s) without noise "
-          f"the variable is {'active' if result['active_at_end'] else 'inactive'} (Var(mu) {result['end']['var_mu']:.3f}, "
-          f"E[sigma^2] {result['end']['mean_sigma2']:.3f})")
+          f"at noise std {result['stopped_at']['noise_std']:g}; after {result['recovery_epochs']} epoch(s) without "
+          f"noise the variable is {'active' if result['active_at_end'] else 'inactive'} (Var(mu) "
+          f"{result['end']['var_mu']:.3f}, E[sigma^2] {result['end']['mean_sigma2']:.3f})")
     print(f"fastvae noise-injection: wrote history.csv, noise_injection.png, summary.json, model.pt to {out}")
     return 0

@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 
+from ._common import check_minimum, load_run, run_data
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -33,31 +35,26 @@ def register(subparsers) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256], metavar="N",
                         help="second-stage hidden widths (default: 256 256)")
     parser.add_argument("--latent", type=int, default=None, help="second-stage latent dimension (default: the run's)")
-    parser.add_argument("--n", type=int, default=10000, help="samples generated per setting for the report (default: 10000)")
+    parser.add_argument("--n", type=int, default=10000,
+                        help="samples generated per setting for the report (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and generation (default: 0)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="retrain even when RUN/two_stage already holds a second stage")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="retrain even when RUN/two_stage already holds a second stage")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bar while training (default: on)")
     parser.set_defaults(func=run, parser=parser)
 
 
 def run(args) -> int:
-    import fastvae
     from fastvae import plots, two_stage
-    from fastvae.data import load_dataset
 
     parser = args.parser
-    for name in ("epochs", "n"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    check_minimum(parser, args, 1, "epochs", "n")
     if args.n < 2:
         parser.error("--n must be at least 2 (renormalization works over the generated batch)")
-    try:
-        first, config = fastvae.load(args.run_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    images, _ = load_dataset(config.dataset, config.data_root, "train", download=config.download)
+    first, config = load_run(parser, args.run_dir, args.device)
+    images, _ = run_data(config)
     active = args.latents == "active"
     folder = os.path.join(args.run_dir, two_stage.SUBDIR_ACTIVE if active else two_stage.SUBDIR)
 
@@ -87,11 +84,10 @@ def run(args) -> int:
             parser.error(str(error))
         width = len(variables) if active else first.latent_dim
         print(f"fastvae two-stage: training a second stage {width}-{'-'.join(map(str, args.hidden))}-"
-              f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs into {folder}")
+              f"{second_config.latent} on {images.shape[0]} codes ({args.source}) for {args.epochs} epochs "
+              f"into {folder}")
         second, result, target = two_stage.train_second_stage(first, images, second_config, source=args.source,
-                                                              variables=variables)
-        if active:
-            two_stage.save_active_variables(args.run_dir, variables)
+                                                              variables=variables, run_dir=args.run_dir)
         metrics = result.test_metrics
         print(f"fastvae two-stage: second stage done: loss {metrics.get('loss', float('nan')):.4g}, "
               f"MSE {metrics.get('mse', float('nan')):.4g}")

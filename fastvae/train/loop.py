@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -73,8 +72,9 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
         callbacks: Iterable[Callable] | None = None, resume: bool = False) -> TrainResult:
     """Train ``model`` on ``data`` as ``config`` says (see ``fastvae.train``); returns a ``TrainResult``.
 
-    Seeds torch's generators with ``config.seed + rank`` (the reparameterization noise); the model arrives
-    initialized. Raises ``NonFiniteLossError`` on a NaN or infinite loss, ``FileExistsError`` when ``config.out``
+    Seeds torch's generators with ``config.seed`` (``derive_seed(config.seed, rank)`` on each rank of a
+    distributed run) for the reparameterization noise; the model arrives initialized. Raises
+    ``NonFiniteLossError`` on a NaN or infinite loss, ``FileExistsError`` when ``config.out``
     already holds a run (unless ``resume`` or ``config.overwrite``), ``RunFolderBusy`` when another process
     writes into it, ``TrainingInterrupted`` after a Ctrl-C, ValueError/TypeError on bad arguments.
     """
@@ -104,10 +104,12 @@ class _Run:
             torch.set_num_threads(config.threads)
         if config.precision == "fp16" and device.type != "cuda":
             raise ValueError("TrainConfig.precision fp16 needs CUDA (a GradScaler); use bf16 on the CPU")
-        torch.manual_seed(config.seed + rank)
+        # one process draws from config.seed itself; each rank of a distributed run from its own derived seed
+        noise_seed = config.seed if world == 1 else derive_seed(config.seed, rank)
+        torch.manual_seed(noise_seed)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            torch.cuda.manual_seed(config.seed + rank)
+            torch.cuda.manual_seed(noise_seed)
             torch.backends.cudnn.benchmark = True
         self.channels_last = device.type == "cuda" and images.dim() == 4
         self.model = model.to(device)
@@ -212,8 +214,9 @@ class _Run:
         config = self.config
         if self.rank == 0:
             eval_images = self.test_images if self.test_images is not None else self.images[:2048]
-            metrics = evaluate(self.model, self.policy, eval_images, kl_weight=config.kl_weight,
-                               batch_size=config.eval_batch_size, seed=config.seed, autocast=self.autocast)
+            metrics = evaluate(self.model, self.policy, eval_images, kl_weight=config.kl_weight, kl=config.kl,
+                               sampling=config.sampling, batch_size=config.eval_batch_size, seed=config.seed,
+                               autocast=self.autocast)
             self.test_metrics = {"split": "test" if self.test_images is not None else "train-subset",
                                  "epoch": self.epoch, "step": self.step, **metrics, "epoch_time_s": epoch_time,
                                  "time_s": time.perf_counter() - self.started}
@@ -457,23 +460,23 @@ def _grids(model: nn.Module, test_images: Tensor, out: Path, epoch: int, config:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: float = 1.0, batch_size: int = 1000,
-             seed: int = 0, autocast=contextlib.nullcontext) -> dict:
-    """Loss, reconstruction, KL (per sample) and MSE (per element) of ``images`` in eval mode, with the
-    reparameterization noise seeded per batch (the same every call); gamma of ``policy`` as it stands."""
+def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: float = 1.0, kl: str = "full",
+             sampling: bool = True, batch_size: int = 1000, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
+    """Loss, reconstruction, KL term (per sample) and MSE (per element) of ``images`` in eval mode, under the
+    objective the run trains with (``TrainObjective`` with ``kl_weight``, ``kl``, ``sampling``), the
+    reparameterization noise of batch ``k`` seeded with ``derive_seed(seed, k)`` (the same every call); gamma of
+    ``policy`` as it stands."""
+    objective = TrainObjective(model, policy, kl_weight=kl_weight, kl=kl, sampling=sampling)
     totals = torch.zeros(4, dtype=torch.float64, device=images.device)
     with eval_mode(model, policy):
         for k, start in enumerate(range(0, images.shape[0], batch_size)):
             x = images[start:start + batch_size]
             with autocast():
-                x_hat, kl = model(x, seed + k)
-                rec = policy(x_hat, x)
-            n = x.shape[0]
-            totals += torch.stack([(rec + kl_weight * kl) * n, rec * n, kl * n,
-                                   (x_hat.float() - x.float()).square().sum() / x[0].numel()]).double()
-    loss, rec, kl, mse = (totals / images.shape[0]).tolist()
+                terms = objective(x, derive_seed(seed, k))
+            totals += torch.stack([t.double() for t in terms]) * x.shape[0]
+    loss, rec, kl_term, mse = (totals / images.shape[0]).tolist()
     gamma = policy.gamma
-    return {"loss": loss, "rec": rec, "kl": kl, "mse": mse, "gamma": float(gamma) if gamma is not None else None}
+    return {"loss": loss, "rec": rec, "kl": kl_term, "mse": mse, "gamma": float(gamma) if gamma is not None else None}
 
 
 def _non_finite_message(window: Tensor, first_step: int, epoch: int, checkpoint: Path, last_good: int | None) -> str:

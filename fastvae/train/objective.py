@@ -34,20 +34,21 @@ class TrainObjective(nn.Module):
         # kept out of the module tree so that the compiled wrapper adds no second copy of the parameters
         self.__dict__["runner"] = torch.compile(model) if compile else model
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, seed: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The step's terms for batch ``x``; ``seed`` fixes the reparameterization noise (None: a fresh draw)."""
         if self.kl == "full" and self.sampling:
-            x_hat, kl = self.runner(x)
+            x_hat, kl = self.runner(x, seed)
         else:
-            x_hat, kl = self._encode_decode(x)
+            x_hat, kl = self._encode_decode(x, seed)
         rec = self.policy(x_hat, x)
         with torch.no_grad():
             mse = (x_hat.detach().float() - x.float()).square().mean()
         return rec + self.kl_weight * kl, rec, kl, mse
 
-    def _encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _encode_decode(self, x: Tensor, seed: int | Tensor | None) -> tuple[Tensor, Tensor]:
         mu, logvar = self.model.encode(x)
         if self.sampling:
-            z, full = reparameterize_kl(mu, logvar, reduction="batchmean")
+            z, full = reparameterize_kl(mu, logvar, seed=seed, reduction="batchmean")
         else:
             z = mu
             full = kl_divergence(mu, logvar, reduction="batchmean") if self.kl == "full" else None

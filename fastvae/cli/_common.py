@@ -1,0 +1,30 @@
+"""What the run commands share: bound checks of their integer flags, the run they read and its data."""
+from __future__ import annotations
+
+import argparse
+
+
+def check_minimum(parser: argparse.ArgumentParser, args: argparse.Namespace, minimum: int, *names: str) -> None:
+    """A usage error naming the first flag of ``names`` below ``minimum`` (1: "must be positive", 0: ">= 0")."""
+    words = "must be positive" if minimum == 1 else f"must be >= {minimum}"
+    for name in names:
+        value = getattr(args, name)
+        if value < minimum:
+            parser.error(f"--{name.replace('_', '-')} {words}, got {value}")
+
+
+def load_run(parser: argparse.ArgumentParser, run_dir: str, device: str):
+    """``fastvae.load(run_dir)`` -> ``(model, config)``; a run that cannot be read is a usage error."""
+    import fastvae
+
+    try:
+        return fastvae.load(run_dir, device=device)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+
+
+def run_data(config, split: str = "train"):
+    """``(images, labels)`` of the run's data set, ``split``, as ``config`` names it."""
+    from fastvae.data import load_dataset
+
+    return load_dataset(config.dataset, config.data_root, split, download=config.download)
