@@ -20,6 +20,7 @@ Two parts, written to ``bench/results/static.md`` by ``write_static_table``:
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,12 @@ class ModelRow:
         return side.bytes / self.elements
 
 
+def _training_specs(modules) -> dict[tuple[str, str], aot.Spec]:
+    """The AOT spec of each ``(op, pass)`` that training runs: the untagged one (a tagged spec, such as the
+    clamped per-sample path of DiagonalGaussian, is compiled and checked but is not what the model counts)."""
+    return {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS if not s.tag}
+
+
 def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], aot.Spec], kernels: dict[tuple[str, str], int],
                 elements: int, element_size: int) -> Side | None:
     """Launches and bytes of the fused ``op``: ATen ops as counted, each ``fastvae::`` custom op as the
@@ -180,9 +187,7 @@ def cost_model(results: Sequence[aot.Result] = (), modules: Sequence[str] = aot.
                dtype: torch.dtype = MODEL_DTYPE) -> list[ModelRow]:
     """One ``ModelRow`` per op of ``bench.ops.OPS`` and mode at the op's typical case, in ``dtype``.
     ``results`` (from ``aot.compile_matrix``) give the kernels each spec launches."""
-    import importlib
-
-    specs = {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS}
+    specs = _training_specs(modules)
     kernels: dict[tuple[str, str], set[str]] = {}
     for r in results:
         if r.error is None and r.layout == "aligned":
@@ -328,12 +333,10 @@ def training_step_launches(batch: int = 128, modules: Sequence[str] = aot.SPEC_M
     """The launches of one step of the dense 784-256-64-32-16 VAE with the balanced loss and Adam
     (forward, backward, ``zero_grad(set_to_none)``, ``step``), traced on the meta device: each ATen op
     that computes is one launch, each fastvae custom op the kernels and memsets of its AOT spec."""
-    import importlib
-
     from fastvae.losses import BalancedLoss, Objective
     from fastvae.models import DenseVAE
 
-    specs = {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS}
+    specs = _training_specs(modules)
     meta = torch.device("meta")
     objective = Objective(DenseVAE(), BalancedLoss()).to(meta)
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)  # CUDA's default
