@@ -175,16 +175,23 @@ def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], ao
     return Side(total_launches, total_bytes, triton_launches)
 
 
+def _training_specs(modules: Sequence[str]) -> dict[tuple[str, str], aot.Spec]:
+    """``{(op, pass): spec}``: the training path of each op and pass, the spec without a ``tag`` (a tagged
+    spec, such as ``reparameterize_kl``'s ``clamp``, compiles another variant of the same kernels)."""
+    import importlib
+
+    return {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS if not s.tag}
+
+
 def cost_model(results: Sequence[aot.Result] = (), modules: Sequence[str] = aot.SPEC_MODULES,
                dtype: torch.dtype = MODEL_DTYPE) -> list[ModelRow]:
     """One ``ModelRow`` per op of ``bench.ops.OPS`` and mode at the op's typical case, in ``dtype``.
     ``results`` (from ``aot.compile_matrix``) give the kernels each spec launches."""
-    import importlib
-
-    specs = {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS}
+    specs = _training_specs(modules)
+    training = {spec.name for spec in specs.values()}
     kernels: dict[tuple[str, str], set[str]] = {}
     for r in results:
-        if r.error is None and r.layout == "aligned":
+        if r.error is None and r.layout == "aligned" and r.spec in training:
             kernels.setdefault((r.op, r.pass_), set()).add(r.kernel)
     n_kernels = {k: len(v) for k, v in kernels.items()}
     rows = []
@@ -327,12 +334,10 @@ def training_step_launches(batch: int = 128, modules: Sequence[str] = aot.SPEC_M
     """The launches of one step of the dense 784-256-64-32-16 VAE with the balanced loss and Adam
     (forward, backward, ``zero_grad(set_to_none)``, ``step``), traced on the meta device: each ATen op
     that computes is one launch, each fastvae custom op the kernels and memsets of its AOT spec."""
-    import importlib
-
     from fastvae.losses import BalancedLoss, Objective
     from fastvae.models import DenseVAE
 
-    specs = {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS}
+    specs = _training_specs(modules)
     meta = torch.device("meta")
     objective = Objective(DenseVAE(), BalancedLoss()).to(meta)
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)  # CUDA's default
