@@ -20,8 +20,8 @@ def _aot_backward(x_hat, x):
 
 
 AOT_SPECS = [
-    Spec("balanced_mse", "forward", "batchmean loss, SSE and the min-ema update (LOSS_MODE=3, RULE=2)", image_pair, _aot_forward,
-         traffic={"balanced_mse_fwd_kernel": (2, 0)}, memsets=1),
+    Spec("balanced_mse", "forward", "batchmean loss, SSE and the min-ema update (LOSS_MODE=3, RULE=2)",
+         image_pair, _aot_forward, traffic={"balanced_mse_fwd_kernel": (2, 0)}, memsets=1),
     Spec("balanced_mse", "backward", "grad x_hat only, batchmean (NEED_X_HAT)", image_pair, _aot_backward,
          traffic={"balanced_mse_bwd_kernel": (2, 1)}),
 ]

@@ -329,7 +329,8 @@ def int32_address_ops(ptx: str) -> list[str]:
             quotients[dests[0]] = sources[1]
 
     def remainder_product(sources: list[str]) -> bool:
-        return len(sources) >= 2 and (quotients.get(sources[0]) == sources[1] or quotients.get(sources[1]) == sources[0])
+        return len(sources) >= 2 and (quotients.get(sources[0]) == sources[1]
+                                      or quotients.get(sources[1]) == sources[0])
 
     def float_dest(opcode: str) -> bool:
         types = [t for t in opcode.split(".")[1:] if re.fullmatch(r"[bsuf]\d+(x2)?|bf16(x2)?|pred", t)]
@@ -378,7 +379,9 @@ def _captured_launches():
 
     launches: list[tuple] = []
     previous = KernelInterface.__getitem__
-    KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
+    KernelInterface.__getitem__ = (
+        lambda kernel, grid: lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
+    )
     try:
         yield launches
     finally:
@@ -410,7 +413,8 @@ def _disassemble(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], check=True, capture_output=True, text=True).stdout
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
 
 
 def _compile_one(kernel, target: int, args: tuple, kwargs: dict, spec: Spec) -> dict:
@@ -535,8 +539,9 @@ def _sources_digest(module: str) -> str:
     return digest.hexdigest()
 
 
-def jobs(modules: Sequence[str] = SPEC_MODULES, dtypes: Sequence[torch.dtype] = DTYPES, targets: Sequence[int] = TARGETS,
-         strided_dtypes: Sequence[torch.dtype] = STRIDED_DTYPES, strided_targets: Sequence[int] = STRIDED_TARGETS) -> list[dict]:
+def jobs(modules: Sequence[str] = SPEC_MODULES, dtypes: Sequence[torch.dtype] = DTYPES,
+         targets: Sequence[int] = TARGETS, strided_dtypes: Sequence[torch.dtype] = STRIDED_DTYPES,
+         strided_targets: Sequence[int] = STRIDED_TARGETS) -> list[dict]:
     """The compile matrix: one job per ``(module, spec, dtype, layout)`` with the targets it is compiled for."""
     out = []
     for name in modules:
@@ -635,7 +640,8 @@ def _run_workers(units: list[dict], workers: int, extra_path: Sequence) -> list[
         for i, share in enumerate(shares):
             jobs_path, results_path = Path(tmp) / f"jobs{i}.json", Path(tmp) / f"results{i}.json"
             jobs_path.write_text(json.dumps([{k: v for k, v in u.items() if k != "keys"} for u in share]))
-            code = f"from bench.aot.harness import _worker_main; _worker_main({str(jobs_path)!r}, {str(results_path)!r})"
+            code = (f"from bench.aot.harness import _worker_main; "
+                    f"_worker_main({str(jobs_path)!r}, {str(results_path)!r})")
             procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True), results_path, share))
         for proc, results_path, share in procs:
