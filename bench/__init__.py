@@ -8,4 +8,6 @@
 - ``bench.report``: the markdown tables, CSV files and charts under ``bench/results/``; ``bench.readme``:
   README's performance tables, generated from those files.
 - ``bench.accuracy``, ``bench.static``: kernel errors against the reference; the kernels' machine code.
+- ``bench.aot``: the ahead-of-time compile of every kernel for NVIDIA targets and the checks on its machine
+  code (``harness``), with one spec module per kernel module (``bench/aot/<op>.py``: the launches compiled).
 """

@@ -5,21 +5,24 @@
 - ``auto`` (default): Triton for CUDA tensors when a supported Triton (>= 3.4) imports, the
   reference otherwise; CUDA tensors that fall back get a warning, once, that names the reason.
 - ``triton``: always the Triton kernels. CPU tensors then need Triton's interpreter, which is
-  chosen when the kernels are first imported: ``TRITON_INTERPRET=1`` must be set before that.
+  chosen when the kernels are imported, with fastvae: ``TRITON_INTERPRET=1`` must be set before that.
 - ``torch``: always the plain-PyTorch reference.
 
 ``use_backend(name)`` overrides the variable inside a ``with`` block.
 
 An op decides once, in its forward (``decide``), and its backward runs on the same backend, whatever
 is current when the backward runs: the decision is saved in the autograd context.
+
+Each op module imports its kernel module statically, in one guarded import (``fastvae.ops.reparameterize``:
+``from ..kernels import reparameterize as kernels_reparameterize``); when that fails (no Triton, or one the
+kernels cannot use) the module runs on the CPU engine and reports the error here (``kernels_unavailable``),
+which is what the forced backend's error and the CUDA fallback warning name.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
-from types import ModuleType
 
 import torch
 
@@ -39,37 +42,31 @@ def _installed_triton() -> str:
         return "not installed"
 
 
-_kernels_or_error: ModuleType | Exception | None = None
+_kernels_error: Exception | None = None
+"""Why the Triton kernels failed to import (the first error an op module's guarded import reported),
+or None when they imported."""
 
 
-def _import_kernels() -> ModuleType | Exception:
-    """``fastvae.kernels``, imported once, or the error that its import raised. A plain module global
-    rather than ``functools.lru_cache``, which torch.compile warns about when it traces an op's forward."""
-    global _kernels_or_error
-    if _kernels_or_error is None:
-        try:
-            import fastvae.kernels as kernels
-        except Exception as error:  # ImportError without Triton; anything Triton raises on a bare machine
-            _kernels_or_error = error
-        else:
-            _kernels_or_error = kernels
-    return _kernels_or_error
+def kernels_unavailable(error: Exception) -> None:
+    """Record that an op module's kernels failed to import, and why; returns None, the module's stand-in
+    for its kernel module. ``ImportError`` without Triton; anything an unusable Triton raises."""
+    global _kernels_error
+    if _kernels_error is None:
+        _kernels_error = error
 
 
 def triton_available() -> bool:
-    """True when Triton and ``fastvae.kernels`` import on this machine."""
-    return not isinstance(_import_kernels(), Exception)
+    """True when Triton and ``fastvae.kernels`` imported on this machine."""
+    return _kernels_error is None
 
 
-def kernels() -> ModuleType:
-    """The ``fastvae.kernels`` module, or a RuntimeError that says why it is unavailable."""
-    module = _import_kernels()
-    if isinstance(module, Exception):
+def _require_kernels() -> None:
+    """A RuntimeError that says why the kernels are unavailable, when they are."""
+    if _kernels_error is not None:
         raise RuntimeError(
-            f"FASTVAE_BACKEND=triton needs Triton, which failed to import: {module!r}. "
+            f"FASTVAE_BACKEND=triton needs Triton, which failed to import: {_kernels_error!r}. "
             "Install it (pip install triton, Linux only) or use FASTVAE_BACKEND=torch."
-        ) from module
-    return module
+        ) from _kernels_error
 
 
 def requested() -> str:
@@ -92,11 +89,13 @@ def use_triton(tensor: torch.Tensor) -> bool:
             _warn_cuda_fallback()
             return False
         return True
-    module = kernels()
-    if tensor.device.type == "cpu" and not module.INTERPRETED:
+    _require_kernels()
+    from .kernels import INTERPRETED  # imported with the ops, which imported their kernel modules
+
+    if tensor.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "FASTVAE_BACKEND=triton on CPU tensors runs the kernels in Triton's interpreter, "
-            "which must be chosen before fastvae.kernels is imported: set TRITON_INTERPRET=1 "
+            "which must be chosen before fastvae (and with it fastvae.kernels) is imported: set TRITON_INTERPRET=1 "
             "at the start of the process."
         )
     if tensor.device.type not in ("cpu", "cuda"):
@@ -118,7 +117,7 @@ def _warn_cuda_fallback() -> None:
     warnings.warn(
         f"fastvae: CUDA tensors run the slow plain-PyTorch reference, because the Triton kernels failed to "
         f"import (Triton {_installed_triton()}; fastvae needs Triton >= {'.'.join(map(str, MIN_TRITON))}): "
-        f"{_import_kernels()!r}",
+        f"{_kernels_error!r}",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from ._util import derive_seed, eval_mode
 from .analysis import _check_images, _check_model, _model_device, encode_all
 from .ops import moments, renormalize, reparameterize, variance_law
+from .reference import RENORMALIZE_MODES
 
-RENORMALIZE = ("none", "per_dim", "scalar")
+RENORMALIZE = ("none", *RENORMALIZE_MODES)
 SOURCES = ("sample", "mean")
 #: generation settings, in report order: (name, uses the second stage, renormalization)
 SETTINGS = (

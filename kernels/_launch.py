@@ -109,9 +109,15 @@ def float32_pair(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype: float64 for float64 inputs, float32 otherwise (the rule of the
+    spec, ``fastvae.reference.accumulation_dtype``, which the kernels cannot import: they need only Triton)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def accumulation_type(dtype: torch.dtype):
-    """The Triton accumulation type: fp64 for float64 inputs, fp32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton type of ``accumulation_dtype(dtype)``: fp64 for float64 inputs, fp32 otherwise."""
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 @triton.jit

@@ -26,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, sum_partials, workspace
-from .aot import Spec, image_pair
+from ._launch import (
+    accumulation_dtype, accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, sum_partials,
+    workspace,
+)
 
 LOSS_ELEMENTWISE, LOSS_PER_ROW, LOSS_TOTAL = 1, 2, 3
 _LOSS_MODES = {"none": LOSS_ELEMENTWISE, "per_sample": LOSS_PER_ROW, "batchmean": LOSS_TOTAL, "sum": LOSS_TOTAL}
@@ -133,7 +135,7 @@ def _tiles(N: int, M: int) -> tuple[int, int, int, int]:
 
 
 def _acc_dtype(x_hat: torch.Tensor, x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x_hat.dtype, x.dtype) else torch.float32
+    return accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
 
 
 def forward(x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reduction: str, full: bool,
@@ -190,21 +192,3 @@ def backward(grad: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, gamma2: t
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
     )
     return grad_x_hat, grad_x
-
-
-# The launches CI compiles for every NVIDIA target (kernels/aot.py): the training path of each pass.
-def _aot_forward(x_hat, x):
-    forward(x_hat, x, torch.ones((), dtype=torch.float32), "batchmean", False, "min-ema", 0.99)
-
-
-def _aot_backward(x_hat, x):
-    grad = torch.ones(1, dtype=_acc_dtype(x_hat, x))
-    backward(grad, x_hat, x, torch.ones((), dtype=torch.float32), "batchmean", True, False)
-
-
-AOT_SPECS = [
-    Spec("balanced_mse", "forward", "batchmean loss, SSE and the min-ema update (LOSS_MODE=3, RULE=2)", image_pair, _aot_forward,
-         traffic={"balanced_mse_fwd_kernel": (2, 0)}, memsets=1),
-    Spec("balanced_mse", "backward", "grad x_hat only, batchmean (NEED_X_HAT)", image_pair, _aot_backward,
-         traffic={"balanced_mse_bwd_kernel": (2, 1)}),
-]

@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, store_total, sum_partials, workspace,
+    accumulation_dtype, accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, store_total,
+    sum_partials, workspace,
 )
-from .aot import Spec, batch_pair, batch_slab
 
 _MAX_COLS = 256  # column blocks of at most 256 columns: wide inputs still spread over programs
 _CPU_PROGRAMS = 4  # the interpreter runs programs one after another: a few chunks are enough there
@@ -427,10 +427,6 @@ def _grid_tiles(plan: _Plan, N: int) -> tuple[int]:
     return (triton.cdiv(N, plan.block_r) * plan.n_col_blocks,)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _target(target) -> tuple[torch.Tensor | None, int, float, float]:
     """``(tensor, stride, hi, lo)`` of a target: a tensor of ``F`` (or one) elements, or a Python float."""
     if isinstance(target, torch.Tensor):
@@ -456,7 +452,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
     A, N, C = z.shape
     F = A * C
     plan = _plan(z.shape, z.device)
-    acc = _acc(z.dtype)
+    acc = accumulation_dtype(z.dtype)
     mean = torch.empty(F, dtype=acc, device=z.device)
     var = torch.empty(F, dtype=acc, device=z.device)
     scale = target_var is not None
@@ -537,7 +533,7 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
     A, N, C = z.shape
     F = A * C
     plan = _plan(z.shape, z.device)
-    acc = _acc(z.dtype)
+    acc = accumulation_dtype(z.dtype)
     final = plan.n_chunks == 1
     # per chunk and column: sum(g) and sum(g * zhat) (per_dim) or sum(g * z) (scalar)
     work = None if final else torch.empty((plan.n_chunks, 2, F), dtype=acc, device=z.device)
@@ -576,58 +572,3 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
         BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, num_warps=plan.num_warps,
     )
     return grad_z
-
-
-# The launches CI compiles for every NVIDIA target (kernels/aot.py): moments and per_dim renormalize,
-# each pass as training and the two-stage sampler run them (rows in several chunks, so FINAL=False).
-# The variance law runs the same kernels with HAS_LOGVAR.
-def _aot_stats(z):
-    return torch.ones(z.shape[0] * z.shape[2], dtype=_acc(z.dtype))
-
-
-def _aot_targets(z):
-    F = z.shape[0] * z.shape[2]
-    return torch.zeros(F, dtype=torch.float32), torch.full((F,), 0.8, dtype=torch.float32)
-
-
-def _aot_moments(z):
-    moments(z)
-
-
-def _aot_moments_backward(z):
-    moments_backward(_aot_stats(z), _aot_stats(z), z, _aot_stats(z))
-
-
-def _aot_renormalize(z):
-    renormalize(z, *_aot_targets(z), scalar_mode=False, eps=1e-6)
-
-
-def _aot_renormalize_backward(z):
-    stats = _aot_stats(z)
-    renormalize_backward(torch.randn(z.shape, dtype=z.dtype), z, stats, stats, stats.new_empty(0), _aot_targets(z)[1],
-                         scalar_mode=False, eps=1e-6)
-
-
-def _aot_variance_law(mu, logvar):
-    moments(mu, logvar=logvar)
-
-
-def _aot_variance_law_backward(mu, logvar):
-    moments_backward(_aot_stats(mu), _aot_stats(mu), mu, _aot_stats(mu), logvar=logvar)
-
-
-AOT_SPECS = [
-    Spec("moments", "forward", "chunked column reduction (FINAL=False)", batch_slab, _aot_moments,
-         traffic={"moments_partial_kernel": (1, 0), "moments_finish_kernel": (0, 0)}),
-    Spec("moments", "backward", "grad mean and grad var (HAS_GRAD_MEAN, HAS_GRAD_VAR)", batch_slab, _aot_moments_backward,
-         traffic={"moments_bwd_kernel": (1, 1)}),
-    Spec("renormalize", "forward", "per_dim, per-dimension targets (TM_TENSOR, TV_TENSOR)", batch_slab, _aot_renormalize,
-         traffic={"moments_partial_kernel": (1, 0), "moments_finish_kernel": (0, 0), "renormalize_fwd_kernel": (1, 1)}),
-    Spec("renormalize", "backward", "per_dim: chunked column sums, then the gradient", batch_slab, _aot_renormalize_backward,
-         traffic={"renormalize_bwd_partial_kernel": (2, 0), "renormalize_bwd_finish_kernel": (0, 0),
-                  "renormalize_bwd_kernel": (2, 1)}),
-    Spec("variance_law", "forward", "Var(mu) + E[exp(logvar)] (HAS_LOGVAR)", batch_pair, _aot_variance_law,
-         traffic={"moments_partial_kernel": (2, 0), "moments_finish_kernel": (0, 0)}),
-    Spec("variance_law", "backward", "grad mu and grad logvar (HAS_LOGVAR)", batch_pair, _aot_variance_law_backward,
-         traffic={"moments_bwd_kernel": (2, 2)}),
-]

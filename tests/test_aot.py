@@ -1,6 +1,6 @@
 """GPU readiness without a GPU: every fused kernel compiled for real NVIDIA targets, judged by its machine code.
 
-The compile matrix (every spec of ``fastvae.kernels.aot.SPEC_MODULES`` x every dtype x sm_75 ... sm_120,
+The compile matrix (every spec of ``bench.aot.harness.SPEC_MODULES`` x every dtype x sm_75 ... sm_120,
 plus one unaligned strided view in float32) is built once per session in worker processes and cached
 under ``$FASTVAE_AOT_CACHE`` (``~/.cache/fastvae-aot``), so a second run reads it back.
 """
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from fastvae.kernels import aot
+from bench.aot import harness as aot
 
 VECTOR_DTYPES = ("float16", "bfloat16", "float32")
 VECTOR_MIN_TARGET = 86
@@ -86,7 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels.aot import Spec
+from bench.aot.harness import Spec
 
 
 @triton.jit
@@ -242,7 +242,7 @@ def test_the_short_last_batch_reuses_the_compiled_kernels():
         """
         import torch
         import fastvae
-        from fastvae.kernels import aot
+        from bench.aot import harness as aot
         from fastvae.kernels import balanced_mse, moments, reparameterize
 
         def keys(n):

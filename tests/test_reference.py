@@ -15,6 +15,7 @@ def test_public_names_stay_importable():
                  "variance_law", "moments_backward", "renormalize_backward", "variance_law_backward"):
         assert hasattr(reference, name), name
     assert reference.UPDATE_RULES == ("min-ema", "ema")
+    assert reference.REDUCTIONS == ("none", "per_sample", "batchmean", "sum")
     assert reference.RENORMALIZE_MODES == ("per_dim", "scalar")
 
 

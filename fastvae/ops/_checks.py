@@ -11,8 +11,9 @@ import os
 
 import torch
 
+from ..reference.reduce import REDUCTIONS  # noqa: F401 - the vocabulary of the spec, checked here
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("none", "per_sample", "batchmean", "sum")
 
 
 def finite_check_enabled() -> bool:

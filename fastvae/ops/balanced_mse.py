@@ -15,9 +15,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import backend, reference
+from ..reference.balanced_mse import UPDATE_RULES
 from . import _cpu
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, finite_check_enabled
 from ._layout import as_rows, from_memory_order, memory_order, samples_in_memory_order
+
+try:
+    from ..kernels import balanced_mse as kernels_balanced_mse
+except Exception as error:  # noqa: BLE001 - no Triton, or one the kernels cannot use: the CPU engine runs the op
+    kernels_balanced_mse = backend.kernels_unavailable(error)
 
 
 # ---------------------------------------------------------------------------------------- dispatch
@@ -61,7 +67,7 @@ def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, f
     if backend.decide(x_hat) == "torch":
         return _cpu.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
     rows_hat, rows_x, order = _pair_rows(x_hat, x)
-    loss, sse, _ = backend.kernels().balanced_mse.forward(rows_hat, rows_x, gamma2, reduction, full)
+    loss, sse, _ = kernels_balanced_mse.forward(rows_hat, rows_x, gamma2, reduction, full)
     loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
     return loss, sse.view(())
 
@@ -79,7 +85,7 @@ def _balanced_mse_update_op(
         _cpu.update_running_mse(running_mse, sse / x_hat.numel(), momentum=momentum, rule=rule)
         return loss, gamma2
     rows_hat, rows_x, order = _pair_rows(x_hat, x)
-    loss, _, gamma2 = backend.kernels().balanced_mse.forward(rows_hat, rows_x, running_mse, reduction, full, rule, momentum)
+    loss, _, gamma2 = kernels_balanced_mse.forward(rows_hat, rows_x, running_mse, reduction, full, rule, momentum)
     loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
     return loss, gamma2.view(running_mse.shape)
 
@@ -101,7 +107,7 @@ def _balanced_mse_backward_op(
             grad_rows = grad_rows if grad_rows is not None else grad.permute(0, *order).reshape(grad.shape[0], -1)
         else:
             grad_rows = _rows(grad)
-        grad_x_hat, grad_x = backend.kernels().balanced_mse.backward(
+        grad_x_hat, grad_x = kernels_balanced_mse.backward(
             grad_rows, rows_hat, rows_x, gamma2, reduction, need_x_hat, need_x
         )
         grad_x_hat = _unrows(grad_x_hat, x_hat, order) if need_x_hat else grad_x_hat
@@ -176,8 +182,6 @@ class _BalancedMSEUpdate(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------- public API
-UPDATE_RULES = reference.UPDATE_RULES
-
 
 def _check_running_mse(op: str, running_mse: object, device: torch.device) -> Tensor:
     if not isinstance(running_mse, Tensor) or not running_mse.dtype.is_floating_point or running_mse.numel() != 1:

@@ -22,6 +22,11 @@ from ._checks import (
 )
 from ._layout import as_rows
 
+try:
+    from ..kernels import moments as kernels_moments
+except Exception as error:  # noqa: BLE001 - no Triton, or one the kernels cannot use: the CPU engine runs the op
+    kernels_moments = backend.kernels_unavailable(error)
+
 
 # ------------------------------------------------------------------------------------------ layout
 def _slab(t: Tensor, dim: Optional[int]) -> Tensor:
@@ -59,7 +64,7 @@ def _target(tensor: Optional[Tensor], value: float) -> Tensor | float:
 def _moments_op(z: Tensor, dim: int, correction: int) -> tuple[Tensor, Tensor]:
     if backend.decide(z) == "torch":
         return _cpu.moments(z, dim=dim, correction=correction)
-    mean, var, _ = backend.kernels().moments.moments(_slab(z, dim), correction=correction)
+    mean, var, _ = kernels_moments.moments(_slab(z, dim), correction=correction)
     shape = _stat_shape(z, dim)
     return mean.view(shape), var.view(shape)
 
@@ -68,7 +73,7 @@ def _moments_op(z: Tensor, dim: int, correction: int) -> tuple[Tensor, Tensor]:
 def _variance_law_op(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     if backend.decide(mu) == "torch":
         return _cpu.variance_law(mu, logvar)
-    mean, var, _ = backend.kernels().moments.moments(_slab(mu, None), logvar=_slab(logvar, None))
+    mean, var, _ = kernels_moments.moments(_slab(mu, None), logvar=_slab(logvar, None))
     return mean, var
 
 
@@ -84,7 +89,7 @@ def _moments_backward_op(
             return _cpu.moments_backward(grad_mean, grad_var, z, mean, dim, correction), z.new_empty(0)
         grad_mu, grad_logvar = _cpu.variance_law_backward(grad_mean, grad_var, z, logvar, mean)
         return grad_mu, (grad_logvar if logvar is not None else z.new_empty(0))
-    grad_z, grad_lv = backend.kernels().moments.moments_backward(
+    grad_z, grad_lv = kernels_moments.moments_backward(
         _flat(grad_mean), _flat(grad_var), _slab(z, dim), mean.reshape(-1),
         correction=correction, logvar=_slab(logvar, dim) if logvar is not None else None,
     )
@@ -106,7 +111,7 @@ def _renormalize_op(
         out = _cpu.renormalize_from_moments(z, mean, var, tm, tv, dim=dim, mode=mode, eps=eps)
         scalars = _cpu.scalar_renormalization(var, tv) if scalar_mode else var.new_empty(0)
         return out, mean, var, scalars
-    out, mean, var, scalars = backend.kernels().moments.renormalize(
+    out, mean, var, scalars = kernels_moments.renormalize(
         _slab(z, dim), _flat(tm) if target_mean is not None else tm, _flat(tv) if target_var is not None else tv,
         scalar_mode=scalar_mode, eps=eps,
     )
@@ -123,7 +128,7 @@ def _renormalize_backward_op(
     tv = _target(target_var, target_var_value)
     if backend_name == "torch":
         return _cpu.renormalize_backward(grad, z, mean, var, tv, dim=dim, mode=mode, eps=eps)
-    grad_z = backend.kernels().moments.renormalize_backward(
+    grad_z = kernels_moments.renormalize_backward(
         _slab(grad, dim), _slab(z, dim), mean.reshape(-1), var.reshape(-1), scalars,
         _flat(tv) if target_var is not None else tv, scalar_mode=mode == "scalar", eps=eps,
     )

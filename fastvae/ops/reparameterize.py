@@ -22,6 +22,11 @@ from ._checks import (
 )
 from ._layout import as_rows
 
+try:
+    from ..kernels import reparameterize as kernels_reparameterize
+except Exception as error:  # noqa: BLE001 - no Triton, or one the kernels cannot use: the CPU engine runs the op
+    kernels_reparameterize = backend.kernels_unavailable(error)
+
 Clamp = Optional[list[float]]
 
 
@@ -31,7 +36,7 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Opti
     if backend.decide(mu) == "torch":
         return _cpu.reparameterize_kl(mu, _cpu.clamp_logvar(logvar, logvar_clamp), seed, reduction)
     D = mu.shape[-1]
-    z, kl = backend.kernels().reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction, logvar_clamp)
+    z, kl = kernels_reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction, logvar_clamp)
     if z is not None:
         z = z.view(mu.shape)
     if kl is not None:
@@ -50,7 +55,7 @@ def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, l
     D = mu.shape[-1]
     if grad_kl is not None:
         grad_kl = as_rows(grad_kl, D) if reduction == "none" else grad_kl.reshape(-1)
-    grad_mu, grad_logvar = backend.kernels().reparameterize.backward(
+    grad_mu, grad_logvar = kernels_reparameterize.backward(
         as_rows(grad_z, D) if grad_z is not None else None, grad_kl, as_rows(mu, D), as_rows(logvar, D), seed, reduction,
         logvar_clamp,
     )

@@ -8,7 +8,9 @@ Each function has the signature of its public op in ``fastvae`` and is different
 ordinary autograd. The ``*_backward`` functions spell out the gradient formulas that the backward
 kernels implement; the tests check them against autograd of the forward.
 
-Accumulation is in float32 (float64 for float64 inputs). Elementwise results keep the input dtype;
+The vocabulary of the ops lives here, one definition each: ``REDUCTIONS`` and the accumulation rule
+(``reduce``), ``UPDATE_RULES`` (``balanced_mse``), ``RENORMALIZE_MODES`` (``moments``); ``fastvae.ops``
+imports them. Accumulation is in float32 (float64 for float64 inputs). Elementwise results keep the input dtype;
 reduced losses come back in the accumulation dtype (float32 for half-precision inputs).
 
 **Noise.** ``philox_randn`` is Philox 4x32-10 with Box-Muller exactly as Triton's ``tl.randn`` draws
@@ -28,7 +30,7 @@ from .moments import (
     scalar_renormalization, variance_law, variance_law_backward,
 )
 from .philox import philox_randn, philox_uint32
-from .reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
+from .reduce import REDUCTIONS, accumulation_dtype, expand_reduced_grad, reduce_loss
 from .reparameterize import (
     clamp_logvar, clamp_logvar_grad, event_reparameterize_kl, kl_divergence, reparameterize, reparameterize_kl,
     reparameterize_kl_backward,
@@ -36,7 +38,7 @@ from .reparameterize import (
 
 __all__ = [
     "philox_uint32", "philox_randn",
-    "accumulation_dtype", "reduce_loss", "expand_reduced_grad",
+    "REDUCTIONS", "accumulation_dtype", "reduce_loss", "expand_reduced_grad",
     "reparameterize", "kl_divergence", "reparameterize_kl", "reparameterize_kl_backward",
     "clamp_logvar", "clamp_logvar_grad", "event_reparameterize_kl", "balanced_loss",
     "UPDATE_RULES", "balanced_mse_loss", "balanced_mse_forward", "update_running_mse", "balanced_mse",

@@ -1,10 +1,18 @@
-"""The rules that every op shares: the accumulation dtype and the loss reductions."""
+"""The rules that every op shares: the accumulation dtype and the loss reductions.
+
+Their one home: ``fastvae.ops`` and the rest of the package import ``REDUCTIONS`` and
+``accumulation_dtype`` from here (the kernels, which need only Triton and torch, state the same rule in
+``fastvae.kernels._launch`` and are tested against this one).
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import Tensor
+
+REDUCTIONS = ("none", "per_sample", "batchmean", "sum")
+"""The reductions of a loss (``reduce_loss``): elementwise, one value per sample, the mean over samples, the total."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

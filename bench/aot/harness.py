@@ -1,9 +1,10 @@
 """Ahead-of-time compilation of every fused kernel for real NVIDIA targets, on a machine without a GPU,
 and what its machine code says: registers, spills, shared memory, access widths, instruction counts.
 
-A kernel module lists the launches worth compiling in ``AOT_SPECS``: a ``Spec`` names the op, the pass
-(forward or backward), the constexpr variant in words, a function that builds typical inputs for a dtype
-and a layout, and a function that calls the module's launcher on them. The launch is captured (never run),
+A spec module (``bench/aot/<op>.py``, one per kernel module of ``fastvae.kernels``) lists the launches
+worth compiling in ``AOT_SPECS``: a ``Spec`` names the op, the pass (forward or backward), the constexpr
+variant in words, a function that builds typical inputs for a dtype and a layout, and a function that
+calls the kernel module's launcher on them. The launch is captured (never run),
 so the arguments, tile and ``num_warps`` are exactly the launcher's, and Triton's own JIT binder turns them
 into the signature and specializations the JIT would choose (16-byte pointer divisibility, integers
 divisible by 16, unit strides folded into constants). ``triton.compile`` then builds PTX and a cubin for
@@ -16,10 +17,11 @@ with odd D) once per kernel: float32 for sm_89.
 
 Compiles run in worker processes without ``TRITON_INTERPRET`` (the kernels of an interpreted process are
 not compilable), and their results are cached under ``$FASTVAE_AOT_CACHE`` (default
-``~/.cache/fastvae-aot``), keyed by the sources of the kernel modules, the job and the Triton version.
+``~/.cache/fastvae-aot``), keyed by the sources of the spec module, the kernel modules it launches, this
+file, the job and the Triton version.
 
-    python -c "from fastvae.kernels.aot import main; main()"   # compile all, one line per kernel and target
-    python -m bench.static                                       # the same, written to bench/results/static.md
+    python -m bench.aot         # compile all, one line per kernel and target
+    python -m bench.static      # the same, written to bench/results/static.md
 """
 from __future__ import annotations
 
@@ -49,8 +51,10 @@ DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32,
 STRIDED_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 STRIDED_TARGETS: tuple[int, ...] = (89,)
 """The unaligned strided view is compiled once per kernel: float32, sm_89."""
-SPEC_MODULES: tuple[str, ...] = ("fastvae.kernels.reparameterize", "fastvae.kernels.balanced_mse", "fastvae.kernels.moments")
-"""The modules whose ``AOT_SPECS`` are compiled; a new kernel module adds its name here."""
+SPEC_MODULES: tuple[str, ...] = ("bench.aot.reparameterize", "bench.aot.balanced_mse", "bench.aot.moments")
+"""The modules whose ``AOT_SPECS`` are compiled; a new kernel module adds its spec module here."""
+_REPO = Path(__file__).resolve().parents[2]
+"""The checkout that holds ``bench/``: the compile workers import this file from it."""
 
 LATENT_SHAPE = (16384, 64)
 """Typical latents ``(B, D)``: the shape the aligned variants are specialized for."""
@@ -325,7 +329,8 @@ def int32_address_ops(ptx: str) -> list[str]:
             quotients[dests[0]] = sources[1]
 
     def remainder_product(sources: list[str]) -> bool:
-        return len(sources) >= 2 and (quotients.get(sources[0]) == sources[1] or quotients.get(sources[1]) == sources[0])
+        return len(sources) >= 2 and (quotients.get(sources[0]) == sources[1]
+                                      or quotients.get(sources[1]) == sources[0])
 
     def float_dest(opcode: str) -> bool:
         types = [t for t in opcode.split(".")[1:] if re.fullmatch(r"[bsuf]\d+(x2)?|bf16(x2)?|pred", t)]
@@ -374,7 +379,9 @@ def _captured_launches():
 
     launches: list[tuple] = []
     previous = KernelInterface.__getitem__
-    KernelInterface.__getitem__ = lambda kernel, grid: lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
+    KernelInterface.__getitem__ = (
+        lambda kernel, grid: lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
+    )
     try:
         yield launches
     finally:
@@ -406,7 +413,8 @@ def _disassemble(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], check=True, capture_output=True, text=True).stdout
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
 
 
 def _compile_one(kernel, target: int, args: tuple, kwargs: dict, spec: Spec) -> dict:
@@ -501,24 +509,39 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_KERNEL_IMPORT = re.compile(r"fastvae\.kernels\.(\w+)|from fastvae\.kernels import (\w+)|from \.(\w+) import")
+
+
+def _kernel_sources(source: str) -> list[Path]:
+    """The files of ``fastvae.kernels`` that ``source`` imports (``fastvae.kernels.x``, ``from
+    fastvae.kernels import x``), and those that they import in turn (``from .x import``)."""
+    kernels = Path(importlib.util.find_spec("fastvae.kernels").origin).parent
+    found: set[Path] = set()
+    pending = [source]
+    while pending:
+        for groups in _KERNEL_IMPORT.findall(pending.pop()):
+            path = kernels / f"{next(n for n in groups if n)}.py"
+            if path.exists() and path not in found:
+                found.add(path)
+                pending.append(path.read_text())
+    return sorted(found)
+
+
 def _sources_digest(module: str) -> str:
     """A digest of the sources that can change the compiles of ``module``'s specs: the module, the
-    kernel modules it imports (``from .x import`` or ``fastvae.kernels.x``), this file and Triton's version."""
+    kernel modules it launches and theirs (``_launch``), this file and Triton's version."""
     digest = hashlib.sha256(triton.__version__.encode())
-    here = Path(__file__).parent
-    origin = importlib.util.find_spec(module).origin
-    source = Path(origin).read_text()
-    imported = set(re.findall(r"from \.(\w+) import|fastvae\.kernels\.(\w+)", source))
-    names = {n for pair in imported for n in pair if n}
-    files = [Path(origin), Path(__file__)] + sorted(here / f"{n}.py" for n in names if (here / f"{n}.py").exists())
+    origin = Path(importlib.util.find_spec(module).origin)
+    files = [origin, Path(__file__)] + _kernel_sources(origin.read_text())
     for path in files:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def jobs(modules: Sequence[str] = SPEC_MODULES, dtypes: Sequence[torch.dtype] = DTYPES, targets: Sequence[int] = TARGETS,
-         strided_dtypes: Sequence[torch.dtype] = STRIDED_DTYPES, strided_targets: Sequence[int] = STRIDED_TARGETS) -> list[dict]:
+def jobs(modules: Sequence[str] = SPEC_MODULES, dtypes: Sequence[torch.dtype] = DTYPES,
+         targets: Sequence[int] = TARGETS, strided_dtypes: Sequence[torch.dtype] = STRIDED_DTYPES,
+         strided_targets: Sequence[int] = STRIDED_TARGETS) -> list[dict]:
     """The compile matrix: one job per ``(module, spec, dtype, layout)`` with the targets it is compiled for."""
     out = []
     for name in modules:
@@ -609,7 +632,7 @@ def _run_workers(units: list[dict], workers: int, extra_path: Sequence) -> list[
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
     env["TRITON_DISABLE_LINE_INFO"] = "1"  # same machine code, a third of the cubin to disassemble
-    env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_path), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_path), str(_REPO), *filter(None, [env.get("PYTHONPATH")])])
     records: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fastvae-aot-") as tmp:
         env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
@@ -617,7 +640,8 @@ def _run_workers(units: list[dict], workers: int, extra_path: Sequence) -> list[
         for i, share in enumerate(shares):
             jobs_path, results_path = Path(tmp) / f"jobs{i}.json", Path(tmp) / f"results{i}.json"
             jobs_path.write_text(json.dumps([{k: v for k, v in u.items() if k != "keys"} for u in share]))
-            code = f"from fastvae.kernels.aot import _worker_main; _worker_main({str(jobs_path)!r}, {str(results_path)!r})"
+            code = (f"from bench.aot.harness import _worker_main; "
+                    f"_worker_main({str(jobs_path)!r}, {str(results_path)!r})")
             procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True), results_path, share))
         for proc, results_path, share in procs:
@@ -651,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Compile everything and print one line per kernel, dtype, layout and target."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="fastvae.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", type=int, action="append", help="compute capability (repeatable); default: all")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
