@@ -83,12 +83,12 @@ def _per_column(ptr, cols, stride, hi, lo, col_mask, IS_TENSOR: tl.constexpr, AC
 @triton.jit
 def _store_moments(
     mean_shifted, m2, exp_sum, shift, cols, col_mask, mean_ptr, var_ptr, N, denominator,
-    scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, F,
+    scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, eps_hi, eps_lo, F,
     HAS_LOGVAR: tl.constexpr, SCALE: tl.constexpr, TV_TENSOR: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Write ``mean`` and ``var`` of the columns (``+ E[exp(logvar)]`` for the variance law) and, with
     SCALE, take part in the reduction of ``renormalize``'s scalar factor
-    ``scalars = (sqrt(mean(target_var)) / mean(sqrt(var)), mean(sqrt(var)))``."""
+    ``scalars = (sqrt(mean(target_var)) / S, S)``, ``S = mean(sqrt(var + eps))``."""
     mean = shift + mean_shifted
     var = m2 / denominator
     if HAS_LOGVAR:
@@ -100,7 +100,8 @@ def _store_moments(
         if TV_TENSOR:
             tv = tl.load(tv_ptr + cols * stride_tv, mask=col_mask, other=0.0).to(ACC)
             tl.store(partial_ptr + n_programs + tl.program_id(0), tl.sum(tv, axis=0))
-        if last_to_arrive(partial_ptr, ticket_ptr, tl.sum(tl.where(col_mask, tl.sqrt(var), 0.0), axis=0)):
+        sd = tl.sqrt(var + _pair(eps_hi, eps_lo, ACC))
+        if last_to_arrive(partial_ptr, ticket_ptr, tl.sum(tl.where(col_mask, sd, 0.0), axis=0)):
             mean_sd = sum_partials(partial_ptr, n_programs, BLOCK_P) / F
             if TV_TENSOR:
                 mean_tv = sum_partials(partial_ptr + n_programs, n_programs, BLOCK_P) / F
@@ -116,7 +117,7 @@ def moments_partial_kernel(
     z_ptr, logvar_ptr, work_ptr, mean_ptr, var_ptr, scalars_ptr, partial_ptr, ticket_ptr, tv_ptr,
     N, F, C, rows_per_chunk, n_col_blocks, denominator,
     stride_za, stride_zn, stride_zc, stride_la, stride_ln, stride_lc, stride_tv,
-    tv_hi, tv_lo,
+    tv_hi, tv_lo, eps_hi, eps_lo,
     FINAL: tl.constexpr, HAS_LOGVAR: tl.constexpr, SCALE: tl.constexpr, TV_TENSOR: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -149,7 +150,7 @@ def moments_partial_kernel(
     if FINAL:
         _store_moments(
             mean, m2, exp_sum, shift, cols, col_mask, mean_ptr, var_ptr, N, denominator,
-            scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, F,
+            scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, eps_hi, eps_lo, F,
             HAS_LOGVAR, SCALE, TV_TENSOR, ACC, BLOCK_P,
         )
     else:
@@ -168,7 +169,7 @@ def moments_finish_kernel(
     z_ptr, work_ptr, mean_ptr, var_ptr, scalars_ptr, partial_ptr, ticket_ptr, tv_ptr,
     N, F, C, rows_per_chunk, n_chunks, denominator,
     stride_za, stride_zc, stride_tv,
-    tv_hi, tv_lo,
+    tv_hi, tv_lo, eps_hi, eps_lo,
     HAS_LOGVAR: tl.constexpr, SCALE: tl.constexpr, TV_TENSOR: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -199,7 +200,7 @@ def moments_finish_kernel(
             exp_sum += tl.sum(tl.load(part + F + F, mask=mask, other=0.0), axis=0)  # not 2 * F (32 bits)
     _store_moments(
         mean, m2, exp_sum, shift, cols, col_mask, mean_ptr, var_ptr, N, denominator,
-        scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, F,
+        scalars_ptr, partial_ptr, ticket_ptr, tv_ptr, stride_tv, tv_hi, tv_lo, eps_hi, eps_lo, F,
         HAS_LOGVAR, SCALE, TV_TENSOR, ACC, BLOCK_P,
     )
 
@@ -354,7 +355,7 @@ def renormalize_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``per_dim``: ``d/dz = rstd * sqrt(target_var) * (g - sum(g) / N - zhat * sum(g zhat) / N)``;
-    ``scalar``: ``d/dz = c g - c sum(g z) / (S F N) * (z - mean) / sqrt(var)`` with ``c, S = scalars``."""
+    ``scalar``: ``d/dz = c g - c sum(g z) / (S F N) * (z - mean) / sqrt(var + eps)`` with ``c, S = scalars``."""
     pid = tl.program_id(0)
     rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -364,13 +365,14 @@ def renormalize_bwd_kernel(
     z = tl.load(z_ptr + rows[:, None] * stride_zn + _column_offsets(cols, C, stride_za, stride_zc)[None, :], mask=mask, other=0.0).to(ACC)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0)
+    rstd = 1.0 / tl.sqrt(var + _pair(eps_hi, eps_lo, ACC))
     if SCALAR_MODE:
         factor = tl.load(scalars_ptr)
         mean_sd = tl.load(scalars_ptr + 1)
         coef = factor * tl.load(total_ptr) / (mean_sd * F * N)
-        grad_z = factor * g - (coef / tl.sqrt(var))[None, :] * (z - mean[None, :])
+        centered = tl.where(mask, z - mean[None, :], 0.0)  # masked lanes: 0, not a -mean coef rstd that overflows fp16
+        grad_z = factor * g - (coef * rstd)[None, :] * centered
     else:
-        rstd = 1.0 / tl.sqrt(var + _pair(eps_hi, eps_lo, ACC))
         tv = _per_column(tv_ptr, cols, stride_tv, tv_hi, tv_lo, col_mask, TV_TENSOR, ACC)
         mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / N
         mean_gy = tl.load(sum_gy_ptr + cols, mask=col_mask, other=0.0) / N
@@ -440,13 +442,14 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None = None, target_var=None):
+def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None = None, target_var=None,
+            eps: float = 1e-6):
     """``(mean, var, scalars)`` over dim 1 of an ``(A, N, C)`` view ``z``: ``(A * C,)`` tensors in the
     accumulation dtype, ``var = sum((z - mean)^2) / (N - correction)``.
 
     ``logvar`` (same shape, any strides): add ``mean(exp(logvar))`` to ``var`` (the variance law).
     ``target_var`` (a float or a tensor of ``A * C`` or one element): also compute ``renormalize``'s
-    scalar-mode ``scalars = (sqrt(mean(target_var)) / mean(sqrt(var)), mean(sqrt(var)))``; else None.
+    scalar-mode ``scalars = (sqrt(mean(target_var)) / S, S)`` with ``S = mean(sqrt(var + eps))``; else None.
     One launch when the rows fit one chunk, two otherwise.
     """
     A, N, C = z.shape
@@ -460,6 +463,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
     final = plan.n_chunks == 1
     partials, counter = workspace(2 * plan.n_col_blocks, acc, z.device, zeroed=final) if scale else (None, None)
     tv, stride_tv, tv_hi, tv_lo = _target(target_var) if scale else (None, 0, 0.0, 0.0)
+    eps_pair = float32_pair(eps) if scale else (0.0, 0.0)
     # per chunk and column: the mean and M2 of the shifted data and the sum of exp(logvar)
     work = None if final else torch.empty((plan.n_chunks, 3, F), dtype=acc, device=z.device)
     lv_strides = _strides(logvar) if logvar is not None else (0, 0, 0)
@@ -468,7 +472,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
         moments_partial_kernel, (plan.n_chunks * plan.n_col_blocks,),
         z, logvar, work, mean, var, scalars, partials, counter, tv,
         N, F, C, plan.rows_per_chunk, plan.n_col_blocks, N - correction,
-        *_strides(z), *lv_strides, stride_tv, tv_hi, tv_lo,
+        *_strides(z), *lv_strides, stride_tv, tv_hi, tv_lo, *eps_pair,
         FINAL=final, **flags, BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, BLOCK_P=partial_block(),
         # 16-bit inputs with 8 warps: Triton 3.8 held ptxas to 64 registers and spilled 8 B on sm_120
         num_warps=4 if z.element_size() == 2 else plan.num_warps,
@@ -478,7 +482,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
             moments_finish_kernel, (plan.n_col_blocks,),
             z, work, mean, var, scalars, partials, counter, tv,
             N, F, C, plan.rows_per_chunk, plan.n_chunks, N - correction,
-            z.stride(0), z.stride(2), stride_tv, tv_hi, tv_lo,
+            z.stride(0), z.stride(2), stride_tv, tv_hi, tv_lo, *eps_pair,
             **flags, BLOCK_D=plan.block_d, BLOCK_C=plan.finish_chunks, BLOCK_P=partial_block(),
             num_warps=plan.finish_warps,
         )
@@ -506,10 +510,10 @@ def moments_backward(grad_mean, grad_var, z, mean, *, correction: int = 0, logva
 
 def renormalize(z, target_mean, target_var, *, scalar_mode: bool, eps: float):
     """``(out, mean, var, scalars)`` for an ``(A, N, C)`` view ``z``: ``out`` contiguous ``(A, N, C)`` in
-    z's dtype, the moments over dim 1 as ``(A * C,)`` and, in scalar mode, ``scalars = (factor, mean(sqrt(var)))``
+    z's dtype, the moments over dim 1 as ``(A * C,)`` and, in scalar mode, ``scalars = (factor, mean(sqrt(var + eps)))``
     (an empty tensor otherwise). Targets: floats or tensors of ``A * C`` (or one) elements. At most 3 launches."""
     A, N, C = z.shape
-    mean, var, scalars = moments(z, target_var=target_var if scalar_mode else None)
+    mean, var, scalars = moments(z, target_var=target_var if scalar_mode else None, eps=eps)
     if scalars is None:
         scalars = mean.new_empty(0)
     plan = _plan(z.shape, z.device)

@@ -147,6 +147,64 @@ def test_renormalize_strided_view_and_targets(backend):
     assert_close(var, target_var, 1e-4)  # var / (var + eps) of the input
 
 
+def with_constant_columns(shape, dtype, which):
+    """Test data of ``dtype`` whose columns ``which`` (all, or a list) hold one value, and its float64 copy."""
+    z = torch.randn(shape, dtype=torch.float64) * 2 + 1.0
+    if which == "all":
+        z[:] = 0.7
+    else:
+        z[:, which] = 0.7
+    z = z.to(dtype).requires_grad_(True)
+    return z, z.detach().double().requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(6, 4), (300, 5)])  # the moments in one chunk, and partials plus finish
+@pytest.mark.parametrize("which", ["all", [2]])
+def test_renormalize_scalar_of_constant_columns_is_finite(backend, dtype, shape, which):
+    """var = 0 in some or all dimensions: ``S = mean(sqrt(var + eps))`` keeps the factor and its
+    gradient finite (without eps both were inf and NaN)."""
+    z, z64 = with_constant_columns(shape, dtype, which)
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+    with fastvae.use_backend(backend):
+        out = fastvae.renormalize(z, 0.0, 1.5, mode="scalar")
+        out.backward(grad)
+    out64 = reference.renormalize(z64, 0.0, 1.5, mode="scalar")
+    out64.backward(grad.double())
+    assert torch.isfinite(out).all() and torch.isfinite(z.grad).all()
+    assert_close(out, out64, RTOL[dtype])
+    assert_close(z.grad, z64.grad, RTOL[dtype])
+
+
+def test_renormalize_scalar_of_constant_input_uses_eps():
+    """All dimensions constant: ``S = sqrt(eps)``, so ``z' = z sqrt(target_var) / sqrt(eps)`` and, with
+    ``z - mean = 0``, ``d/dz = g sqrt(target_var) / sqrt(eps)``."""
+    z = torch.full((5, 3), 0.5, dtype=torch.float64, requires_grad=True)
+    out = reference.renormalize(z, 0.0, 4.0, mode="scalar", eps=1e-4)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(out, torch.full((5, 3), 100.0, dtype=torch.float64))
+    torch.testing.assert_close(z.grad, torch.full((5, 3), 200.0, dtype=torch.float64))
+
+
+def test_renormalize_scalar_of_constant_columns_under_fp32_abi():
+    """float64 with eps = 1e-7 (no float32 number) dominating every column, so that ``S`` is about
+    ``sqrt(eps)``: eps reaches the kernels as a float32 hi/lo pair, not as a Python float that the GPU
+    rounds to float32 (1e-8 off here)."""
+    from gpu_semantics import fp32_abi
+
+    z, z64 = with_constant_columns((300, 5), torch.float64, "all")
+    z.data[:, 1] = z64.data[:, 1] = 1e-5 * torch.randn(300, dtype=torch.float64)  # var ~ 1e-10 << eps
+    grad = torch.randn(300, 5, dtype=torch.float64)
+    with fastvae.use_backend("triton"), fp32_abi():
+        out = fastvae.renormalize(z, 0.0, 1.7, mode="scalar", eps=1e-7)
+        out.backward(grad)
+    out64 = reference.renormalize(z64, 0.0, 1.7, mode="scalar", eps=1e-7)
+    out64.backward(grad)
+    assert_close(out, out64, 1e-12)
+    assert_close(z.grad, z64.grad, 1e-12)
+
+
 # ----------------------------------------------------------------------------------- variance law
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -193,6 +251,17 @@ def test_reference_backward_formulas_match_autograd():
         expected, = torch.autograd.grad(out, z, grad)
         actual = reference.renormalize_backward(grad, z, mean, var, target_var, dim=1, mode=mode)
         torch.testing.assert_close(actual, expected)
+    constant = z.detach().clone()
+    constant[:, :, 1] = 0.25  # var = 0 in 4 of the 12 dimensions
+    constant.requires_grad_(True)
+    mean, var = reference.moments(constant.detach(), 1)
+    for mode in ("per_dim", "scalar"):
+        out = reference.renormalize(constant, 0.3, target_var, dim=1, mode=mode, eps=0.01)
+        grad = torch.randn_like(out)
+        expected, = torch.autograd.grad(out, constant, grad)
+        actual = reference.renormalize_backward(grad, constant, mean, var, target_var, dim=1, mode=mode, eps=0.01)
+        assert torch.isfinite(expected).all()
+        torch.testing.assert_close(actual, expected)
 
     mu, logvar = (torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mean, var = reference.variance_law(mu, logvar)
@@ -210,6 +279,15 @@ def test_gradcheck(backend):
         assert torch.autograd.gradcheck(lambda t: fastvae.moments(t, 1, 1), (z,))
         assert torch.autograd.gradcheck(lambda t: fastvae.renormalize(t, -1.0, target_var, dim=1), (z,))
         assert torch.autograd.gradcheck(lambda t: fastvae.renormalize(t, 0.0, target_var, dim=1, mode="scalar"), (z,))
+        # eps large enough to matter, and a constant dimension (var = 0, where eps alone keeps it finite)
+        constant = z.detach().clone()
+        constant[:, :, 2] = 0.25
+        constant.requires_grad_(True)
+        for eps in (0.3, 1e-6):
+            def scalar(t):
+                return fastvae.renormalize(t, 0.0, target_var, dim=1, mode="scalar", eps=eps)
+            assert torch.autograd.gradcheck(scalar, (z,))
+            assert torch.autograd.gradcheck(scalar, (constant,))
         assert torch.autograd.gradcheck(lambda t: fastvae.variance_law(*t.chunk(2, dim=-1)), (h,))
 
 
@@ -353,7 +431,7 @@ def test_opcheck(backend):
     mean, var = reference.moments(z.detach(), 1)
     mu, logvar = torch.randn(6, 8, requires_grad=True).chunk(2, dim=-1)
     target_var = torch.rand(5, 4) + 0.5
-    scalars = reference.scalar_renormalization(var, target_var)
+    scalars = reference.scalar_renormalization(var, target_var, 1e-6)
     cases = [
         (torch.ops.fastvae.moments.default, (z, 1, 1)),
         (torch.ops.fastvae.variance_law.default, (mu, logvar)),

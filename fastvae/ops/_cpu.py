@@ -154,10 +154,11 @@ def variance_law_backward(grad_mean: Tensor | None, grad_var: Tensor | None, mu:
     return grad_mu, grad_logvar.to(logvar.dtype)
 
 
-def scalar_renormalization(var: Tensor, target_var: Tensor | float) -> Tensor:
-    """``(factor, mean(sqrt(var)))`` of the ``scalar`` mode: a ``(2,)`` tensor in ``var``'s dtype."""
+def scalar_renormalization(var: Tensor, target_var: Tensor | float, eps: float = 1e-6) -> Tensor:
+    """``(factor, S)`` of the ``scalar`` mode, ``S = mean(sqrt(var + eps))``, ``factor = sqrt(mean(target_var)) / S``:
+    a ``(2,)`` tensor in ``var``'s dtype."""
     target_var = torch.as_tensor(target_var, dtype=var.dtype, device=var.device)
-    mean_sd = torch.sqrt(var).mean()
+    mean_sd = torch.sqrt(var + eps).mean()
     return torch.stack([torch.sqrt(target_var.mean()) / mean_sd, mean_sd])
 
 
@@ -174,7 +175,7 @@ def renormalize_from_moments(z: Tensor, mean: Tensor, var: Tensor, target_mean: 
     acc = accumulation_dtype(z.dtype)
     mean, var = mean.to(acc).unsqueeze(dim), var.to(acc).unsqueeze(dim)
     if mode == "scalar":
-        return z.to(acc).mul(scalar_renormalization(var, target_var)[0]).to(z.dtype)
+        return z.to(acc).mul(scalar_renormalization(var, target_var, eps)[0]).to(z.dtype)
     scale = torch.sqrt(_per_dim(target_var, acc, z.device, dim)) / torch.sqrt(var + eps)
     return torch.addcmul(_per_dim(target_mean, acc, z.device, dim), z.to(acc) - mean, scale).to(z.dtype)
 
@@ -183,14 +184,14 @@ def renormalize_backward(grad: Tensor, z: Tensor, mean: Tensor, var: Tensor, tar
                          dim: int = 0, mode: str = "per_dim", eps: float = 1e-6) -> Tensor:
     """``per_dim``: with ``r = 1 / sqrt(var + eps)``, ``s = r sqrt(target_var)`` and ``c = z - mean``,
     ``d/dz = s g - s mean(g) - s r^2 mean(g c) c`` (means over ``dim``); ``scalar``:
-    ``d/dz = factor g - factor sum(g z) / (S F N) (z - mean) / sqrt(var)``."""
+    ``d/dz = factor g - factor sum(g z) / (S F N) (z - mean) / sqrt(var + eps)``, ``S = mean(sqrt(var + eps))``."""
     acc = accumulation_dtype(z.dtype)
     g, z_acc = grad.to(acc), z.to(acc)
     mean, var = mean.to(acc).unsqueeze(dim), var.to(acc).unsqueeze(dim)
     centered = z_acc - mean
     if mode == "scalar":
-        factor, mean_sd = scalar_renormalization(var, target_var)
-        coef = -factor * (g * z_acc).sum() / (mean_sd * z.numel()) / torch.sqrt(var)
+        factor, mean_sd = scalar_renormalization(var, target_var, eps)
+        coef = -factor * (g * z_acc).sum() / (mean_sd * z.numel()) / torch.sqrt(var + eps)
         return torch.addcmul(g * factor, centered, coef).to(z.dtype)
     rstd = torch.rsqrt(var + eps)
     scale = rstd * torch.sqrt(_per_dim(target_var, acc, z.device, dim))

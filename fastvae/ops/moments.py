@@ -102,14 +102,14 @@ def _renormalize_op(
     target_var_value: float, dim: int, mode: str, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(z', mean, var, scalars)``: the statistics that the backward needs beside ``z``; ``scalars`` is
-    ``(factor, mean(sqrt(var)))`` in scalar mode and empty in per_dim mode. A target is the tensor when
+    ``(factor, mean(sqrt(var + eps)))`` in scalar mode and empty in per_dim mode. A target is the tensor when
     given, else the value."""
     tm, tv = _target(target_mean, target_mean_value), _target(target_var, target_var_value)
     scalar_mode = mode == "scalar"
     if backend.decide(z) == "torch":
         mean, var = _cpu.moments(z, dim=dim)
         out = _cpu.renormalize_from_moments(z, mean, var, tm, tv, dim=dim, mode=mode, eps=eps)
-        scalars = _cpu.scalar_renormalization(var, tv) if scalar_mode else var.new_empty(0)
+        scalars = _cpu.scalar_renormalization(var, tv, eps) if scalar_mode else var.new_empty(0)
         return out, mean, var, scalars
     out, mean, var, scalars = kernels_moments.renormalize(
         _slab(z, dim), _flat(tm) if target_mean is not None else tm, _flat(tv) if target_var is not None else tv,
@@ -286,7 +286,7 @@ def renormalize(
 
     .. math::
         \texttt{per\_dim}: \quad z' = \frac{z - \text{mean}}{\sqrt{\text{var} + \epsilon}} \sqrt{\text{target\_var}} + \text{target\_mean}
-        \qquad \texttt{scalar}: \quad z' = z \, \frac{\sqrt{\overline{\text{target\_var}}}}{\overline{\sqrt{\text{var}}}}
+        \qquad \texttt{scalar}: \quad z' = z \, \frac{\sqrt{\overline{\text{target\_var}}}}{\overline{\sqrt{\text{var} + \epsilon}}}
 
     with ``mean`` and ``var`` (population) over ``dim`` and the bars means over the dimensions. ``scalar``
     (the authors' code) applies one factor to all dimensions and does not shift: ``target_mean`` is
@@ -299,7 +299,7 @@ def renormalize(
             no gradient flows to them, and a target that requires grad is an error (pass ``.detach()``).
         dim: the dim whose moments are matched (the batch).
         mode: ``per_dim`` or ``scalar``.
-        eps: added to ``var`` in ``per_dim`` mode; must be positive.
+        eps: added to ``var`` in both modes (a constant dimension stays finite); must be positive.
 
     Returns:
         ``z'`` of ``z``'s shape and dtype, differentiable in ``z`` (batch norm's backward in ``per_dim``).

@@ -47,7 +47,7 @@ def renormalize(
 
     ``per_dim``: ``z' = (z - mean) / sqrt(var + eps) * sqrt(target_var) + target_mean``, with the
     targets scalars or tensors of the per-dimension shape. ``scalar`` (the authors' code):
-    ``z' = z * sqrt(mean(target_var)) / mean(sqrt(var))``, one factor for all dimensions, no shift.
+    ``z' = z * sqrt(mean(target_var)) / mean(sqrt(var + eps))``, one factor for all dimensions, no shift.
     Differentiable in ``z`` through ``mean`` and ``var`` (population variance, correction 0).
     """
     mean, var = moments(z, dim=dim)
@@ -78,17 +78,17 @@ def renormalize_from_moments(
             target_var = target_var.unsqueeze(dim)
         out = (z_acc - mean) / torch.sqrt(var + eps) * torch.sqrt(target_var) + target_mean
     elif mode == "scalar":
-        out = z_acc * scalar_renormalization(var, target_var)[0]
+        out = z_acc * scalar_renormalization(var, target_var, eps)[0]
     else:
         raise ValueError(f"unknown mode {mode!r}")
     return out.to(z.dtype)
 
 
-def scalar_renormalization(var: Tensor, target_var: Tensor | float) -> Tensor:
-    """``(factor, mean(sqrt(var)))`` of the ``scalar`` mode, ``factor = sqrt(mean(target_var)) / mean(sqrt(var))``:
-    a ``(2,)`` tensor in ``var``'s dtype."""
+def scalar_renormalization(var: Tensor, target_var: Tensor | float, eps: float = 1e-6) -> Tensor:
+    """``(factor, S)`` of the ``scalar`` mode, ``S = mean(sqrt(var + eps))`` over the dimensions and
+    ``factor = sqrt(mean(target_var)) / S``: a ``(2,)`` tensor in ``var``'s dtype."""
     target_var = torch.as_tensor(target_var, dtype=var.dtype, device=var.device)
-    mean_sd = torch.sqrt(var).mean()
+    mean_sd = torch.sqrt(var + eps).mean()
     return torch.stack([torch.sqrt(target_var.mean()) / mean_sd, mean_sd])
 
 
@@ -128,8 +128,8 @@ def renormalize_backward(
 
     ``per_dim`` (batch norm's backward): with ``r = 1 / sqrt(var + eps)``, ``zhat = (z - mean) r``,
     ``d/dz = r sqrt(target_var) (g - mean(g) - zhat mean(g zhat))``, means over ``dim``;
-    ``scalar``: with ``S = mean(sqrt(var))`` over the dimensions (``F`` of them), ``c = sqrt(mean(target_var)) / S``,
-    ``d/dz = c g - c sum(g z) / (S F N) (z - mean) / sqrt(var)``, the sum over all elements.
+    ``scalar``: with ``S = mean(sqrt(var + eps))`` over the dimensions (``F`` of them), ``c = sqrt(mean(target_var)) / S``,
+    ``d/dz = c g - c sum(g z) / (S F N) (z - mean) / sqrt(var + eps)``, the sum over all elements.
     """
     acc = accumulation_dtype(z.dtype)
     g, z_acc = grad.to(acc), z.to(acc)
@@ -144,8 +144,8 @@ def renormalize_backward(
         mean_gy = (g * zhat).mean(dim=dim, keepdim=True)
         out = rstd * torch.sqrt(target_var) * (g - mean_g - zhat * mean_gy)
     elif mode == "scalar":
-        sd = torch.sqrt(var)
-        factor, mean_sd = scalar_renormalization(var, target_var)
+        sd = torch.sqrt(var + eps)
+        factor, mean_sd = scalar_renormalization(var, target_var, eps)
         n_total = z.numel()  # F * N
         out = factor * g - factor * (g * z_acc).sum() / (mean_sd * n_total) * (z_acc - mean) / sd
     else:
