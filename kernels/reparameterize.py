@@ -4,8 +4,8 @@ Each operand is described as ``(samples, event elements)`` by ``fastvae.ops._lay
 to three sample dims and two event dims (after merging), each tensor read through its own strides, so
 the halves of ``chunk(2, dim=1)`` of a contiguous or channels_last ``(B, 2C, H, W)`` or
 ``(B, 2C, T, H, W)`` encoder output are read in place. The grid is ``row tiles x column blocks``:
-program ``p`` owns ``BLOCK_R`` samples and ``BLOCK_E`` event elements of them, so one long sample
-spreads over ``cdiv(E, BLOCK_E)`` programs and many short ones share a program. Rows are walked in
+program ``p`` owns ``BLOCK_R`` samples and ``BLOCK_D`` event elements of them, so one long sample
+spreads over ``cdiv(E, BLOCK_D)`` programs and many short ones share a program. Rows are walked in
 the order of the sample dims and columns in the memory order of the event dims (``mu``'s strides);
 the outputs (``z``, the elementwise KL, the gradients) are written in ``mu``'s memory format (``out``
 strides). The noise of an element is ``tl.randn(seed, i)`` with ``i`` its logical (row-major) flat
@@ -79,7 +79,7 @@ def _row_offset(r0, r1, r2, s0, s1, s2, SAMPLE_RANK: tl.constexpr):
 
 @triton.jit
 def _col_offset(c0, c1, e0, e1, EVENT_RANK: tl.constexpr):
-    """``(BLOCK_E,)`` offsets of the event dims of strides ``(e0, e1)`` (int64)."""
+    """``(BLOCK_D,)`` offsets of the event dims of strides ``(e0, e1)`` (int64)."""
     col = c1 * e1
     if EVENT_RANK > 1:
         col += c0 * e0
@@ -88,16 +88,16 @@ def _col_offset(c0, c1, e0, e1, EVENT_RANK: tl.constexpr):
 
 @triton.jit
 def _offsets(r0, r1, r2, c0, c1, s0, s1, s2, e0, e1, SAMPLE_RANK: tl.constexpr, EVENT_RANK: tl.constexpr):
-    """``(BLOCK_R, BLOCK_E)`` element offsets of one tensor of strides ``(s0, s1, s2 | e0, e1)`` (int64)."""
+    """``(BLOCK_R, BLOCK_D)`` element offsets of one tensor of strides ``(s0, s1, s2 | e0, e1)`` (int64)."""
     row = _row_offset(r0, r1, r2, s0, s1, s2, SAMPLE_RANK)
     return row[:, None] + _col_offset(c0, c1, e0, e1, EVENT_RANK)[None, :]
 
 
 @triton.jit
-def _tile(n_rows, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
+def _tile(n_rows, E, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
     """This program's ``(rows, cols, row tile, column block, column blocks per row)`` (int64)."""
     pid = tl.program_id(0).to(tl.int64)
-    n_col_blocks = tl.cdiv(E, BLOCK_E)
+    n_col_blocks = tl.cdiv(E, BLOCK_D)
     if SPLIT:
         row_tile = pid // n_col_blocks
         col_block = pid % n_col_blocks
@@ -105,7 +105,7 @@ def _tile(n_rows, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.con
         row_tile = pid
         col_block = pid * 0
     rows = row_tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = col_block * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
+    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     return rows, cols, row_tile, col_block, n_col_blocks
 
 
@@ -119,11 +119,11 @@ def reparameterize_kl_fwd_kernel(
     idx_s0, idx_s1, idx_s2, idx_e0, idx_e1,
     kl_divisor,
     HAS_Z: tl.constexpr, KL_MODE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     SAMPLE_RANK: tl.constexpr = 1, EVENT_RANK: tl.constexpr = 1, SPLIT: tl.constexpr = False,
     CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
 ):
-    rows, cols, row_tile, col_block, n_col_blocks = _tile(n_rows, E, BLOCK_R, BLOCK_E, SPLIT)
+    rows, cols, row_tile, col_block, n_col_blocks = _tile(n_rows, E, BLOCK_R, BLOCK_D, SPLIT)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols < E)[None, :]
     r0, r1, r2 = _split_rows(rows, ns1, ns2, SAMPLE_RANK)
@@ -134,8 +134,8 @@ def reparameterize_kl_fwd_kernel(
     mu = tl.load(mu_ptr + mu_off, mask=mask, other=0.0).to(ACC)
     logvar = tl.load(logvar_ptr + lv_off, mask=mask, other=0.0).to(ACC)
     if CLAMP:  # bounds built in ACC: a bare float constexpr would be an fp32 constant on the GPU
-        logvar = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_E], LOGVAR_MIN, ACC)),
-                            tl.full([BLOCK_R, BLOCK_E], LOGVAR_MAX, ACC))
+        logvar = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)),
+                            tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC))
     # the sample's logical index (idx sample strides count samples) and the element's logical flat index
     sample = _row_offset(r0, r1, r2, idx_s0, idx_s1, idx_s2, SAMPLE_RANK)
     if HAS_Z:
@@ -181,11 +181,11 @@ def reparameterize_kl_bwd_kernel(
     idx_s0, idx_s1, idx_s2, idx_e0, idx_e1,
     kl_scale_hi, kl_scale_lo,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     SAMPLE_RANK: tl.constexpr = 1, EVENT_RANK: tl.constexpr = 1, SPLIT: tl.constexpr = False,
     CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
 ):
-    rows, cols, row_tile, col_block, n_col_blocks = _tile(n_rows, E, BLOCK_R, BLOCK_E, SPLIT)
+    rows, cols, row_tile, col_block, n_col_blocks = _tile(n_rows, E, BLOCK_R, BLOCK_D, SPLIT)
     mask = (rows < n_rows)[:, None] & (cols < E)[None, :]
     r0, r1, r2 = _split_rows(rows, ns1, ns2, SAMPLE_RANK)
     c0, c1 = _split_cols(cols, ne1, EVENT_RANK)
@@ -200,13 +200,13 @@ def reparameterize_kl_bwd_kernel(
     logvar = tl.load(logvar_ptr + lv_off, mask=mask, other=0.0).to(ACC)
     half = 0.5
     if CLAMP:
-        clamped = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_E], LOGVAR_MIN, ACC)),
-                             tl.full([BLOCK_R, BLOCK_E], LOGVAR_MAX, ACC))
+        clamped = tl.minimum(tl.maximum(logvar, tl.full([BLOCK_R, BLOCK_D], LOGVAR_MIN, ACC)),
+                             tl.full([BLOCK_R, BLOCK_D], LOGVAR_MAX, ACC))
         # torch.clamp's gradient: d clamped / d logvar is 1 inside [lo, hi] (bounds included), 0 outside and for NaN
         half = tl.where(clamped == logvar, 0.5, 0.0)
         logvar = clamped
-    grad_mu = tl.zeros([BLOCK_R, BLOCK_E], dtype=ACC)
-    grad_lv = tl.zeros([BLOCK_R, BLOCK_E], dtype=ACC)
+    grad_mu = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    grad_lv = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     if HAS_GRAD_Z:
         seed = tl.load(seed_ptr)
         sample = _row_offset(r0, r1, r2, idx_s0, idx_s1, idx_s2, SAMPLE_RANK)
@@ -228,14 +228,17 @@ def reparameterize_kl_bwd_kernel(
     tl.store(grad_lv_ptr + out_off, grad_lv.to(grad_lv_ptr.dtype.element_ty), mask=mask)
 
 
-def _philox_tile(E: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_E, num_warps)``: 4 warps and one 128-bit access per tensor and thread (8
+def _philox_tile(E: int, dtype: torch.dtype, vectorizable: bool = True) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_D, num_warps)``: 4 warps and one 128-bit access per tensor and thread (8
     half-precision, 4 fp32 or 2 fp64 elements; every element runs a 10-round Philox, and 16 elements
     a thread spilled), the tile filled with event elements first, then with samples. Depends on the
-    event size only, never on the batch."""
-    tile = 4 * 32 * (16 // torch.empty((), dtype=dtype).element_size())
-    block_e = min(triton.next_power_of_2(E), tile)
-    return tile // block_e, block_e, 4
+    event size and the layout only, never on the batch. Where some tensor's innermost stride is not 1
+    (no 128-bit access), at most 4 elements a thread: 8 scattered half-precision elements, each with
+    its own 64-bit addresses, spilled 4 B in the clamped backward on sm_90."""
+    elements = 16 // torch.empty((), dtype=dtype).element_size()
+    tile = 4 * 32 * (elements if vectorizable else min(elements, 4))
+    block_d = min(triton.next_power_of_2(E), tile)
+    return tile // block_d, block_d, 4
 
 
 class _Plan:
@@ -250,8 +253,9 @@ class _Plan:
         self.ns1, self.ns2 = sample_sizes[1], sample_sizes[2]
         self.E = event_sizes[0] * event_sizes[1]
         self.ne1 = event_sizes[1]
-        self.block_r, self.block_e, self.num_warps = _philox_tile(self.E, dtype)
-        self.n_col_blocks = triton.cdiv(self.E, self.block_e)
+        vectorizable = all(layout[-1] in (0, 1) for layout in self.strides)
+        self.block_r, self.block_d, self.num_warps = _philox_tile(self.E, dtype, vectorizable)
+        self.n_col_blocks = triton.cdiv(self.E, self.block_d)
         self.split = self.n_col_blocks > 1
         self.grid = (triton.cdiv(self.n_rows, self.block_r) * self.n_col_blocks,)
 
@@ -259,7 +263,7 @@ class _Plan:
         return self.n_rows, self.ns1, self.ns2, self.E, self.ne1
 
     def constexprs(self) -> dict:
-        return {"BLOCK_R": self.block_r, "BLOCK_E": self.block_e, "SAMPLE_RANK": self.sample_rank,
+        return {"BLOCK_R": self.block_r, "BLOCK_D": self.block_d, "SAMPLE_RANK": self.sample_rank,
                 "EVENT_RANK": self.event_rank, "SPLIT": self.split, "num_warps": self.num_warps}
 
 

@@ -235,7 +235,8 @@ def reparameterize_kl(
             uses ``(-30, 20)``), with torch.clamp's gradient (zero outside the range).
 
     Returns:
-        ``(z, kl)``: ``z`` of ``mu``'s shape and dtype, and the reduced KL.
+        ``(z, kl)``: ``z`` of ``mu``'s shape, dtype and memory format (a channels_last ``mu`` gives a
+        channels_last ``z``; so do the gradients), and the reduced KL.
 
     The backward recomputes ``eps`` from the seed; only ``mu``, ``logvar`` and the seed are saved.
 
