@@ -94,7 +94,7 @@ def _offsets(r0, r1, r2, c0, c1, s0, s1, s2, e0, e1, SAMPLE_RANK: tl.constexpr, 
 
 
 @triton.jit
-def _tile(n_rows, E, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
+def _tile(E, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
     """This program's ``(rows, cols, row tile, column block, column blocks per row)`` (int64)."""
     pid = tl.program_id(0).to(tl.int64)
     n_col_blocks = tl.cdiv(E, BLOCK_D)
@@ -123,7 +123,7 @@ def reparameterize_kl_fwd_kernel(
     SAMPLE_RANK: tl.constexpr = 1, EVENT_RANK: tl.constexpr = 1, SPLIT: tl.constexpr = False,
     CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
 ):
-    rows, cols, row_tile, col_block, n_col_blocks = _tile(n_rows, E, BLOCK_R, BLOCK_D, SPLIT)
+    rows, cols, row_tile, col_block, n_col_blocks = _tile(E, BLOCK_R, BLOCK_D, SPLIT)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols < E)[None, :]
     r0, r1, r2 = _split_rows(rows, ns1, ns2, SAMPLE_RANK)
@@ -185,7 +185,7 @@ def reparameterize_kl_bwd_kernel(
     SAMPLE_RANK: tl.constexpr = 1, EVENT_RANK: tl.constexpr = 1, SPLIT: tl.constexpr = False,
     CLAMP: tl.constexpr = False, LOGVAR_MIN: tl.constexpr = 0.0, LOGVAR_MAX: tl.constexpr = 0.0,
 ):
-    rows, cols, row_tile, col_block, n_col_blocks = _tile(n_rows, E, BLOCK_R, BLOCK_D, SPLIT)
+    rows, cols, row_tile, col_block, n_col_blocks = _tile(E, BLOCK_R, BLOCK_D, SPLIT)
     mask = (rows < n_rows)[:, None] & (cols < E)[None, :]
     r0, r1, r2 = _split_rows(rows, ns1, ns2, SAMPLE_RANK)
     c0, c1 = _split_cols(cols, ne1, EVENT_RANK)
