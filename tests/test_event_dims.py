@@ -251,19 +251,122 @@ def test_torch_compile_fullgraph_latent_diffusion_posterior():
     torch.testing.assert_close(grad_c, grad_e)
 
 
-def test_halves_of_a_contiguous_output_reach_the_kernel_as_views(monkeypatch):
-    """event_dims=3 on chunk(2, dim=1) of a contiguous (B, 2C, H, W): the kernel reads the encoder output in place."""
-    from fastvae.kernels import reparameterize as kernel
+# ------------------------------------------------------------------ in-place layouts, element tiling
+def _halves(layout, shape, dtype=torch.float32, spread=2.0):
+    """``chunk(2, dim=1)`` of an encoder output ``(B, 2C, *spatial)`` in ``layout`` (not copied)."""
+    h = (torch.randn(shape, dtype=torch.float64) * spread).to(dtype)
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last if h.dim() == 4 else torch.channels_last_3d)
+    return h, h.chunk(2, dim=1)
+
+
+def _spy_kernels(monkeypatch):
+    """Record ``(data_ptr, strides)`` of every tensor the kernel launchers receive."""
+    from fastvae.kernels import reparameterize as kernels
     seen = []
-    original = kernel.forward
+    for name in ("forward", "backward"):
+        original = getattr(kernels, name)
 
-    def spy(mu, logvar, *args, **kwargs):
-        seen.append((mu.data_ptr(), logvar.data_ptr(), mu.shape))
-        return original(mu, logvar, *args, **kwargs)
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, [(a.data_ptr(), a.stride()) for a in args if isinstance(a, torch.Tensor)]))
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, "forward", spy)
-    h = torch.randn(2, 8, 3, 4)
+        monkeypatch.setattr(kernels, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("shape", ((2, 8, 3, 4), (2, 6, 2, 3, 4)), ids=("image", "video"))
+def test_halves_are_read_in_place_and_results_keep_the_memory_format(monkeypatch, layout, shape):
+    """event_dims = all but the batch dim on chunk(2, dim=1) of a contiguous or channels_last encoder
+    output: the kernels get the halves themselves (same data_ptr and strides, forward and backward), no
+    ATen op copies around the custom ops, and z, the elementwise KL and both gradients come back in the
+    halves' memory format."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    h, (mean, logvar) = _halves(layout, shape)
+    h.requires_grad_(True)
     mean, logvar = h.chunk(2, dim=1)
+    seen = _spy_kernels(monkeypatch)
+    top_level = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            top_level.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    expected_format = torch.empty_like(mean).stride()
+    with use_backend("triton"), Record():
+        z, kl = fastvae.reparameterize_kl(mean, logvar, seed=4, reduction="per_sample", event_dims=len(shape) - 1)
+        kl_none = fastvae.kl_divergence(mean, logvar, reduction="none", event_dims=len(shape) - 1)
+        grad_mean, grad_logvar = torch.autograd.grad((z * z).sum() + kl.sum(), (mean, logvar))
+    assert z.stride() == kl_none.stride() == grad_mean.stride() == grad_logvar.stride() == expected_format
+    if layout == "channels_last":
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        assert z.is_contiguous(memory_format=memory_format) and grad_logvar.is_contiguous(memory_format=memory_format)
+    halves = {(mean.data_ptr(), mean.stride()), (logvar.data_ptr(), logvar.stride())}
+    assert [name for name, _ in seen] == ["forward", "forward", "backward"]
+    for _, tensors in seen:
+        assert halves <= set(tensors), (halves, tensors)
+    copies = [op for op in top_level if any(word in op for word in ("copy", "clone", "contiguous", "cat", "_to_copy"))]
+    assert not copies, copies
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_long_samples_split_over_programs_match_float64_reference(backend, dtype, layout):
+    """Samples of 2560 elements (3 to 10 column blocks of one sample, by dtype) in both layouts, every
+    reduction, with the clamp: values and gradients against the float64 reference."""
+    _, (mean, logvar) = _halves(layout, (2, 8, 16, 40), dtype)
+    with use_backend(backend):
+        for reduction in REDUCTIONS:
+            _check(mean, logvar, reduction, 3, CLAMP if reduction != "sum" else None)
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+def test_one_latent_spreads_over_many_programs(monkeypatch, layout):
+    """A (1, 16, 128, 128) latent (one sample of 262144 elements) runs on >= 64 programs forward and
+    backward, one launch each (and the workspace memset of the per-sample reduction)."""
+    from fastvae.kernels import reparameterize as kernel_module
+
+    grids = []
+    monkeypatch.setattr(kernel_module, "launch", lambda kernel, grid, *a, **k: grids.append((kernel.fn.__name__, grid)))
+    from fastvae.kernels import _launch
+
+    _, (mean, logvar) = _halves(layout, (1, 32, 128, 128))
+    mean.requires_grad_(True)
+    with use_backend("triton"), count_launches() as launches:
+        z, kl = fastvae.reparameterize_kl(mean, logvar, seed=1, reduction="per_sample", event_dims=3)
+        torch.autograd.grad((z.sum(), kl.sum()), mean)
+    assert [name for name, _ in grids] == ["reparameterize_kl_fwd_kernel", "reparameterize_kl_bwd_kernel"]
+    assert all(grid[0] >= 64 for _, grid in grids), grids
+    assert launches == {_launch.ZERO_FILL: 1}  # the kernels were captured, not run; the memset was counted
+
+
+@pytest.mark.parametrize("mode", ("shuffled", "concurrent"))
+@pytest.mark.parametrize("reduction", ("per_sample", "batchmean"))
+def test_split_reductions_are_bit_identical_in_any_program_order(mode, reduction):
+    """Two samples of 2048 elements, 4 programs each: the per-sample sums (last program of a sample) and
+    the total (last sample) give the same bits whatever order and interleaving the programs run in."""
+    from gpu_semantics import program_order
+
+    _, (mean, logvar) = _halves("channels_last", (2, 8, 16, 32))
     with use_backend("triton"):
-        fastvae.reparameterize_kl(mean, logvar, seed=1, event_dims=3)
-    assert seen == [(mean.data_ptr(), logvar.data_ptr(), torch.Size([2, 48]))]
+        expected = fastvae.reparameterize_kl(mean, logvar, seed=2, reduction=reduction, event_dims=3)
+        for seed in (0, 1):
+            with program_order(mode, seed) as order:
+                actual = fastvae.reparameterize_kl(mean, logvar, seed=2, reduction=reduction, event_dims=3)
+            assert order.max_programs >= 8
+            assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1]), (mode, seed)
+
+
+def test_layouts_the_kernel_cannot_index_are_copied_and_keep_the_format():
+    """event_dims=4 of a channels_last (B, C, H, W) half (three event dims after merging): contiguous
+    copies reach the kernel, the results equal the contiguous input's and keep the channels_last format."""
+    _, (mean, logvar) = _halves("channels_last", (2, 8, 3, 5))
+    with use_backend("triton"):
+        z, kl = fastvae.reparameterize_kl(mean, logvar, seed=6, reduction="none", event_dims=4)
+        z_c, kl_c = fastvae.reparameterize_kl(mean.contiguous(), logvar.contiguous(), seed=6, reduction="none", event_dims=4)
+    assert z.is_contiguous(memory_format=torch.channels_last) and kl.stride() == z.stride()
+    assert torch.equal(z, z_c) and torch.equal(kl, kl_c)

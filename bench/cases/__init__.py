@@ -66,9 +66,10 @@ def traffic(forward: int, backward: int, mode: str) -> int:
 
 
 def _load() -> dict[str, OpBench]:
-    from . import balanced_mse, moments, renormalize, reparameterize_kl, variance_law
+    from . import balanced_mse, latent_posterior, moments, renormalize, reparameterize_kl, variance_law
 
-    return {m.CASE.name: m.CASE for m in (reparameterize_kl, balanced_mse, moments, renormalize, variance_law)}
+    modules = (reparameterize_kl, balanced_mse, moments, renormalize, variance_law, latent_posterior)
+    return {m.CASE.name: m.CASE for m in modules}
 
 
 OPS: dict[str, OpBench] = _load()

@@ -20,7 +20,6 @@ from ._checks import (
     REDUCTIONS, check_choice, check_event_dims, check_finite, check_float_tensor, check_logvar_clamp, check_same_layout,
     seed_tensor,
 )
-from ._layout import as_rows
 
 try:
     from ..kernels import reparameterize as kernels_reparameterize
@@ -31,131 +30,167 @@ Clamp = Optional[list[float]]
 
 
 # ---------------------------------------------------------------------------------------- dispatch
-def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str], logvar_clamp: Clamp = None):
-    """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
-    if backend.decide(mu) == "torch":
-        return _cpu.reparameterize_kl(mu, _cpu.clamp_logvar(logvar, logvar_clamp), seed, reduction)
-    D = mu.shape[-1]
-    z, kl = kernels_reparameterize.forward(as_rows(mu, D), as_rows(logvar, D), seed, reduction, logvar_clamp)
+# The custom ops take the latents in their own shape and strides with ``event_dims`` (the trailing dims of
+# one sample). The kernels read them in place (the halves of chunk(2, dim=1) of a contiguous or
+# channels_last encoder output included) and write z, the elementwise KL and the gradients in mu's
+# memory format (``torch.empty_like(mu)``), which the fake implementations state too.
+def _in_format(result: Tensor, like: Tensor) -> Tensor:
+    """``result`` (``like``'s shape) with the strides of ``torch.empty_like(like)``: itself when it has
+    them, else a copy."""
+    target = torch.empty_like(like, dtype=result.dtype)
+    if result.stride() == target.stride():
+        return result
+    return target.copy_(result)
+
+
+def _sample_shape(mu: Tensor, event_dims: int) -> torch.Size:
+    return mu.shape[: mu.dim() - event_dims]
+
+
+def _torch_forward(mu, logvar, seed, reduction, logvar_clamp, event_dims):
+    """The CPU engine on ``(samples, event elements)`` rows (a copy where no view exists)."""
+    E = math.prod(mu.shape[mu.dim() - event_dims:])
+    z, kl = _cpu.reparameterize_kl(mu.reshape(-1, E), _cpu.clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed, reduction)
     if z is not None:
-        z = z.view(mu.shape)
+        z = _in_format(z.view(mu.shape), mu)
     if kl is not None:
-        kl = kl.view(_kl_shape(mu, reduction))
+        kl = _in_format(kl.view(mu.shape), mu) if reduction == "none" else kl.view(_kl_shape(mu, reduction, event_dims))
     return z, kl
 
 
+def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str], logvar_clamp: Clamp = None,
+             event_dims: int = 1):
+    """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
+    if backend.decide(mu) == "torch":
+        return _torch_forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
+    if kernels_reparameterize.reads_in_place(event_dims, mu, logvar):
+        return kernels_reparameterize.forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
+    # strides the kernel cannot index (more than 3 sample or 2 event dims after merging): contiguous copies
+    z, kl = kernels_reparameterize.forward(mu.contiguous(), logvar.contiguous(), seed, reduction, logvar_clamp, event_dims)
+    return (None if z is None else _in_format(z, mu)), (_in_format(kl, mu) if reduction == "none" else kl)
+
+
 def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
-              backend_name: str, logvar_clamp: Clamp = None):
-    """The gradients on ``backend_name``: the backend that the forward ran on."""
+              backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1):
+    """The gradients on ``backend_name`` (the backend that the forward ran on), in mu's memory format."""
     if backend_name == "torch":
+        E = math.prod(mu.shape[mu.dim() - event_dims:])
+        rows = lambda t: t.reshape(-1, E)  # noqa: E731
+        g_kl = None if grad_kl is None else rows(grad_kl) if reduction == "none" else grad_kl.reshape(-1)
+        lv = rows(logvar)
         grad_mu, grad_logvar = _cpu.reparameterize_kl_backward(
-            grad_z, grad_kl, mu, _cpu.clamp_logvar(logvar, logvar_clamp), seed, reduction
+            None if grad_z is None else rows(grad_z), g_kl, rows(mu), _cpu.clamp_logvar(lv, logvar_clamp), seed, reduction
         )
-        return grad_mu, _cpu.clamp_logvar_grad(grad_logvar, logvar, logvar_clamp)
-    D = mu.shape[-1]
-    if grad_kl is not None:
-        grad_kl = as_rows(grad_kl, D) if reduction == "none" else grad_kl.reshape(-1)
-    grad_mu, grad_logvar = kernels_reparameterize.backward(
-        as_rows(grad_z, D) if grad_z is not None else None, grad_kl, as_rows(mu, D), as_rows(logvar, D), seed, reduction,
-        logvar_clamp,
-    )
-    return grad_mu.view(mu.shape), grad_logvar.view(mu.shape)
+        grad_logvar = _cpu.clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
+        return _in_format(grad_mu.view(mu.shape), mu), _in_format(grad_logvar.view(mu.shape), mu)
+    operands = [t for t in (mu, logvar, grad_z, grad_kl if reduction == "none" else None) if t is not None]
+    if kernels_reparameterize.reads_in_place(event_dims, *operands):
+        return kernels_reparameterize.backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims)
+    grad_z = None if grad_z is None else grad_z.contiguous()
+    grad_kl = None if grad_kl is None else grad_kl.contiguous()
+    grad_mu, grad_logvar = kernels_reparameterize.backward(grad_z, grad_kl, mu.contiguous(), logvar.contiguous(), seed, reduction,
+                                            logvar_clamp, event_dims)
+    return _in_format(grad_mu, mu), _in_format(grad_logvar, mu)
 
 
-def _kl_shape(mu: Tensor, reduction: str) -> torch.Size:
+def _kl_shape(mu: Tensor, reduction: str, event_dims: int = 1) -> torch.Size:
     if reduction == "none":
         return mu.shape
     if reduction == "per_sample":
-        return mu.shape[:-1]
+        return _sample_shape(mu, event_dims)
     return torch.Size()
 
 
-def _kl_like(mu: Tensor, reduction: str) -> Tensor:
-    dtype = mu.dtype if reduction == "none" else reference.accumulation_dtype(mu.dtype)
-    return mu.new_empty(_kl_shape(mu, reduction), dtype=dtype)
+def _kl_like(mu: Tensor, reduction: str, event_dims: int = 1) -> Tensor:
+    if reduction == "none":
+        return torch.empty_like(mu)
+    return mu.new_empty(_kl_shape(mu, reduction, event_dims), dtype=reference.accumulation_dtype(mu.dtype))
 
 
 # ------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastvae::reparameterize_kl", mutates_args=())
-def _reparameterize_kl_op(mu: Tensor, logvar: Tensor, seed: Tensor, reduction: str, logvar_clamp: Clamp = None) -> tuple[Tensor, Tensor]:
-    return _forward(mu, logvar, seed, reduction, logvar_clamp)
+def _reparameterize_kl_op(mu: Tensor, logvar: Tensor, seed: Tensor, reduction: str, logvar_clamp: Clamp = None,
+                          event_dims: int = 1) -> tuple[Tensor, Tensor]:
+    return _forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
 
 
 @torch.library.custom_op("fastvae::reparameterize", mutates_args=())
-def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor, logvar_clamp: Clamp = None) -> Tensor:
-    return _forward(mu, logvar, seed, None, logvar_clamp)[0]
+def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor, logvar_clamp: Clamp = None, event_dims: int = 1) -> Tensor:
+    return _forward(mu, logvar, seed, None, logvar_clamp, event_dims)[0]
 
 
 @torch.library.custom_op("fastvae::kl_divergence", mutates_args=())
-def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str, logvar_clamp: Clamp = None) -> Tensor:
-    return _forward(mu, logvar, None, reduction, logvar_clamp)[1]
+def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str, logvar_clamp: Clamp = None, event_dims: int = 1) -> Tensor:
+    return _forward(mu, logvar, None, reduction, logvar_clamp, event_dims)[1]
 
 
 @torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
 def _backward_op(
     grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
-    backend_name: str, logvar_clamp: Clamp = None,
+    backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp)
+    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp, event_dims)
 
 
 @_reparameterize_kl_op.register_fake
-def _(mu, logvar, seed, reduction, logvar_clamp=None):
-    return mu.new_empty(mu.shape), _kl_like(mu, reduction)
+def _(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1):
+    return torch.empty_like(mu), _kl_like(mu, reduction, event_dims)
 
 
 @_reparameterize_op.register_fake
-def _(mu, logvar, seed, logvar_clamp=None):
-    return mu.new_empty(mu.shape)
+def _(mu, logvar, seed, logvar_clamp=None, event_dims=1):
+    return torch.empty_like(mu)
 
 
 @_kl_divergence_op.register_fake
-def _(mu, logvar, reduction, logvar_clamp=None):
-    return _kl_like(mu, reduction)
+def _(mu, logvar, reduction, logvar_clamp=None, event_dims=1):
+    return _kl_like(mu, reduction, event_dims)
 
 
 @_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp=None):
-    return mu.new_empty(mu.shape), mu.new_empty(mu.shape)
+def _(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp=None, event_dims=1):
+    return torch.empty_like(mu), torch.empty_like(mu)
 
 
 def _setup_reparameterize_kl(ctx, inputs, output):
-    mu, logvar, seed, reduction, logvar_clamp = inputs
+    mu, logvar, seed, reduction, logvar_clamp, event_dims = inputs
     ctx.save_for_backward(mu, logvar, seed)
-    ctx.reduction, ctx.logvar_clamp = reduction, logvar_clamp
+    ctx.reduction, ctx.logvar_clamp, ctx.event_dims = reduction, logvar_clamp, event_dims
     ctx.backend = backend.decide(mu)  # runs right after the forward, in its backend state
 
 
 def _setup_reparameterize(ctx, inputs, output):
-    mu, logvar, seed, logvar_clamp = inputs
+    mu, logvar, seed, logvar_clamp, event_dims = inputs
     ctx.save_for_backward(mu, logvar, seed)
-    ctx.logvar_clamp = logvar_clamp
+    ctx.logvar_clamp, ctx.event_dims = logvar_clamp, event_dims
     ctx.backend = backend.decide(mu)
 
 
 def _setup_kl_divergence(ctx, inputs, output):
-    mu, logvar, reduction, logvar_clamp = inputs
+    mu, logvar, reduction, logvar_clamp, event_dims = inputs
     ctx.save_for_backward(mu, logvar)
-    ctx.reduction, ctx.logvar_clamp = reduction, logvar_clamp
+    ctx.reduction, ctx.logvar_clamp, ctx.event_dims = reduction, logvar_clamp, event_dims
     ctx.backend = backend.decide(mu)
 
 
 def _reparameterize_kl_grad(ctx, grad_z, grad_kl):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction, ctx.backend, ctx.logvar_clamp)
-    return grad_mu, grad_logvar, None, None, None
+    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction, ctx.backend, ctx.logvar_clamp,
+                                        ctx.event_dims)
+    return grad_mu, grad_logvar, None, None, None, None
 
 
 def _reparameterize_grad(ctx, grad_z):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.backend, ctx.logvar_clamp)
-    return grad_mu, grad_logvar, None, None
+    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.backend, ctx.logvar_clamp, ctx.event_dims)
+    return grad_mu, grad_logvar, None, None, None
 
 
 def _kl_divergence_grad(ctx, grad_kl):
     mu, logvar = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction, ctx.backend, ctx.logvar_clamp)
-    return grad_mu, grad_logvar, None, None
+    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction, ctx.backend, ctx.logvar_clamp,
+                                        ctx.event_dims)
+    return grad_mu, grad_logvar, None, None, None
 
 
 _reparameterize_kl_op.register_autograd(_reparameterize_kl_grad, setup_context=_setup_reparameterize_kl)
@@ -172,24 +207,6 @@ def _check_latents(op: str, mu: Tensor, logvar: Tensor, event_dims: int, logvar_
     clamp = check_logvar_clamp(op, logvar_clamp)
     check_finite(op, mu=mu, logvar=logvar)
     return clamp
-
-
-def _as_events(t: Tensor, event_dims: int) -> Tensor:
-    """``t`` as ``(samples, prod(event shape))``: a view when one exists (contiguous tensors, the halves of
-    ``chunk(2, dim=1)`` of a contiguous ``(B, 2C, H, W)``), a row-major copy otherwise. Either way the
-    flat index of an element is its logical one, so the Philox counter and the seed's ``z`` do not
-    depend on the layout. ``event_dims=1`` keeps ``t`` as it is (the ops read ``(..., D)`` directly)."""
-    if event_dims == 1:
-        return t
-    # reshape is a view whenever one exists, and unlike a try/except around view it traces under torch.compile
-    return t.reshape(-1, math.prod(t.shape[t.dim() - event_dims:]))
-
-
-def _from_events(kl: Tensor, shape: torch.Size, reduction: str, event_dims: int) -> Tensor:
-    """The op's KL of ``(samples, D)`` latents back in the shape of ``shape``'s latents."""
-    if event_dims == 1 or reduction in ("batchmean", "sum"):
-        return kl
-    return kl.reshape(shape if reduction == "none" else shape[: len(shape) - event_dims])
 
 
 def reparameterize_kl(
@@ -220,7 +237,8 @@ def reparameterize_kl(
             uses ``(-30, 20)``), with torch.clamp's gradient (zero outside the range).
 
     Returns:
-        ``(z, kl)``: ``z`` of ``mu``'s shape and dtype, and the reduced KL.
+        ``(z, kl)``: ``z`` of ``mu``'s shape, dtype and memory format (a channels_last ``mu`` gives a
+        channels_last ``z``; so do the gradients), and the reduced KL.
 
     The backward recomputes ``eps`` from the seed; only ``mu``, ``logvar`` and the seed are saved.
 
@@ -236,8 +254,7 @@ def reparameterize_kl(
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
     seed = seed_tensor(op, seed, mu.device)
-    z, kl = torch.ops.fastvae.reparameterize_kl(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, reduction, clamp)
-    return z.view(mu.shape), _from_events(kl, mu.shape, reduction, event_dims)
+    return torch.ops.fastvae.reparameterize_kl(mu, logvar, seed, reduction, clamp, event_dims)
 
 
 def reparameterize(
@@ -249,8 +266,7 @@ def reparameterize(
     op = "reparameterize"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     seed = seed_tensor(op, seed, mu.device)
-    z = torch.ops.fastvae.reparameterize(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, clamp)
-    return z.view(mu.shape)
+    return torch.ops.fastvae.reparameterize(mu, logvar, seed, clamp, event_dims)
 
 
 def kl_divergence(
@@ -262,5 +278,4 @@ def kl_divergence(
     op = "kl_divergence"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    kl = torch.ops.fastvae.kl_divergence(_as_events(mu, event_dims), _as_events(logvar, event_dims), reduction, clamp)
-    return _from_events(kl, mu.shape, reduction, event_dims)
+    return torch.ops.fastvae.kl_divergence(mu, logvar, reduction, clamp, event_dims)

@@ -1,0 +1,105 @@
+"""latent_posterior: the posterior step of a latent-diffusion autoencoder on its encoder output
+``h = (B, 2C, H, W)`` (or ``(B, 2C, T, H, W)`` for video): ``mean, logvar = h.chunk(2, dim=1)``, logvar
+clamped to [-30, 20], ``z = mean + std * eps`` and the KL summed over each sample's latent, averaged over
+the batch (diffusers' ``DiagonalGaussianDistribution``: ``sample()`` and ``kl().mean()``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+import fastvae
+
+from . import OpBench, randn, traffic
+
+LOGVAR_CLAMP = (-30.0, 20.0)
+
+
+def eager(h: Tensor) -> tuple[Tensor, Tensor]:
+    """diffusers' ``DiagonalGaussianDistribution(h)``: ``sample()`` and ``kl().mean()``, in h's dtype as
+    diffusers computes it, the KL summed over every non-batch dim."""
+    mean, logvar = torch.chunk(h, 2, dim=1)
+    logvar = torch.clamp(logvar, *LOGVAR_CLAMP)
+    std = torch.exp(0.5 * logvar)
+    var = torch.exp(logvar)
+    z = mean + std * torch.randn(mean.shape, device=h.device, dtype=h.dtype)
+    kl = 0.5 * torch.sum(torch.pow(mean, 2) + var - 1.0 - logvar, dim=list(range(1, h.dim())))
+    return z, kl.mean()
+
+
+def fused(h: Tensor) -> tuple[Tensor, Tensor]:
+    mean, logvar = h.chunk(2, dim=1)
+    return fastvae.reparameterize_kl(mean, logvar, event_dims=h.dim() - 1, logvar_clamp=LOGVAR_CLAMP)
+
+
+def _latent_shape(case: dict) -> tuple[int, ...]:
+    return (case["B"], case["C"], *case["spatial"])
+
+
+def inputs(case: dict, device: torch.device, dtype: torch.dtype) -> tuple[Tensor]:
+    B, C, *spatial = _latent_shape(case)
+    h = randn((B, 2 * C, *spatial), device, dtype, requires_grad=False)
+    if case.get("channels_last"):
+        h = h.contiguous(memory_format=torch.channels_last if len(spatial) == 2 else torch.channels_last_3d)
+    return (h.requires_grad_(),)
+
+
+def min_bytes(case: dict, mode: str, s: int) -> int:
+    n = math.prod(_latent_shape(case))  # latent elements: h holds 2 n
+    return traffic(3 * n * s, 5 * n * s, mode)  # read h, write z | read g_z, h, write d h
+
+
+def label(case: dict) -> str:
+    return "x".join(map(str, _latent_shape(case))) + (" cl" if case.get("channels_last") else "")
+
+
+CASES = (
+    {"B": 8, "C": 4, "spatial": (64, 64)},  # Stable Diffusion 1/2 at 512 px
+    {"B": 1, "C": 4, "spatial": (32, 32)},
+    {"B": 32, "C": 4, "spatial": (32, 32)},
+    {"B": 1, "C": 16, "spatial": (128, 128)},  # SD3 / Flux at 1024 px: one sample of 262144 elements
+    {"B": 8, "C": 16, "spatial": (64, 64)},
+    {"B": 8, "C": 16, "spatial": (64, 64), "channels_last": True},
+    {"B": 4, "C": 32, "spatial": (64, 64)},
+    {"B": 1, "C": 16, "spatial": (8, 64, 64)},  # a video latent (B, C, T, H, W)
+)
+CASE = OpBench(
+    "latent_posterior", CASES, ({"B": 2, "C": 4, "spatial": (8, 8)},), inputs, eager, fused, min_bytes, label,
+    "h = (B, 2C, ...) holds 2 n elements; forward: read h, write z (3 n s); backward: read g_z, h, write d h (5 n s)",
+)
+
+
+def predicted_table(dtype: torch.dtype = torch.float32) -> list[str]:
+    """The static cost model (``bench.static``: ``max(launches x t_cpu, launches x t_gpu + bytes / bandwidth)``)
+    at every case: eager counted ATen op by ATen op on the meta device, fused as the launches and traffic of
+    ``reparameterize_kl``'s AOT specs per latent element. ``python -m bench.cases.latent_posterior``."""
+    import importlib
+
+    from bench import static
+
+    specs = {(s.op, s.pass_): s for m in static.aot.SPEC_MODULES for s in importlib.import_module(m).AOT_SPECS
+             if not s.tag}
+    gpus = list(static.GPUS)
+    lines = ["| case | pass | eager launches | eager B/elem | fused launches | fused B/elem | "
+             + " | ".join(f"eager / fused, {g}" for g in gpus) + " | " + " | ".join(f"speedup, {g}" for g in gpus) + " |",
+             "| --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in 2 * gpus) + " |"]
+    meta = torch.device("meta")
+    for case in CASES:
+        n = math.prod(_latent_shape(case))
+        size = torch.empty((), dtype=dtype).element_size()
+        for mode in static.MODES:
+            eager_launches = static.count_traffic(eager, inputs(case, meta, dtype), mode)
+            eager_side = static.Side(len(eager_launches), sum(l.read + l.written for l in eager_launches))
+            fused_launches = static.count_traffic(fused, inputs(case, meta, dtype), mode)
+            fused_side = static._fused_side("reparameterize_kl", fused_launches, specs, {}, n, size)
+            times = [(eager_side.seconds(bw), fused_side.seconds(bw)) for bw in static.GPUS.values()]
+            lines.append(f"| {label(case)} | {mode} | {eager_side.launches} | {eager_side.bytes / n:.1f} | "
+                         f"{fused_side.launches} ({fused_side.launches_triton} Triton) | {fused_side.bytes / n:.1f} | "
+                         + " | ".join(f"{e * 1e6:,.1f} / {f * 1e6:,.1f} us" for e, f in times) + " | "
+                         + " | ".join(f"{e / f:.1f}x" for e, f in times) + " |")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(predicted_table()))
