@@ -2,7 +2,7 @@
 
 `kernels/` holds the Triton kernels alone; it is installed as the subpackage `fastvae.kernels`
 through `package_dir`, so the library imports it as `fastvae.kernels` and can live without it
-(no Triton on the machine) by falling back to the plain-PyTorch reference.
+(no Triton on the machine) by running every op on its CPU engine (fastvae/ops/_cpu.py).
 """
 from setuptools import setup
 
@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "cpu": CPU,
-        "train": TRAIN,
+        "train": TRAIN + CPU,  # training on the CPU runs the CPU engine: numba keeps its noise fast
         "test": TEST + TRAIN + CLIENTS,
         "diffusers": ["diffusers>=0.30"],
         "vision": ["torchvision"],
