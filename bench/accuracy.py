@@ -53,7 +53,8 @@ def _latent_errors(dtype: torch.dtype) -> dict[str, float]:
         "reparameterize_kl z": _rel(z, z64, m.abs() + std * eps.abs()),
         "reparameterize_kl kl": _rel(kl, kl64, (0.5 * (m * m + torch.exp(v) + v.abs() + 1)).sum(-1)),
         "reparameterize_kl d/dmu": _rel(mu.grad, m64.grad, gz.abs() + (gk * m).abs()),
-        "reparameterize_kl d/dlogvar": _rel(logvar.grad, v64.grad, (gz * eps * std).abs() / 2 + gk.abs() * (torch.exp(v) + 1) / 2),
+        "reparameterize_kl d/dlogvar": _rel(logvar.grad, v64.grad,
+                                            (gz * eps * std).abs() / 2 + gk.abs() * (torch.exp(v) + 1) / 2),
     }
 
 

@@ -151,8 +151,8 @@ class ModelRow:
         return side.bytes / self.elements
 
 
-def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], aot.Spec], kernels: dict[tuple[str, str], int],
-                elements: int, element_size: int) -> Side | None:
+def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], aot.Spec],
+                kernels: dict[tuple[str, str], int], elements: int, element_size: int) -> Side | None:
     """Launches and bytes of the fused ``op``: ATen ops as counted, each ``fastvae::`` custom op as the
     kernels of its spec. A custom op of another op's name counts as ``op``'s own spec for that pass
     (``variance_law`` runs ``moments_backward`` with HAS_LOGVAR, compiled as variance_law's backward spec).
@@ -204,21 +204,24 @@ def cost_model(results: Sequence[aot.Result] = (), modules: Sequence[str] = aot.
             eager = count_traffic(op.eager, args, mode)
             if not eager:
                 continue
-            eager_side = Side(len(eager), sum(l.read + l.written for l in eager))
-            fused = _fused_side(name, count_traffic(op.fused, op.inputs(case, meta, dtype), mode), specs, n_kernels, elements, size)
+            eager_side = Side(len(eager), sum(launch.read + launch.written for launch in eager))
+            fused_launches = count_traffic(op.fused, op.inputs(case, meta, dtype), mode)
+            fused = _fused_side(name, fused_launches, specs, n_kernels, elements, size)
             rows.append(ModelRow(name, op.label(case), mode, elements, size, eager_side, fused))
     return rows
 
 
 def measured_rows(directory: Path = RESULTS) -> dict[tuple[str, str, str], dict[str, tuple[str, float]]]:
-    """Medians from GPU runs of ``python -m bench`` (``cuda-*.csv``): ``(op, case, mode) -> {provider: (device, ms)}``."""
+    """Medians from GPU runs of ``python -m bench`` (``cuda-*.csv``):
+    ``(op, case, mode) -> {provider: (device, ms)}``."""
     found: dict[tuple[str, str, str], dict[str, tuple[str, float]]] = {}
     for path in sorted(directory.glob("cuda-*.csv")):
         if path.stem.endswith("_loop"):
             continue
         for row in read_csv(path):
             if row.get("median_ms") is not None:
-                found.setdefault((row["op"], row["case"], row["mode"]), {})[row["provider"]] = (row["device"], float(row["median_ms"]))
+                providers = found.setdefault((row["op"], row["case"], row["mode"]), {})
+                providers[row["provider"]] = (row["device"], float(row["median_ms"]))
     return found
 
 
@@ -246,12 +249,14 @@ def _kernel_key(r: aot.Result) -> tuple[str, str, str]:
 def headline(results: Sequence[aot.Result], target: int = HEADLINE_TARGET) -> list[str]:
     """The per-kernel summary on one target, aligned inputs: registers, spills, 128-bit share, SASS/element."""
     lines = [
-        f"| kernel | pass | variant | dtype | registers | spills (B st/ld) | 128-bit loads | 128-bit stores | SASS / element | warps/SM (reg. limit) |",
+        "| kernel | pass | variant | dtype | registers | spills (B st/ld) | 128-bit loads | 128-bit stores | "
+        "SASS / element | warps/SM (reg. limit) |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if r.error is None and r.target == target and r.layout == "aligned":
-            lines.append(f"| `{r.kernel}` | {r.pass_} | {r.variant} | {r.dtype} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
+            lines.append(f"| `{r.kernel}` | {r.pass_} | {r.variant} | {r.dtype} | {r.registers} | "
+                         f"{r.spill_stores}/{r.spill_loads} | "
                          f"{_share(r, 'loads')} | {_share(r, 'stores')} | {_per_element(r)} | {r.resident_warps()} |")
     return lines
 
@@ -263,18 +268,19 @@ def machine_code_tables(results: Sequence[aot.Result]) -> list[str]:
         by_kernel.setdefault(_kernel_key(r), []).append(r)
     for (op, pass_, kernel), rows in by_kernel.items():
         lines += ["", f"### `{kernel}` ({op}, {pass_}: {rows[0].variant})", "",
-                  "| dtype | layout | target | registers | spills (B st/ld) | shared (B) | 128-bit loads | 128-bit stores | "
-                  "SASS / element | warps/SM | 64-bit addressing |",
+                  "| dtype | layout | target | registers | spills (B st/ld) | shared (B) | 128-bit loads | "
+                  "128-bit stores | SASS / element | warps/SM | 64-bit addressing |",
                   "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in rows:
             if r.error is not None:
-                lines.append(f"| {r.dtype} | {r.layout} | sm_{r.target} | **failed to compile**: {aot.error_summary(r.error)[:200].replace('|', '/')} "
+                summary = aot.error_summary(r.error)[:200].replace('|', '/')
+                lines.append(f"| {r.dtype} | {r.layout} | sm_{r.target} | **failed to compile**: {summary} "
                              "| | | | | | | |")
                 continue
             addressing = "yes" if not r.int32_address_ops else f"**no** ({len(r.int32_address_ops)} int32 ops)"
-            lines.append(f"| {r.dtype} | {r.layout} | sm_{r.target} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
-                         f"{r.shared} | {_share(r, 'loads')} | {_share(r, 'stores')} | {_per_element(r)} | "
-                         f"{r.resident_warps()} | {addressing} |")
+            lines.append(f"| {r.dtype} | {r.layout} | sm_{r.target} | {r.registers} | "
+                         f"{r.spill_stores}/{r.spill_loads} | {r.shared} | {_share(r, 'loads')} | "
+                         f"{_share(r, 'stores')} | {_per_element(r)} | {r.resident_warps()} | {addressing} |")
     return lines
 
 
@@ -282,7 +288,8 @@ def model_table(rows: Sequence[ModelRow], measured: dict | None = None) -> list[
     gpus = list(GPUS)
     lines = [
         "| op | case | pass | eager launches | eager B/elem | fused launches | fused B/elem | "
-        + " | ".join(f"predicted eager / fused, {g}" for g in gpus) + " | " + " | ".join(f"predicted speedup, {g}" for g in gpus)
+        + " | ".join(f"predicted eager / fused, {g}" for g in gpus) + " | "
+        + " | ".join(f"predicted speedup, {g}" for g in gpus)
         + " | measured on a GPU (eager / fused) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in gpus) + " | "
         + " | ".join("---:" for _ in gpus) + " | --- |",
@@ -296,10 +303,12 @@ def model_table(rows: Sequence[ModelRow], measured: dict | None = None) -> list[
             seen = "no GPU run yet"
         eager = f"| {row.op} | {row.case} | {row.mode} | {row.eager.launches} | {row.per_element(row.eager):.1f} |"
         if row.fused is None:
-            lines.append(eager + " not in the AOT specs | | " + " | ".join("" for _ in gpus) + " | " + " | ".join("" for _ in gpus) + f" | {seen} |")
+            lines.append(eager + " not in the AOT specs | | " + " | ".join("" for _ in gpus) + " | "
+                         + " | ".join("" for _ in gpus) + f" | {seen} |")
             continue
         times = [(row.eager.seconds(bw), row.fused.seconds(bw)) for bw in GPUS.values()]
-        lines.append(eager + f" {row.fused.launches} ({row.fused.launches_triton} Triton) | {row.per_element(row.fused):.1f} | "
+        lines.append(eager + f" {row.fused.launches} ({row.fused.launches_triton} Triton) | "
+                     f"{row.per_element(row.fused):.1f} | "
                      + " | ".join(f"{_us(e)} / {_us(f)}" for e, f in times) + " | "
                      + " | ".join(f"{e / f:.1f}x" for e, f in times) + f" | {seen} |")
     return lines
@@ -375,8 +384,8 @@ def step_section() -> list[str]:
         f"Dense 784-256-64-32-16 VAE, balanced loss, Adam, batch 128, float32, traced on the meta device "
         f"(`bench.static.training_step_launches`): **{step.total} launches**: {step.aten} ATen kernels, "
         f"{step.triton} Triton kernels and {step.memsets} memsets (the zeroed workspaces of the total KL and of "
-        f"balanced_mse). The ATen ones: {top}, ... (the layers, their gradients and Adam's foreach updates, after its first step). "
-        "The running-MSE update adds none: it runs in balanced_mse's kernel.",
+        f"balanced_mse). The ATen ones: {top}, ... (the layers, their gradients and Adam's foreach updates, "
+        "after its first step). The running-MSE update adds none: it runs in balanced_mse's kernel.",
         "",
     ]
 
@@ -392,23 +401,27 @@ def fidelity_costs() -> list[str]:
     return [
         "## What the GPU-fidelity changes cost (predictions, not measurements)",
         "",
-        f"- **Per-launch ticket workspace**: `reparameterize_kl` with a total KL and `balanced_mse` forward zero a fresh "
-        f"workspace (one memset) before their kernel: +1 launch, about {T_CPU_ATEN * us:.0f} us of CPU issue and "
-        f"{T_GPU * us:.0f} us of GPU per call. `renormalize`'s scalar mode needs it only when the rows fit one chunk "
-        "(with several, the partials kernel zeroes the finish kernel's counter). In exchange no launch depends on another.",
-        f"- **Running-MSE update in the kernel**: `balanced_mse` with `update=True` loses the clone, division and ~5 ATen "
-        f"ops of the update: about 7 launches, {7 * T_CPU_ATEN * us:.0f} us of CPU issue per training step, net of the memset "
-        f"{6 * T_CPU_ATEN * us:.0f} us.",
-        f"- **Finish kernels as a tree**: with {chunks} chunks (4 per SM on an H100) the old finish program walked the chunks "
-        f"one dependent load after another, about {chunks} x {load_latency * us:.1f} us = {chunks * load_latency * us:.0f} us; "
+        f"- **Per-launch ticket workspace**: `reparameterize_kl` with a total KL and `balanced_mse` forward zero a "
+        f"fresh workspace (one memset) before their kernel: +1 launch, about {T_CPU_ATEN * us:.0f} us of CPU issue "
+        f"and {T_GPU * us:.0f} us of GPU per call. `renormalize`'s scalar mode needs it only when the rows fit one "
+        "chunk (with several, the partials kernel zeroes the finish kernel's counter). In exchange no launch depends "
+        "on another.",
+        f"- **Running-MSE update in the kernel**: `balanced_mse` with `update=True` loses the clone, division and ~5 "
+        f"ATen ops of the update: about 7 launches, {7 * T_CPU_ATEN * us:.0f} us of CPU issue per training step, "
+        f"net of the memset {6 * T_CPU_ATEN * us:.0f} us.",
+        f"- **Finish kernels as a tree**: with {chunks} chunks (4 per SM on an H100) the old finish program walked "
+        f"the chunks one dependent load after another, about {chunks} x {load_latency * us:.1f} us = "
+        f"{chunks * load_latency * us:.0f} us; "
         f"combining {block_c} chunks per step (64 columns) takes {-(-chunks // block_c)} steps, about "
         f"{-(-chunks // block_c) * load_latency * us:.0f} us.",
-        f"- **channels_last images in place**: `balanced_mse` no longer copies a channels_last `x_hat` and `x` to row-major "
-        f"(each copy reads and writes {image / 1e6:.1f} MB at 128x3x64x64 float32) nor the gradient back: about "
-        f"{3 * 2 * image / h100 * us:.0f} us saved per step on an H100 ({3 * 2 * image / GPUS['RTX 4090'] * us:.0f} us on an RTX 4090).",
-        "- **The short last batch compiles nothing**: tiles, `BLOCK_P` and the specialization of batch-size arguments no "
-        "longer follow the batch, so an epoch whose last batch is short (60000 = 468 x 128 + 96) no longer JIT-compiles "
-        "a second variant of every kernel (a few hundred ms per kernel on the first epoch of each process).",
+        f"- **channels_last images in place**: `balanced_mse` no longer copies a channels_last `x_hat` and `x` to "
+        f"row-major (each copy reads and writes {image / 1e6:.1f} MB at 128x3x64x64 float32) nor the gradient back: "
+        f"about {3 * 2 * image / h100 * us:.0f} us saved per step on an H100 "
+        f"({3 * 2 * image / GPUS['RTX 4090'] * us:.0f} us on an RTX 4090).",
+        "- **The short last batch compiles nothing**: tiles, `BLOCK_P` and the specialization of batch-size arguments "
+        "no longer follow the batch, so an epoch whose last batch is short (60000 = 468 x 128 + 96) no longer "
+        "JIT-compiles a second variant of every kernel (a few hundred ms per kernel on the first epoch of each "
+        "process).",
         "",
     ]
 
@@ -435,9 +448,9 @@ def render(results: Sequence[aot.Result], rows: Sequence[ModelRow], measured: di
         "",
         "How to read the figures:",
         "- registers per thread and spill bytes come from `ptxas -v`; shared memory from Triton's metadata;",
-        "- 128-bit loads / stores: `LDG.*.128` / `STG.*.128` against all `LDG` / `STG` in the SASS (`cuobjdump -sass`). "
-        "The rest are scalar: the seed, broadcast gradients, per-program partials, and the constant tables of "
-        "`cos`/`log` range reduction on their rare slow path;",
+        "- 128-bit loads / stores: `LDG.*.128` / `STG.*.128` against all `LDG` / `STG` in the SASS "
+        "(`cuobjdump -sass`). The rest are scalar: the seed, broadcast gradients, per-program partials, and the "
+        "constant tables of `cos`/`log` range reduction on their rare slow path;",
         "- SASS / element: static instructions (NOPs excluded, every branch counted once, slow paths included) "
         "over the elements one thread handles in one pass of its tile: an upper bound on what runs;",
         "- warps/SM: the resident warps that the register count allows (the occupancy ceiling; more "

@@ -23,8 +23,12 @@ class LitVAE(L.LightningModule):
     def __init__(self, input_dim: int = 784, hidden: int = 256, latent_dim: int = 16, lr: float = 1e-3):
         super().__init__()
         self.save_hyperparameters()
-        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent_dim))
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, input_dim), nn.Sigmoid())
+        self.encoder = nn.Sequential(
+            nn.Flatten(), nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent_dim)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, input_dim), nn.Sigmoid()
+        )
         self.reconstruction = fastvae.BalancedMSE()
 
     def forward(self, x: torch.Tensor):

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       ("fastvae sample_kl()", fastvae.DiagonalGaussian, True)):
                 cost = posterior_cost(make, shape, fused)
                 rows.append({"shape": shape, "posterior": name, **cost})
-                print(f"{str(shape):18s} {name:22s} ops forward {cost['forward_ops']:3d}  backward {cost['backward_ops']:3d}  "
+                print(f"{str(shape):18s} {name:22s} ops forward {cost['forward_ops']:3d}  "
+                      f"backward {cost['backward_ops']:3d}  "
                       f"saved for backward {cost['saved_bytes'] / 2**20:7.3f} MiB "
                       f"(encoder output {torch.Size(shape).numel() * 4 / 2**20:.3f} MiB)")
                 if args.ops:

@@ -116,7 +116,8 @@ class DiagonalGaussian:
             return self._zero()
         if other is not None:
             return 0.5 * torch.sum(
-                torch.pow(self.mean - other.mean, 2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
+                torch.pow(self.mean - other.mean, 2) / other.var + self.var / other.var
+                - 1.0 - self.logvar + other.logvar,
                 dim=list(_KL_DIMS),
             )
         if self.mean.dim() == 4:
@@ -137,7 +138,9 @@ class DiagonalGaussian:
                 logvar_clamp=self.logvar_clamp,
             )
             return z, kl.to(self.mean.dtype)
-        z, kl = reparameterize_kl(self.mean, self.raw_logvar, seed=seed, reduction="none", logvar_clamp=self.logvar_clamp)
+        z, kl = reparameterize_kl(
+            self.mean, self.raw_logvar, seed=seed, reduction="none", logvar_clamp=self.logvar_clamp
+        )
         return z, kl.sum(dim=list(_KL_DIMS))
 
     def nll(self, sample: Tensor, dims: Sequence[int] = (1, 2, 3)) -> Tensor:

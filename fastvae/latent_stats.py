@@ -82,10 +82,11 @@ class LatentMoments:
     @torch.no_grad()
     def update(self, z: Tensor) -> None:
         if not isinstance(z, Tensor) or z.dim() < 2 or not z.dtype.is_floating_point:
-            raise ValueError(f"latent stats: latents must be a floating (B, C, *spatial) tensor, got "
-                             f"{type(z).__name__ if not isinstance(z, Tensor) else f'{z.dtype} of shape {tuple(z.shape)}'}")
+            described = type(z).__name__ if not isinstance(z, Tensor) else f"{z.dtype} of shape {tuple(z.shape)}"
+            raise ValueError(f"latent stats: latents must be a floating (B, C, *spatial) tensor, got {described}")
         if self.mean is not None and z.shape[1] != self.mean.numel():
-            raise ValueError(f"latent stats: every batch must have {self.mean.numel()} channels, got shape {tuple(z.shape)}")
+            raise ValueError(f"latent stats: every batch must have {self.mean.numel()} channels, "
+                             f"got shape {tuple(z.shape)}")
         dims = (0, *range(2, z.dim()))
         n_b = z.numel() // z.shape[1]
         mean_b, var_b = moments(z, dim=dims if len(dims) > 1 else 0)
@@ -105,7 +106,8 @@ class LatentMoments:
         if self.mean is None:
             raise ValueError("latent stats: no latents were seen (the dataset is empty)")
         if self.n - correction <= 0:
-            raise ValueError(f"latent stats: {self.n} values per channel leave no degrees of freedom for correction={correction}")
+            raise ValueError(f"latent stats: {self.n} values per channel leave no degrees of freedom "
+                             f"for correction={correction}")
         channels = self.mean.numel()
         global_mean = float(self.mean.mean())
         m2_all = float(self.m2.sum()) + self.n * float(((self.mean - global_mean) ** 2).sum())
@@ -136,7 +138,9 @@ def latent_channel_stats(
     return acc.result(correction)
 
 
-def diffusers_encoder(vae, posterior: str = "sample", generator: Optional[torch.Generator] = None) -> Callable[[Tensor], Tensor]:
+def diffusers_encoder(
+    vae, posterior: str = "sample", generator: Optional[torch.Generator] = None
+) -> Callable[[Tensor], Tensor]:
     """An encoder for ``latent_channel_stats`` from a diffusers autoencoder (``vae.encode(x).latent_dist``):
     its ``sample(generator)`` (what LDM and diffusers' training scripts scale) or its ``mode()``."""
     if posterior not in POSTERIOR_MODES:

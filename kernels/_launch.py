@@ -2,7 +2,7 @@
 ticket workspace.
 
 Launch counting: every launch goes through ``launch``, which counts it by kernel name, so tests
-assert the launch targets of DESIGN.md (``count_launches``) instead of claiming them. ``launch``
+assert each op's number of launches per call (``count_launches``) instead of claiming it. ``launch``
 also checks that all tensor arguments share one device and runs the kernel with that device
 current, as inductor does (a kernel launches on the *current* CUDA device otherwise).
 
@@ -75,7 +75,8 @@ def count_launches():
         counts.update(_launches - before)
 
 
-def workspace(n_partials: int, dtype: torch.dtype, device: torch.device, *, zeroed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def workspace(n_partials: int, dtype: torch.dtype, device: torch.device, *,
+              zeroed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(partials, counter)`` of one reduction launch, cut from one fresh buffer: ``n_partials``
     elements of ``dtype`` and an int32 ticket counter, zeroed by a memset (counted as ``ZERO_FILL``).
     ``zeroed=False`` when an earlier launch of the same call zeroes the counter (program 0 of a

@@ -170,7 +170,8 @@ def forward(x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reductio
     return loss, sse, gamma2_used
 
 
-def backward(grad: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reduction: str, need_x_hat: bool, need_x: bool):
+def backward(grad: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reduction: str,
+             need_x_hat: bool, need_x: bool):
     """``(grad_x_hat, grad_x)`` as contiguous ``(N, M)`` tensors (None where not needed). ``grad``: the
     gradient of the loss: ``(N, M)`` with any strides, ``(N,)`` or one element, by reduction."""
     N, M = x_hat.shape

@@ -227,14 +227,18 @@ def moments_bwd_kernel(
         grad_z += (g_mean / N)[None, :]
     if HAS_GRAD_VAR:
         g_var = tl.load(grad_var_ptr + cols * stride_gv, mask=col_mask, other=0.0).to(ACC)
-        z = tl.load(z_ptr + rows[:, None] * stride_zn + _column_offsets(cols, C, stride_za, stride_zc)[None, :], mask=mask, other=0.0).to(ACC)
+        z = tl.load(z_ptr + rows[:, None] * stride_zn + _column_offsets(cols, C, stride_za, stride_zc)[None, :],
+                    mask=mask, other=0.0).to(ACC)
         mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
         grad_z += (2.0 * g_var / denominator)[None, :] * (z - mean[None, :])
     tl.store(grad_z_ptr + out, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
     if HAS_LOGVAR:
         grad_lv = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
         if HAS_GRAD_VAR:
-            logvar = tl.load(logvar_ptr + rows[:, None] * stride_ln + _column_offsets(cols, C, stride_la, stride_lc)[None, :], mask=mask, other=0.0).to(ACC)
+            logvar = tl.load(
+                logvar_ptr + rows[:, None] * stride_ln + _column_offsets(cols, C, stride_la, stride_lc)[None, :],
+                mask=mask, other=0.0,
+            ).to(ACC)
             grad_lv = (g_var / N)[None, :] * tl.exp(logvar)
         tl.store(grad_lv_ptr + out, grad_lv.to(grad_lv_ptr.dtype.element_ty), mask=mask)
 
@@ -249,13 +253,15 @@ def renormalize_fwd_kernel(
     SCALAR_MODE: tl.constexpr, TM_TENSOR: tl.constexpr, TV_TENSOR: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``per_dim``: ``(z - mean) * sqrt(target_var) / sqrt(var + eps) + target_mean``; ``scalar``: ``z * scalars[0]``."""
+    """``per_dim``: ``(z - mean) * sqrt(target_var) / sqrt(var + eps) + target_mean``;
+    ``scalar``: ``z * scalars[0]``."""
     pid = tl.program_id(0)
     rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < F
     mask = (rows < N)[:, None] & col_mask[None, :]
-    z = tl.load(z_ptr + rows[:, None] * stride_zn + _column_offsets(cols, C, stride_za, stride_zc)[None, :], mask=mask, other=0.0).to(ACC)
+    z = tl.load(z_ptr + rows[:, None] * stride_zn + _column_offsets(cols, C, stride_za, stride_zc)[None, :],
+                mask=mask, other=0.0).to(ACC)
     if SCALAR_MODE:
         out = z * tl.load(scalars_ptr)
     else:
@@ -274,7 +280,8 @@ def _store_column_sums(
     sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr,
     SCALAR_MODE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """``per_dim``: write the column sums; ``scalar``: take part in the total of ``sum_gy``, which holds ``sum(g z)``."""
+    """``per_dim``: write the column sums; ``scalar``: take part in the total of ``sum_gy``, which holds
+    ``sum(g z)``."""
     if SCALAR_MODE:
         store_total(partial_ptr, ticket_ptr, total_ptr, tl.sum(sum_gy, axis=0), 1, BLOCK_P)
     else:
@@ -316,7 +323,8 @@ def renormalize_bwd_partial_kernel(
             sum_g += tl.sum(g, axis=0)
             sum_gy += tl.sum(g * ((z - mean[None, :]) * rstd[None, :]), axis=0)
     if FINAL:
-        _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, SCALAR_MODE, BLOCK_P)
+        _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr,
+                           SCALAR_MODE, BLOCK_P)
     else:
         if SCALAR_MODE:
             if pid == 0:  # the finish kernel's ticket counter, which this call allocated unzeroed
@@ -342,7 +350,8 @@ def renormalize_bwd_finish_kernel(
         part = work_ptr + chunks[:, None] * 2 * F + cols[None, :]
         sum_g += tl.sum(tl.load(part, mask=mask, other=0.0), axis=0)
         sum_gy += tl.sum(tl.load(part + F, mask=mask, other=0.0), axis=0)
-    _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr, SCALAR_MODE, BLOCK_P)
+    _store_column_sums(sum_g, sum_gy, cols, col_mask, sum_g_ptr, sum_gy_ptr, partial_ptr, ticket_ptr, total_ptr,
+                       SCALAR_MODE, BLOCK_P)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -361,8 +370,10 @@ def renormalize_bwd_kernel(
     cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < F
     mask = (rows < N)[:, None] & col_mask[None, :]
-    g = tl.load(grad_ptr + rows[:, None] * stride_gn + _column_offsets(cols, C, stride_ga, stride_gc)[None, :], mask=mask, other=0.0).to(ACC)
-    z = tl.load(z_ptr + rows[:, None] * stride_zn + _column_offsets(cols, C, stride_za, stride_zc)[None, :], mask=mask, other=0.0).to(ACC)
+    g = tl.load(grad_ptr + rows[:, None] * stride_gn + _column_offsets(cols, C, stride_ga, stride_gc)[None, :],
+                mask=mask, other=0.0).to(ACC)
+    z = tl.load(z_ptr + rows[:, None] * stride_zn + _column_offsets(cols, C, stride_za, stride_zc)[None, :],
+                mask=mask, other=0.0).to(ACC)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0)
     rstd = 1.0 / tl.sqrt(var + _pair(eps_hi, eps_lo, ACC))

@@ -151,7 +151,8 @@ def test_parsers_on_known_text():
         /*00c0*/                   EXIT ;
     """
     assert aot.parse_sass(sass) == {"instructions": 5, "loads": {128: 1, 64: 1, 32: 1}, "stores": {16: 1}}
-    log = ("ptxas info    : Function properties for k\n    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+    log = ("ptxas info    : Function properties for k\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
            "ptxas info    : Used 96 registers, used 0 barriers")
     assert aot.parse_ptxas_log(log) == {"registers": 96, "stack": 8, "spill_stores": 4, "spill_loads": 12}
     with pytest.raises(ValueError, match="registers"):
@@ -178,14 +179,17 @@ def test_traffic_counter_counts_each_intermediate_written_and_read_again():
     a = torch.randn(1000, device="meta", requires_grad=True)
     b = torch.randn(1000, device="meta")
     launches = count_traffic(lambda a, b: ((a * b + a).sum(),), (a, b), "forward")
-    assert [(l.name, l.read, l.written) for l in launches] == [("mul", 8000, 4000), ("add", 8000, 4000), ("sum", 4000, 4)]
+    assert [(launch.name, launch.read, launch.written) for launch in launches] == [
+        ("mul", 8000, 4000), ("add", 8000, 4000), ("sum", 4000, 4)]
     noise = count_traffic(lambda a: (torch.randn_like(a).expand(3, 1000).exp(),), (a,), "forward")
-    assert [(l.name, l.read, l.written) for l in noise] == [("randn_like", 0, 4000), ("exp", 4000, 12000)]
+    assert [(launch.name, launch.read, launch.written) for launch in noise] == [
+        ("randn_like", 0, 4000), ("exp", 4000, 12000)]
 
 
 def test_cost_model_fused_side_matches_the_kernels(results):
     """The model's fused reparameterize_kl: one Triton launch per pass, and the memset of the forward's
-    workspace (as ``count_launches`` counts on the real op), reading mu and logvar and writing z (12 B per float32 element) forward, five tensors backward."""
+    workspace (as ``count_launches`` counts on the real op), reading mu and logvar and writing z (12 B per
+    float32 element) forward, five tensors backward."""
     import fastvae
     from bench.static import cost_model
     from fastvae.kernels import count_launches
@@ -230,7 +234,7 @@ def test_measured_gpu_rows_are_shown_beside_the_predictions(results, tmp_path):
                  provider=provider, median_ms=ms) for provider, ms in (("eager", 0.150), ("fused", 0.020))]
     write_csv(tmp_path / "cuda-nvidia-geforce-rtx-4090.csv", rows, Row.columns())
     table = "\n".join(model_table(cost_model(results), measured_rows(tmp_path)))
-    line = next(l for l in table.splitlines() if l.startswith("| reparameterize_kl | B=16384 D=64 | forward |"))
+    line = next(row for row in table.splitlines() if row.startswith("| reparameterize_kl | B=16384 D=64 | forward |"))
     assert line.endswith("| cuda-nvidia-geforce-rtx-4090: 150 / 20 us (7.5x) |")
 
 

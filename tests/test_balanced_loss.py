@@ -29,7 +29,8 @@ def _formula(rec64, r, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_loss_and_gradient_match_the_formula(dtype, reduction):
     x_hat, x = torch.rand(2, 4, 3, 5, 5, dtype=torch.float64).unbind(0)
-    rec = ((x_hat - x).abs() + 0.3 * (x_hat - x).pow(2).mean(dim=(1, 2, 3), keepdim=True)).to(dtype).requires_grad_(True)
+    rec = (x_hat - x).abs() + 0.3 * (x_hat - x).pow(2).mean(dim=(1, 2, 3), keepdim=True)
+    rec = rec.to(dtype).requires_grad_(True)
     running = torch.tensor(0.37)
     loss = fastvae.balanced_loss(rec, running, update=False, reduction=reduction)
     rec64 = rec.detach().double().requires_grad_(True)

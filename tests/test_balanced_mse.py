@@ -74,7 +74,8 @@ def test_mixed_dtypes_and_strided_views(backend):
     with use_backend(backend):
         for reduction in REDUCTIONS:
             _check_against_reference(x_hat, x, torch.tensor(0.5), reduction, False)
-            _check_against_reference(base.transpose(0, 2)[:, 0], base.transpose(0, 2)[:, 1], torch.tensor(2.0), reduction, True)
+            _check_against_reference(base.transpose(0, 2)[:, 0], base.transpose(0, 2)[:, 1], torch.tensor(2.0),
+                                     reduction, True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,7 +99,8 @@ def test_equals_gaussian_nll_with_running_mse_as_variance(backend, full):
         loss = fastvae.balanced_mse(x_hat, x, running, full=full, update=False)
         per_element = fastvae.balanced_mse(x_hat, x, running, full=full, update=False, reduction="none")
     torch.testing.assert_close(loss, nll / x.shape[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(per_element, torch.nn.GaussianNLLLoss(full=full, reduction="none")(x_hat, x, variance), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(per_element, torch.nn.GaussianNLLLoss(full=full, reduction="none")(x_hat, x, variance),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,7 +166,8 @@ def test_gradcheck_float64(backend):
     with use_backend(backend):
         for reduction in REDUCTIONS:
             assert torch.autograd.gradcheck(
-                lambda a, b: fastvae.balanced_mse(a, b, running, reduction=reduction, update=False, full=True), (x_hat, x)
+                lambda a, b: fastvae.balanced_mse(a, b, running, reduction=reduction, update=False, full=True),
+                (x_hat, x),
             )
 
 
@@ -177,10 +180,12 @@ def test_opcheck(backend):
         for reduction in REDUCTIONS:
             torch.library.opcheck(torch.ops.fastvae.balanced_mse.default, (x_hat, x, gamma2, reduction, True))
             torch.library.opcheck(
-                torch.ops.fastvae.balanced_mse_update_.default, (x_hat.detach(), x, gamma2.clone(), reduction, True, 0.9, "min-ema")
+                torch.ops.fastvae.balanced_mse_update_.default,
+                (x_hat.detach(), x, gamma2.clone(), reduction, True, 0.9, "min-ema"),
             )
         torch.library.opcheck(
-            torch.ops.fastvae.balanced_mse_backward.default, (torch.randn(4), x_hat.detach(), x, gamma2, "per_sample", True, False, backend)
+            torch.ops.fastvae.balanced_mse_backward.default,
+            (torch.randn(4), x_hat.detach(), x, gamma2, "per_sample", True, False, backend),
         )
 
 
@@ -297,7 +302,8 @@ def test_update_adds_no_aten_op_around_the_kernel():
         (torch.zeros(3, 4), torch.zeros(3, 5), torch.tensor(1.0), {}, ValueError, "same shape"),
         (torch.zeros(3, 4), torch.zeros(3, 4, device="meta"), torch.tensor(1.0), {}, ValueError, "same device"),
         (torch.zeros(0, 4), torch.zeros(0, 4), torch.tensor(1.0), {}, ValueError, "empty"),
-        (torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), torch.tensor(1.0), {}, TypeError, "float16"),
+        (torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), torch.tensor(1.0), {}, TypeError,
+         "float16"),
         (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor([1.0, 2.0]), {}, ValueError, "one-element floating"),
         (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(1), {}, ValueError, "one-element floating"),
         (torch.zeros(3, 4), torch.zeros(3, 4), 1.0, {}, ValueError, "one-element floating"),
@@ -348,7 +354,8 @@ def test_one_pass_cpu_form_equals_the_elementwise_definition(dtype, reduction, f
     scale = (err2 / (2 * 0.037)).sum() if reduction in ("batchmean", "sum") else err2 / (2 * 0.037)
     rtol = {torch.float64: 1e-12}.get(dtype, 1e-5)  # inputs are exact in every dtype; the sums run in fp32 or fp64
     assert loss.dtype == (dtype if reduction == "none" else reference.accumulation_dtype(dtype))
-    assert_close_scaled(loss, expected, rtol=rtol, scale=scale if reduction != "per_sample" else err2.sum(dim=(1, 2, 3)) / (2 * 0.037))
+    assert_close_scaled(loss, expected, rtol=rtol,
+                        scale=scale if reduction != "per_sample" else err2.sum(dim=(1, 2, 3)) / (2 * 0.037))
     assert_close_scaled(sse, err2.sum(), rtol=rtol)
     assert not sse.requires_grad
 

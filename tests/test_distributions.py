@@ -58,7 +58,8 @@ def test_same_attributes_and_methods_as_diffusers(backend, dtype, channels_last,
         assert sample.dtype == expected.dtype == dtype
         m, lv = theirs.mean.double(), theirs.logvar.double()
         eps = reference.philox_randn(seed_from_generator(torch.Generator().manual_seed(3)), m.shape).double()
-        assert_close_scaled(sample, expected.double(), rtol=2 * RTOL_NOISE[dtype], scale=m.abs() + (lv / 2).exp() * eps.abs())
+        assert_close_scaled(sample, expected.double(), rtol=2 * RTOL_NOISE[dtype],
+                            scale=m.abs() + (lv / 2).exp() * eps.abs())
         kl, kl_expected = ours.kl(), theirs.kl()
         assert kl.shape == kl_expected.shape == (2,) and kl.dtype == dtype
         kl64 = 0.5 * torch.sum(m * m + lv.exp() - 1 - lv, dim=[1, 2, 3])
@@ -66,7 +67,8 @@ def test_same_attributes_and_methods_as_diffusers(backend, dtype, channels_last,
         assert_close_scaled(kl, kl64, rtol=RTOL[dtype], scale=terms)
         torch.testing.assert_close(ours.kl(other), theirs.kl(other_theirs), rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(ours.nll(sample), theirs.nll(sample), rtol=0, atol=0, equal_nan=True)
-        torch.testing.assert_close(ours.nll(sample, dims=[1, 3]), theirs.nll(sample, dims=[1, 3]), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(ours.nll(sample, dims=[1, 3]), theirs.nll(sample, dims=[1, 3]),
+                                   rtol=0, atol=0, equal_nan=True)
         z, kl_one_pass = ours.sample_kl(torch.Generator().manual_seed(3))
         torch.testing.assert_close(z, sample, rtol=0, atol=0)
         torch.testing.assert_close(kl_one_pass, kl, rtol=0, atol=0)
@@ -80,7 +82,8 @@ def test_deterministic_is_diffusers_deterministic(backend):
         ours = fastvae.DiagonalGaussian(h, deterministic=True)
         for name in ("mean", "logvar", "std", "var"):
             torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(ours.sample(torch.Generator().manual_seed(0)), theirs.sample(torch.Generator().manual_seed(0)))
+        torch.testing.assert_close(ours.sample(torch.Generator().manual_seed(0)),
+                                   theirs.sample(torch.Generator().manual_seed(0)))
         torch.testing.assert_close(ours.kl(), theirs.kl())
         torch.testing.assert_close(ours.nll(h[:, :2]), theirs.nll(h[:, :2]))
         z, kl = ours.sample_kl()

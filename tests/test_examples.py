@@ -5,7 +5,6 @@ import importlib.util
 import math
 from pathlib import Path
 
-import pytest
 import torch
 
 import fastvae

@@ -76,7 +76,8 @@ def test_float64_balanced_mse_under_fp32_abi(reduction):
         loss.backward(torch.ones_like(loss))
     h64 = x_hat.detach().clone().requires_grad_(True)
     expected_running = torch.tensor(0.3, dtype=torch.float64)
-    expected = reference.balanced_mse(h64, x, expected_running, reduction=reduction, full=True, momentum=0.99, rule="ema")
+    expected = reference.balanced_mse(h64, x, expected_running, reduction=reduction, full=True, momentum=0.99,
+                                      rule="ema")
     expected.backward(torch.ones_like(expected))
     _close64(loss, expected)
     _close64(x_hat.grad, h64.grad)
@@ -165,7 +166,8 @@ def _reductions():
         "moments": lambda: fastvae.moments(z),
         "variance_law": lambda: fastvae.variance_law(*h.chunk(2, dim=-1)),
         "renormalize_scalar": lambda: fastvae.renormalize(z, 0.0, 2.0, mode="scalar"),
-        "renormalize_scalar_backward": lambda: grad_of(lambda t: fastvae.renormalize(t, 0.0, 2.0, mode="scalar") * torch.arange(300.0), z),
+        "renormalize_scalar_backward": lambda: grad_of(
+            lambda t: fastvae.renormalize(t, 0.0, 2.0, mode="scalar") * torch.arange(300.0), z),
         "renormalize_per_dim_backward": lambda: grad_of(lambda t: fastvae.renormalize(t) * torch.arange(300.0), z),
     }
 
@@ -182,7 +184,8 @@ def test_reductions_are_bit_identical_in_any_program_order(name, mode, many_chun
             with program_order(mode, seed) as order:
                 actual = call()
             assert order.max_programs >= 8, (name, order.max_programs)
-            for a, e in zip(actual if isinstance(actual, tuple) else (actual,), expected if isinstance(expected, tuple) else (expected,)):
+            for a, e in zip(actual if isinstance(actual, tuple) else (actual,),
+                            expected if isinstance(expected, tuple) else (expected,)):
                 assert torch.equal(a, e), (name, mode, seed)
 
 
@@ -191,7 +194,7 @@ def test_finish_kernels_run_with_many_programs(many_chunks):
     from fastvae.kernels import count_launches
 
     z = torch.randn(300, 600, requires_grad=True)
-    with use_backend("triton"), program_order("shuffled") as order, count_launches() as launches:
+    with use_backend("triton"), program_order("shuffled"), count_launches() as launches:
         fastvae.renormalize(z, mode="scalar").sum().backward()
     assert launches["moments_finish_kernel"] == 1 and launches["renormalize_bwd_finish_kernel"] == 1
     plan = moments_kernels._plan(torch.Size((1, 300, 600)), z.device)

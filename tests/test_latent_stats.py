@@ -108,7 +108,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     vae.save_pretrained(tmp_path / "vae")
     np.save(tmp_path / "rgba.npy", np.zeros((2, 8, 8, 4), dtype=np.uint8))
     for argv, message in (
-        (["latent-stats", str(tmp_path / "vae"), "--data", str(tmp_path / "rgba.npy")], "4 channels and the model expects 3"),
+        (["latent-stats", str(tmp_path / "vae"), "--data", str(tmp_path / "rgba.npy")],
+         "4 channels and the model expects 3"),
         (["latent-stats", str(tmp_path / "vae")], "--data is required"),
         (["latent-stats", str(tmp_path / "missing")], "is not a folder"),
         (["latent-stats", str(tmp_path / "vae"), "--data", str(tmp_path / "none.npy")], "does not exist"),

@@ -2,10 +2,11 @@
 backends and every dtype, launch counts, stability, determinism, saved tensors, bad inputs,
 opcheck and torch.compile.
 
-Tolerances (DESIGN.md), relative, with atol = rtol * max|expected|: outputs of the input's dtype
-(``renormalize``'s output, every gradient) 1e-5 in float32, 1e-3 in float16, 1e-2 in bfloat16 and
-1e-10 in float64. Statistics come back in the accumulation dtype, computed from inputs that are exact
-there, so they are held to the accumulation dtype's bound: 1e-5 (float32) for all half inputs too.
+Tolerances (the accuracy targets of the fused ops), relative, with atol = rtol * max|expected|:
+outputs of the input's dtype (``renormalize``'s output, every gradient) 1e-5 in float32, 1e-3 in
+float16, 1e-2 in bfloat16 and 1e-10 in float64. Statistics come back in the accumulation dtype,
+computed from inputs that are exact there, so they are held to the accumulation dtype's bound: 1e-5
+(float32) for all half inputs too.
 """
 from __future__ import annotations
 
@@ -331,7 +332,8 @@ def test_deterministic_on_triton():
     def run():
         outputs = list(fastvae.moments(z, 0, 1)) + list(fastvae.variance_law(*h.chunk(2, dim=-1)))
         for mode in ("per_dim", "scalar"):
-            out = fastvae.renormalize(z, 0.5, torch.rand(33, generator=torch.Generator().manual_seed(1)) + 0.5, mode=mode)
+            target_var = torch.rand(33, generator=torch.Generator().manual_seed(1)) + 0.5
+            out = fastvae.renormalize(z, 0.5, target_var, mode=mode)
             outputs += [out, torch.autograd.grad(out, z, grad)[0]]
         return outputs
 
@@ -390,14 +392,18 @@ Z = torch.randn(6, 4)
         (lambda: fastvae.renormalize(Z, eps=0.0), ValueError, "eps must be positive"),
         (lambda: fastvae.renormalize(Z, eps=None), TypeError, "eps must be a float"),
         (lambda: fastvae.renormalize(Z, torch.zeros(5)), ValueError, "target_mean must be .* per-dimension shape"),
-        (lambda: fastvae.renormalize(Z, 0.0, torch.ones(1, 4)), ValueError, "target_var must be .* per-dimension shape"),
+        (lambda: fastvae.renormalize(Z, 0.0, torch.ones(1, 4)), ValueError,
+         "target_var must be .* per-dimension shape"),
         (lambda: fastvae.renormalize(Z, 0.0, torch.ones(4), dim=1), ValueError, r"per-dimension shape \(6,\)"),
         (lambda: fastvae.renormalize(Z, 0.0, -1.0), ValueError, "target_var must be finite and >= 0"),
         (lambda: fastvae.renormalize(Z, float("nan")), ValueError, "target_mean must be finite"),
-        (lambda: fastvae.renormalize(Z, 0.0, torch.ones(4, dtype=torch.int64)), TypeError, "target_var must be a floating tensor"),
+        (lambda: fastvae.renormalize(Z, 0.0, torch.ones(4, dtype=torch.int64)), TypeError,
+         "target_var must be a floating tensor"),
         (lambda: fastvae.renormalize(Z, "0"), TypeError, "target_mean must be a number or a tensor"),
-        (lambda: fastvae.renormalize(Z, torch.zeros(4, device="meta")), ValueError, "target_mean must be on the device"),
-        (lambda: fastvae.renormalize(Z, 0.0, torch.ones(4, requires_grad=True)), ValueError, "target_var requires grad"),
+        (lambda: fastvae.renormalize(Z, torch.zeros(4, device="meta")), ValueError,
+         "target_mean must be on the device"),
+        (lambda: fastvae.renormalize(Z, 0.0, torch.ones(4, requires_grad=True)), ValueError,
+         "target_var requires grad"),
         (lambda: fastvae.variance_law(Z, torch.randn(6, 5)), ValueError, "same shape"),
         (lambda: fastvae.variance_law(Z, Z.double()), TypeError, "same dtype"),
         (lambda: fastvae.variance_law(Z, torch.randn(6, 4, device="meta")), ValueError, "same device"),
@@ -435,12 +441,16 @@ def test_opcheck(backend):
     cases = [
         (torch.ops.fastvae.moments.default, (z, 1, 1)),
         (torch.ops.fastvae.variance_law.default, (mu, logvar)),
-        (torch.ops.fastvae.moments_backward.default, (torch.randn(5, 4), torch.randn(5, 4), z.detach(), mean, None, 1, 1, backend)),
-        (torch.ops.fastvae.moments_backward.default, (None, torch.randn(4), mu.detach(), mean[0], logvar.detach(), None, 0, backend)),
+        (torch.ops.fastvae.moments_backward.default,
+         (torch.randn(5, 4), torch.randn(5, 4), z.detach(), mean, None, 1, 1, backend)),
+        (torch.ops.fastvae.moments_backward.default,
+         (None, torch.randn(4), mu.detach(), mean[0], logvar.detach(), None, 0, backend)),
         (torch.ops.fastvae.renormalize.default, (z, None, target_var, 0.5, 0.0, 1, "per_dim", 1e-6)),
         (torch.ops.fastvae.renormalize.default, (z, None, None, 0.0, 2.0, 1, "scalar", 1e-6)),
-        (torch.ops.fastvae.renormalize_backward.default, (torch.randn(5, 3, 4), z.detach(), mean, var, var.new_empty(0), target_var, 0.0, 1, "per_dim", 1e-6, backend)),
-        (torch.ops.fastvae.renormalize_backward.default, (torch.randn(5, 3, 4), z.detach(), mean, var, scalars, target_var, 0.0, 1, "scalar", 1e-6, backend)),
+        (torch.ops.fastvae.renormalize_backward.default,
+         (torch.randn(5, 3, 4), z.detach(), mean, var, var.new_empty(0), target_var, 0.0, 1, "per_dim", 1e-6, backend)),
+        (torch.ops.fastvae.renormalize_backward.default,
+         (torch.randn(5, 3, 4), z.detach(), mean, var, scalars, target_var, 0.0, 1, "scalar", 1e-6, backend)),
     ]
     with fastvae.use_backend(backend):
         for op, args in cases:

@@ -13,22 +13,25 @@ import os
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "latent-stats", help="per-channel latent mean/std and the scaling factor of a trained autoencoder",
-        description="Encode a dataset batch by batch with a trained autoencoder and report the per-channel mean and "
-                    "std of its latents, their global mean and std, and the scaling factor 1 / std (LDM's scale_factor, "
-                    "diffusers' vae.config.scaling_factor) with the shift factor (their mean).")
+        description="Encode a dataset batch by batch with a trained autoencoder and report the per-channel mean "
+                    "and std of its latents, their global mean and std, and the scaling factor 1 / std (LDM's "
+                    "scale_factor, diffusers' vae.config.scaling_factor) with the shift factor (their mean).")
     parser.add_argument("model", metavar="MODEL",
                         help="a diffusers autoencoder folder (save_pretrained) or a fastvae run folder")
     parser.add_argument("--data", default=None,
-                        help="dataset name or .npy/.npz file of images (default: the run's dataset; required for diffusers)")
+                        help="dataset name or .npy/.npz file of images "
+                             "(default: the run's dataset; required for diffusers)")
     parser.add_argument("--data-root", default=None, help="the data folder (default: $FASTVAE_DATA or ./data)")
     parser.add_argument("--split", choices=("train", "test"), default="train", help="data split (default: train)")
     parser.add_argument("--limit", type=int, default=0, help="use the first LIMIT images only (default: 0, all)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    parser.add_argument("--size", type=int, default=0, help="resize images to SIZE x SIZE first (default: 0, as they are)")
+    parser.add_argument("--size", type=int, default=0,
+                        help="resize images to SIZE x SIZE first (default: 0, as they are)")
     parser.add_argument("--posterior", choices=("sample", "mode"), default="sample",
                         help="latents drawn from the posterior (LDM, diffusers' scripts) or its mode (default: sample)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default: 0)")
-    parser.add_argument("--correction", type=int, default=1, help="std divides by n - correction (default: 1, as torch.std)")
+    parser.add_argument("--correction", type=int, default=1,
+                        help="std divides by n - correction (default: 1, as torch.std)")
     parser.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")
     parser.add_argument("--out", default=None, help="write the numbers to this JSON file")
     parser.set_defaults(func=run, parser=parser)
@@ -89,7 +92,8 @@ def run(args) -> int:
                 parser.error("--data is required for a diffusers model")
             vae = _diffusers_model(args.model, args.device)
             encode = latent_stats.diffusers_encoder(vae, args.posterior, generator)
-            channels, low, data, root, kind = vae.config.in_channels, -1.0, args.data, args.data_root, type(vae).__name__
+            channels, low = vae.config.in_channels, -1.0
+            data, root, kind = args.data, args.data_root, type(vae).__name__
         else:
             import fastvae
 
@@ -103,7 +107,8 @@ def run(args) -> int:
                 return fastvae.reparameterize(mu, logvar, seed=seed)
 
             channels, low = model.input_shape[0] if hasattr(model, "input_shape") else 1, 0.0
-            data, root, kind = args.data or config.dataset, args.data_root or config.data_root, f"fastvae {config.model} VAE"
+            data, root = args.data or config.dataset, args.data_root or config.data_root
+            kind = f"fastvae {config.model} VAE"
         images, _ = load_dataset(data, root, args.split, download=False)
         if args.limit:
             images = images[:args.limit]

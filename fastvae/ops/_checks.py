@@ -42,7 +42,8 @@ def check_same_layout(op: str, names: tuple[str, str], a: torch.Tensor, b: torch
     """``a`` and ``b`` have the same shape, dtype and device."""
     first, second = names
     if a.shape != b.shape:
-        raise ValueError(f"{op}: {first} and {second} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"{op}: {first} and {second} must have the same shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise TypeError(f"{op}: {first} and {second} must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
@@ -76,7 +77,8 @@ def seed_tensor(op: str, seed: int | torch.Tensor | None, device: torch.device) 
         return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
-            raise ValueError(f"{op}: seed must be an int or a one-element integer tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+            raise ValueError(f"{op}: seed must be an int or a one-element integer tensor, "
+                             f"got {seed.dtype} of shape {tuple(seed.shape)}")
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{op}: seed must be an int, a one-element integer tensor or None, got {type(seed).__name__}")
@@ -114,13 +116,15 @@ def check_positive(op: str, name: str, value: object) -> float:
     return float(value)
 
 
-def check_per_dim(op: str, name: str, value: object, shape: torch.Size, device: torch.device, *, min_value: float = -float("inf")) -> torch.Tensor | float:
+def check_per_dim(op: str, name: str, value: object, shape: torch.Size, device: torch.device, *,
+                  min_value: float = -float("inf")) -> torch.Tensor | float:
     """A Python number (finite, >= ``min_value``) or a floating tensor on ``device`` of ``shape`` (or 0-d)."""
     if isinstance(value, torch.Tensor):
         if not value.dtype.is_floating_point:
             raise TypeError(f"{op}: {name} must be a floating tensor, got {value.dtype}")
         if value.dim() > 0 and value.shape != shape:
-            raise ValueError(f"{op}: {name} must be a number, a 0-d tensor or of the per-dimension shape {tuple(shape)}, got shape {tuple(value.shape)}")
+            raise ValueError(f"{op}: {name} must be a number, a 0-d tensor or of the per-dimension shape "
+                             f"{tuple(shape)}, got shape {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{op}: {name} must be on the device of the input ({device}), got {value.device}")
         return value
@@ -159,8 +163,10 @@ def check_running_estimate(op: str, name: str, value: object, device: torch.devi
     """A one-element floating tensor on ``device``; on the CPU (or with FASTVAE_CHECK_FINITE=1) also
     positive and finite (reading it on CUDA would wait for the GPU; torch.compile cannot branch on it)."""
     if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.numel() != 1:
-        described = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{op}: {name} must be a one-element floating tensor holding a positive value, got {described}")
+        described = (f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                     else type(value).__name__)
+        raise ValueError(f"{op}: {name} must be a one-element floating tensor holding a positive value, "
+                         f"got {described}")
     if value.device != device:
         raise ValueError(f"{op}: {name} must be on the device of the loss ({device}), got {value.device}")
     if (value.device.type == "cpu" and not torch.compiler.is_compiling()) or finite_check_enabled():

@@ -103,7 +103,8 @@ class BalancedLoss(nn.Module):
 
     def forward(self, rec: Tensor) -> Tensor:
         return balanced_loss(
-            rec, self.running_loss, momentum=self.momentum, rule=self.rule, update=self.training, reduction=self.reduction
+            rec, self.running_loss, momentum=self.momentum, rule=self.rule, update=self.training,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:

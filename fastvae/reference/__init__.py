@@ -23,7 +23,8 @@ then means one ``z`` on every backend (a checkpoint resumed on another device, a
 on GPU).
 """
 from .balanced_mse import (
-    UPDATE_RULES, balanced_loss, balanced_mse, balanced_mse_backward, balanced_mse_forward, balanced_mse_loss, update_running_mse,
+    UPDATE_RULES, balanced_loss, balanced_mse, balanced_mse_backward, balanced_mse_forward, balanced_mse_loss,
+    update_running_mse,
 )
 from .moments import (
     RENORMALIZE_MODES, moments, moments_backward, renormalize, renormalize_backward, renormalize_from_moments,

@@ -17,7 +17,8 @@ def sample_dims(x: Tensor) -> tuple[int, ...]:
     return tuple(range(1, x.dim()))
 
 
-def balanced_mse_loss(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reduction: str = "batchmean", full: bool = False) -> Tensor:
+def balanced_mse_loss(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reduction: str = "batchmean",
+                      full: bool = False) -> Tensor:
     """The Gaussian NLL with variance ``gamma^2 = running_mse`` (no gradient through it), per element
 
     ``(x_hat - x)^2 / (2 gamma^2) + log(gamma^2) / 2`` (``+ log(2 pi) / 2`` when ``full``),
@@ -40,7 +41,8 @@ def balanced_mse_forward(x_hat: Tensor, x: Tensor, running_mse: Tensor, *, reduc
     return balanced_mse_loss(x_hat, x, running_mse, reduction=reduction, full=full), (err * err).sum()
 
 
-def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: float = 0.99, rule: str = "min-ema") -> Tensor:
+def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: float = 0.99,
+                       rule: str = "min-ema") -> Tensor:
     """Update ``running_mse`` in place from this batch's mean squared error and return it.
 
     ``ema``: ``r = m r + (1 - m) batch_mse``; ``min-ema`` (the authors' code):

@@ -128,7 +128,8 @@ def renormalize_backward(
 
     ``per_dim`` (batch norm's backward): with ``r = 1 / sqrt(var + eps)``, ``zhat = (z - mean) r``,
     ``d/dz = r sqrt(target_var) (g - mean(g) - zhat mean(g zhat))``, means over ``dim``;
-    ``scalar``: with ``S = mean(sqrt(var + eps))`` over the dimensions (``F`` of them), ``c = sqrt(mean(target_var)) / S``,
+    ``scalar``: with ``S = mean(sqrt(var + eps))`` over the dimensions (``F`` of them),
+    ``c = sqrt(mean(target_var)) / S``,
     ``d/dz = c g - c sum(g z) / (S F N) (z - mean) / sqrt(var + eps)``, the sum over all elements.
     """
     acc = accumulation_dtype(z.dtype)

@@ -29,7 +29,8 @@ def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean") -
     return reduce_loss(kl, reduction, LATENT_DIMS, mu.dtype)
 
 
-def reparameterize_kl(mu: Tensor, logvar: Tensor, *, seed: Tensor | int, reduction: str = "batchmean") -> tuple[Tensor, Tensor]:
+def reparameterize_kl(mu: Tensor, logvar: Tensor, *, seed: Tensor | int,
+                      reduction: str = "batchmean") -> tuple[Tensor, Tensor]:
     """``(reparameterize(mu, logvar, seed=seed), kl_divergence(mu, logvar, reduction=reduction))``."""
     return reparameterize(mu, logvar, seed=seed), kl_divergence(mu, logvar, reduction=reduction)
 
