@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from . import _cpu
+from . import _cpu, _eager
 from ._checks import (
     REDUCTIONS, check_choice, check_event_dims, check_finite, check_float_tensor, check_logvar_clamp, check_same_layout,
     seed_tensor,
@@ -231,7 +231,7 @@ def reparameterize_kl(
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
     seed = seed_tensor(op, seed, mu.device)
-    z, kl = torch.ops.fastvae.reparameterize_kl(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, reduction, clamp)
+    z, kl = (_eager.route("reparameterize_kl", mu, logvar) or torch.ops.fastvae.reparameterize_kl)(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, reduction, clamp)
     return z.view(mu.shape), _from_events(kl, mu.shape, reduction, event_dims)
 
 
@@ -244,7 +244,7 @@ def reparameterize(
     op = "reparameterize"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     seed = seed_tensor(op, seed, mu.device)
-    z = torch.ops.fastvae.reparameterize(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, clamp)
+    z = (_eager.route("reparameterize", mu, logvar) or torch.ops.fastvae.reparameterize)(_as_events(mu, event_dims), _as_events(logvar, event_dims), seed, clamp)
     return z.view(mu.shape)
 
 
@@ -257,5 +257,5 @@ def kl_divergence(
     op = "kl_divergence"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    kl = torch.ops.fastvae.kl_divergence(_as_events(mu, event_dims), _as_events(logvar, event_dims), reduction, clamp)
+    kl = (_eager.route("kl_divergence", mu, logvar) or torch.ops.fastvae.kl_divergence)(_as_events(mu, event_dims), _as_events(logvar, event_dims), reduction, clamp)
     return _from_events(kl, mu.shape, reduction, event_dims)
