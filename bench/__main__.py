@@ -135,9 +135,11 @@ def run(args: argparse.Namespace) -> int:
         loop_rows = report.rows_as_dicts(rows)
         loop_columns = loop_bench.LoopRow.columns()
         facts["loop_note"] = loop_note
-        sections["loop"] = {"date": stamp, "command": command, "quick": args.quick, "wall_s": time.perf_counter() - start,
-                            "load": f"{load} to {load_average()}"}
-        print(f"loop: {sections['loop']['wall_s']:.0f} s")
+        section = {"date": stamp, "command": command, "quick": args.quick, "wall_s": time.perf_counter() - start,
+                   "load": f"{load} to {load_average()}"}
+        for model in dict.fromkeys(r["model"] for r in loop_rows):  # one section per model, as the rows merge
+            sections[f"loop:{model}"] = section
+        print(f"loop: {section['wall_s']:.0f} s")
     if ops or loop:
         paths = report.write_all(out, dev, op_rows, loop_rows, sections, facts, loop_columns or _loop_columns())
         for path in paths.values():

@@ -201,3 +201,12 @@ def test_torch_compile_fullgraph_still_traces_the_custom_ops():
         torch.testing.assert_close(a, b)
     # (balanced_mse's update op sits inside its autograd.Function's subgraph)
     assert {"fastvae.reparameterize_kl", "fastvae.moments"} <= set(traced), traced
+
+
+def test_jit_trace_records_the_custom_op():
+    mu, logvar = _latents(torch.float32)
+    seed = torch.tensor([4])
+    traced = torch.jit.trace(lambda m, lv, s: fastvae.reparameterize(m, lv, seed=s), (mu.detach(), logvar.detach(), seed))
+    assert "fastvae::reparameterize" in str(traced.graph)
+    other = torch.randn(9, 12), torch.randn(9, 12)
+    assert torch.equal(traced(*other, seed), fastvae.reparameterize(*other, seed=seed))

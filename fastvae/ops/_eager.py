@@ -9,8 +9,8 @@ seed, the per-dimension statistics): the same values bit for bit, the same gradi
 at a few microseconds of overhead. Without grad (or with no input that requires it) the engine is called
 directly, as the custom op's ``forward_no_grad`` does.
 
-Everything else goes through the custom ops: ``torch.compile`` (which must see them in the graph), a
-TorchDispatchMode or TorchFunctionMode (FakeTensor, tracing, counting), tensor subclasses and functorch
+Everything else goes through the custom ops: ``torch.compile`` and ``torch.jit.trace`` (which must see
+them in the graph), a TorchDispatchMode or TorchFunctionMode (FakeTensor, tracing, counting), tensor subclasses and functorch
 transforms, the Triton backend, and every device but the CPU.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ def applies(first: Tensor, *others: Tensor) -> bool:
     mode), plain CPU tensors (no FakeTensor, subclass or functorch wrapper) and the engine as the backend."""
     return (
         not torch.compiler.is_compiling()
+        and not torch._C._get_tracing_state()  # torch.jit.trace records the custom op, not the engine's ATen ops
         and _get_current_dispatch_mode() is None
         and not torch._C._is_torch_function_mode_enabled()
         and _plain_cpu(first) and all(_plain_cpu(t) for t in others)
