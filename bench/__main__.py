@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None,
                         help="loop: epochs per loop, interleaved (default 3; quick 1)")
     parser.add_argument("--loop-models", default=None, help="loop: comma-separated subset of dense,conv")
+    parser.add_argument("--loop-variants", default=None,
+                        help="loop: fastvae settings beside fp32, comma-separated subset of bf16,compile, or 'none' "
+                             "(default bf16,compile; quick: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser
 
@@ -132,14 +135,16 @@ def run(args: argparse.Namespace) -> int:
 
         start, load = time.perf_counter(), load_average()
         rows, loop_note = loop_bench.run_loops(device, quick=args.quick, epochs=args.epochs,
-                                               models=tuple(args.loop_models.split(",")) if args.loop_models else None)
+                                               models=tuple(args.loop_models.split(",")) if args.loop_models else None,
+                                               variants=_variants(args.loop_variants))
         loop_rows = report.rows_as_dicts(rows)
         loop_columns = loop_bench.LoopRow.columns()
         facts["loop_note"] = loop_note
-        sections["loop"] = {"date": stamp, "command": command, "quick": args.quick,
-                            "wall_s": time.perf_counter() - start,
-                            "load": f"{load} to {load_average()}"}
-        print(f"loop: {sections['loop']['wall_s']:.0f} s")
+        section = {"date": stamp, "command": command, "quick": args.quick, "wall_s": time.perf_counter() - start,
+                   "load": f"{load} to {load_average()}"}
+        for model in dict.fromkeys(r["model"] for r in loop_rows):  # one section per model, as the rows merge
+            sections[f"loop:{model}"] = section
+        print(f"loop: {section['wall_s']:.0f} s")
     if ops or loop:
         paths = report.write_all(out, dev, op_rows, loop_rows, sections, facts, loop_columns or _loop_columns())
         for path in paths.values():
@@ -152,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
             written = _run_static(module, out)
             print(f"wrote {written}")
     return 0
+
+
+def _variants(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return () if text.strip() == "none" else tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _loop_columns() -> list[str]:

@@ -3,10 +3,11 @@
 Loops (``LOOPS``), each training its own copy of the same model (same seed, same initial weights), batch
 size 128 and Adam with lr 1e-3:
 
-- ``fastvae``: ``fastvae.train.fit(model, images, TrainConfig(...))``, the real loop (data on the device,
-  one permutation per epoch, fused ops, fused Adam). Its epoch time is the one ``fit`` measures around the
-  training steps of an epoch (``epoch_time_s``); the evaluation, image grids and checkpoint that ``fit``
-  runs at each epoch end are reported apart (``wall_epoch_s``).
+- ``fastvae``: ``fastvae.train.fit(model, images, TrainConfig(...), test_data=test_images)`` as ``fastvae train``
+  runs it (data on the device, one permutation per epoch, fused ops, fused Adam, and at each epoch end the
+  evaluation of the test split, the sample and reconstruction grids and the checkpoint). Its epoch is the wall
+  time from one epoch end to the next: the training steps, that end-of-epoch work and the checkpoint.
+  ``fastvae-bf16`` and ``fastvae-compile`` are ``--precision bf16`` and ``--compile`` (full runs only).
 - ``plain``: the pytorch/examples VAE loop (``examples/vae/main.py``): a ``DataLoader`` over torchvision's
   ``FashionMNIST(transform=ToTensor())`` with ``batch_size=128, shuffle=True`` (and ``num_workers=1,
   pin_memory=True`` on CUDA), ``optimizer.zero_grad()``, forward, ``loss.backward()``,
@@ -24,8 +25,13 @@ size 128 and Adam with lr 1e-3:
   decoder are the same modules; pythae's own VAE loss (``0.5 * sum of squared errors + KL``, batch mean).
   Only the training pass is timed (``train`` would also deep-copy the model every epoch and save it).
 
-One epoch of each loop in turn (fastvae's epoch, then the others from its epoch-end callback), for
-``epochs`` rounds; times are the median and the 20th/80th percentiles over epochs.
+Like for like: every other loop ends each epoch with the same work as ``fit`` (``end_of_epoch``: the test
+split evaluated in batches of 1000 in eval mode, a grid of 64 samples and one of 32 test images over their
+reconstructions written as PNGs, a checkpoint of the model and the optimizer). ``train_s`` is the
+training steps alone (``fit``'s own ``epoch_time_s``). One epoch of each loop in turn (fastvae's epoch, then
+the others from its epoch-end callback; a ``fastvae-*`` variant runs its own ``fit`` with a ``tensors`` epoch
+after each of its epochs), for ``epochs`` rounds; times are the median and the 20th/80th percentiles over
+epochs, ``cpu_s`` the median CPU seconds of the process per epoch (robust to other processes at 1 thread).
 """
 from __future__ import annotations
 
@@ -47,7 +53,8 @@ from torch.utils.data import DataLoader, Dataset
 from .cases.balanced_mse import eager as eager_balanced_mse
 from .cases.reparameterize_kl import eager as eager_reparameterize_kl
 
-LOOPS = ("fastvae", "tensors", "plain", "pythae")
+LOOPS = ("fastvae", "fastvae-bf16", "fastvae-compile", "tensors", "plain", "pythae")
+VARIANTS = {"fastvae": {}, "fastvae-bf16": {"precision": "bf16"}, "fastvae-compile": {"compile": True}}
 MODELS = ("dense", "conv")
 BATCH = 128
 LR = 1e-3
@@ -68,7 +75,8 @@ class LoopRow:
     first_epoch_s: float | None = None
     images_per_s: float | None = None
     vs_plain: float | None = None
-    wall_epoch_s: float | None = None
+    train_s: float | None = None
+    cpu_s: float | None = None
     note: str = ""
 
     @classmethod
@@ -110,12 +118,12 @@ class TorchvisionFashionMNIST(Dataset):
         return img, target
 
 
-def load_fashion_mnist(limit: int = 0) -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST's training split through ``fastvae.data.load_dataset``: float images ``(N, 1, 28, 28)``
-    and labels, cut to the first ``limit`` images when ``limit``."""
+def load_fashion_mnist(limit: int = 0, split: str = "train") -> tuple[Tensor, Tensor]:
+    """A Fashion-MNIST split through ``fastvae.data.load_dataset``: float images ``(N, 1, 28, 28)`` and labels,
+    cut to the first ``limit`` images when ``limit``."""
     from fastvae.data import load_dataset
 
-    images, labels = load_dataset("fashion-mnist", split="train", download=False)
+    images, labels = load_dataset("fashion-mnist", split=split, download=False)
     if limit:
         images, labels = images[:limit], labels[:limit]
     return images, labels
@@ -147,6 +155,45 @@ def eager_objective(model: nn.Module, data: Tensor, running_mse: Tensor) -> Tens
     mu, logvar = model.encode(data)
     z, kl = eager_reparameterize_kl(mu, logvar)
     return eager_balanced_mse(model.decode(z), data, running_mse)[0] + kl
+
+
+def eager_evaluate(model: nn.Module, images: Tensor, running_mse: Tensor, batch_size: int = 1000) -> float:
+    """The eager objective of ``images`` in eval mode, without gradient and without the update (as ``fit``'s
+    ``evaluate``): the mean loss per sample."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=images.device)
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size]
+            total += eager_objective(model, x, running_mse.clone()).double() * x.shape[0]
+    model.train()
+    return float(total) / images.shape[0]
+
+
+def end_of_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, running_mse: Tensor, test_images: Tensor,
+                 out_dir: str, epoch: int) -> float:
+    """What ``fit`` does at each epoch end, for the loops that it does not run: evaluate ``test_images``, write a
+    grid of 64 samples and one of 32 test images over their reconstructions, save a checkpoint of the model and
+    the optimizer. Returns the test loss."""
+    from pathlib import Path
+
+    from fastvae.train.grid import image_grid
+
+    loss = eager_evaluate(model, test_images, running_mse)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    with torch.no_grad():
+        samples = model.sample(64, generator=torch.Generator().manual_seed(0))
+        x = test_images[:32]
+        recon = model.decode(model.encode(x)[0])
+    model.train()
+    image_grid(samples.float(), out / f"samples-epoch{epoch:03d}.png")
+    image_grid(torch.cat([x[:16], recon[:16].float(), x[16:32], recon[16:32].float()]), out / f"recon-epoch{epoch:03d}.png",
+               nrow=16)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "running_mse": running_mse,
+                "epoch": epoch}, out / "checkpoint.pt")
+    return loss
 
 
 class PlainLoop:
@@ -241,6 +288,9 @@ class PythaeLoop:
                                        training_config=training)
             self.trainer.prepare_training()
         self.n_epoch = 0
+        # for end_of_epoch: the same modules, pythae's optimizer; pythae's loss has no running MSE
+        self.model, self.optimizer = model, self.trainer.optimizer
+        self.running_mse = torch.ones((), device=device)
 
     def epoch(self) -> float:
         self.n_epoch += 1
@@ -278,11 +328,13 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def run_model(model_name: str, device: torch.device, images: Tensor, labels: Tensor, epochs: int,
-              loops: Sequence[str], log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Interleaved epochs of ``loops`` on ``model_name``: ``{loop: {"times": [...], "wall": [...], "note": str}}``."""
+              loops: Sequence[str], log: Callable[[str], None] = print, test_images: Tensor | None = None) -> dict[str, dict]:
+    """Interleaved epochs of ``loops`` on ``model_name``, each ending with the same end-of-epoch work:
+    ``{loop: {"times": [...], "train": [...], "cpu": [...], "note": str}}`` (seconds per epoch)."""
     from fastvae.train import TrainConfig, fit
 
-    results = {name: {"times": [], "wall": [], "note": ""} for name in loops}
+    test_images = test_images if test_images is not None else images[:2048]
+    results = {name: {"times": [], "train": [], "cpu": [], "note": ""} for name in loops}
     others: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="fastvae-bench-loop-") as tmp:
         if "tensors" in loops:
@@ -292,70 +344,96 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
         if "pythae" in loops:
             others["pythae"] = PythaeLoop(build(model_name), images, labels, device, f"{tmp}/pythae")
 
+        def run_one(name: str, k: int) -> None:
+            loop = others[name]
+            wall, cpu = time.perf_counter(), time.process_time()
+            train = _timed(loop.epoch, device)
+            end_of_epoch(loop.model, loop.optimizer, loop.running_mse, test_images, f"{tmp}/{name}-run", k + 1)
+            _sync(device)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            results[name]["times"].append(wall)
+            results[name]["train"].append(train)
+            results[name]["cpu"].append(cpu)
+            log(f"  {model_name:6s} epoch {k + 1}/{epochs} {name:15s} {wall:8.2f} s (steps {train:.2f} s, cpu {cpu:.2f} s)")
+
         def run_others(k: int) -> None:
             names = list(others)
             for name in names[k % len(names):] + names[:k % len(names)] if names else []:
-                seconds = _timed(others[name].epoch, device)
-                results[name]["times"].append(seconds)
-                log(f"  {model_name:6s} epoch {k + 1}/{epochs} {name:8s} {seconds:8.2f} s")
+                run_one(name, k)
 
-        if "fastvae" not in loops:
+        fits = [name for name in loops if name in VARIANTS]
+        if not fits:
             for k in range(epochs):
                 run_others(k)
             return results
 
-        marks = {"start": time.perf_counter()}
+        for index, fit_name in enumerate(fits):
+            marks = {"wall": time.perf_counter(), "cpu": time.process_time()}
 
-        def at_epoch_end(*, epoch, metrics, epoch_end, **_):
-            if not epoch_end:
-                return
-            now = time.perf_counter()
-            results["fastvae"]["times"].append(float(metrics["epoch_time_s"]))
-            results["fastvae"]["wall"].append(now - marks["start"])
-            log(f"  {model_name:6s} epoch {epoch}/{epochs} {'fastvae':8s} {metrics['epoch_time_s']:8.2f} s "
-                f"({now - marks['start']:.2f} s with its evaluation and checkpoint)")
-            run_others(epoch - 1)
-            marks["start"] = time.perf_counter()
+            def at_epoch_end(*, epoch, metrics, epoch_end, fit_name=fit_name, index=index, **_):
+                if not epoch_end:
+                    return
+                _sync(device)
+                wall, cpu = time.perf_counter() - marks["wall"], time.process_time() - marks["cpu"]
+                results[fit_name]["times"].append(wall)
+                results[fit_name]["train"].append(float(metrics["epoch_time_s"]))
+                results[fit_name]["cpu"].append(cpu)
+                log(f"  {model_name:6s} epoch {epoch}/{epochs} {fit_name:15s} {wall:8.2f} s "
+                    f"(steps {metrics['epoch_time_s']:.2f} s, cpu {cpu:.2f} s)")
+                if index == 0:
+                    run_others(epoch - 1)
+                elif "tensors" in others:
+                    run_one("tensors", epoch - 1)
+                marks["wall"], marks["cpu"] = time.perf_counter(), time.process_time()
 
-        config = TrainConfig(dataset="fashion-mnist", model=model_name, epochs=epochs, batch_size=BATCH, lr=LR,
-                             device=str(device), out=f"{tmp}/fastvae", progress=False, tensorboard=False,
-                             log_every=50, n_samples=16)
-        fit(build(model_name), images, config, callbacks=[at_epoch_end])
+            config = TrainConfig(dataset="fashion-mnist", model=model_name, epochs=epochs, batch_size=BATCH, lr=LR,
+                                 device=str(device), out=f"{tmp}/{fit_name}", progress=False, **VARIANTS[fit_name])
+            fit(build(model_name), images, config, test_data=test_images, callbacks=[at_epoch_end])
     return results
 
 
 def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None = None,
-              models: Sequence[str] | None = None, log: Callable[[str], None] = print) -> tuple[list[LoopRow], str]:
-    """Every loop on every model; returns the rows and a note on what ran (printed with the ratios)."""
+              models: Sequence[str] | None = None, variants: Sequence[str] | None = None,
+              log: Callable[[str], None] = print) -> tuple[list[LoopRow], str]:
+    """Every loop on every model; returns the rows and a note on what ran (printed with the ratios).
+    ``variants``: the ``fastvae-*`` settings beside ``fastvae`` (default: bf16 and compile, none when quick)."""
     from .measure import device_name
 
     models = tuple(models or MODELS)
     bad = [m for m in models if m not in MODELS]
     if bad:
         raise ValueError(f"loop models must be among {MODELS}, got {bad}")
+    variants = tuple(variants if variants is not None else (() if quick else ("bf16", "compile")))
+    if not {f"fastvae-{v}" for v in variants} <= set(VARIANTS):
+        raise ValueError(f"loop variants must be among bf16, compile; got {list(variants)}")
     epochs = epochs or (1 if quick else 3)
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
     limit = 512 if quick else 0
     images, labels = load_fashion_mnist(limit)
+    test_images = load_fashion_mnist(256 if quick else 0, split="test")[0]
     missing = pythae_available()
-    loops = [name for name in LOOPS if name != "pythae" or missing is None]
+    loops = [name for name in LOOPS if (name != "pythae" or missing is None)
+             and (name not in VARIANTS or name == "fastvae" or name[len("fastvae-"):] in variants)]
     note = (f"Fashion-MNIST train split, {images.shape[0]} images, batch {BATCH}, Adam lr {LR}, {epochs} epoch(s) "
-            "of each loop, interleaved. `plain`: pytorch/examples' VAE loop with a DataLoader over a torchvision-"
+            "of each loop, interleaved. Every loop ends each epoch with the same work as `fastvae train`: the "
+            f"evaluation of the {test_images.shape[0]} test images, a sample grid and a reconstruction grid, a "
+            "checkpoint; epoch s is the wall time of the whole epoch, the note gives the training steps alone and "
+            "the process's CPU seconds. `plain`: pytorch/examples' VAE loop with a DataLoader over a torchvision-"
             "equivalent FashionMNIST dataset (PIL image + ToTensor per sample; torchvision itself is not installable "
             "beside this torch build), the same model and balanced objective in plain PyTorch. `tensors`: a careful "
             "hand-written loop over the images held as one tensor (randperm, index_select, fused Adam, one loss "
             "read per epoch), the same objective as `plain`. `pythae`: pythae "
-            "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: fit()'s "
-            "own epoch_time_s (training steps); wall_epoch_s adds its per-epoch evaluation, image grids and "
-            "checkpoint. `time / plain` is epoch time over the plain loop's: below 1 is faster.")
+            "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: "
+            "fastvae.train.fit with test_data, as `fastvae train` runs it (`-bf16`: --precision bf16, `-compile`: "
+            "--compile). `time / plain` is epoch time over the plain loop's: below 1 is faster.")
     if missing is not None:
         note += f" pythae not run: {missing}."
     rows: list[LoopRow] = []
     dev = device_name(device)
     for model_name in models:
         log(f"loop: {model_name} on {dev}, {images.shape[0]} images, {epochs} epoch(s) per loop")
-        results = run_model(model_name, device, images, labels, epochs, loops, log)
+        results = run_model(model_name, device, images, labels, epochs, loops, log, test_images)
         plain = results.get("plain", {}).get("times")
         plain_median = float(np.median(plain)) if plain else None
         for name in loops:
@@ -367,9 +445,9 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
                 row.first_epoch_s = float(times[0])
                 row.images_per_s = images.shape[0] / row.epoch_s
                 row.vs_plain = row.epoch_s / plain_median if plain_median else None
-            if results[name]["wall"]:
-                row.wall_epoch_s = float(np.median(results[name]["wall"]))
-                row.note = f"{row.wall_epoch_s:.2f} s per epoch with fit's evaluation, grids and checkpoint"
+                row.train_s = float(np.median(results[name]["train"]))
+                row.cpu_s = float(np.median(results[name]["cpu"]))
+                row.note = f"steps {row.train_s:.2f} s, cpu {row.cpu_s:.2f} s per epoch"
             rows.append(row)
     print_ratios(rows, log)
     return rows, note
@@ -380,7 +458,7 @@ def print_ratios(rows: Sequence[LoopRow], log: Callable[[str], None] = print) ->
     for model_name in dict.fromkeys(r.model for r in rows):
         times = {r.loop: r.epoch_s for r in rows if r.model == model_name and r.epoch_s}
         pairs = (("fastvae", "plain"), ("tensors", "plain"), ("pythae", "plain"), ("fastvae", "tensors"),
-                 ("fastvae", "pythae"))
+                 ("fastvae-bf16", "tensors"), ("fastvae-compile", "tensors"), ("fastvae", "pythae"))
         parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in pairs
                  if a in times and b in times]
         speed = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())

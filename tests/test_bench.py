@@ -42,6 +42,8 @@ def test_quick_run_writes_tables_csv_and_charts(tmp_path):
     expected = {"fastvae", "tensors", "plain"} | ({"pythae"} if importlib.util.find_spec("pythae") else set())
     assert set(loops) == expected
     assert all(float(r["epoch_s"]) > 0 and float(r["images_per_s"]) > 0 for r in loops.values())
+    # every loop's epoch includes the same end-of-epoch work as fit's, so it is longer than its steps alone
+    assert all(0 < float(r["train_s"]) < float(r["epoch_s"]) and float(r["cpu_s"]) > 0 for r in loops.values())
     assert float(loops["plain"]["vs_plain"]) == pytest.approx(1.0)
     png = tmp_path / "cpu_balanced_mse.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,3 +152,19 @@ def test_cpu_timer_reports_percentiles_from_torch_timer():
     settings = measure.Settings(budget_s=0.01, min_rounds=3)
     median, p20, p80, rounds = measure.time_cpu(lambda: torch.ones(64).sum(), settings)
     assert 0 < p20 <= median <= p80 < 50 and rounds >= 3
+
+
+def test_the_other_loops_end_each_epoch_as_fit_does(tmp_path):
+    """end_of_epoch: the test split evaluated without updating the running MSE, two grids and a checkpoint."""
+    from bench.loop import TensorLoop, build, end_of_epoch
+
+    torch.manual_seed(0)
+    images = torch.rand(256, 1, 28, 28)
+    loop = TensorLoop(build("dense"), images, torch.device("cpu"))
+    loop.epoch()
+    running = loop.running_mse.clone()
+    loss = end_of_epoch(loop.model, loop.optimizer, loop.running_mse, images[:64], str(tmp_path), 1)
+    assert loss == loss and torch.equal(loop.running_mse, running) and loop.model.training
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "recon-epoch001.png", "samples-epoch001.png"]
+    state = torch.load(tmp_path / "checkpoint.pt")
+    assert set(state) == {"model", "optimizer", "running_mse", "epoch"} and state["optimizer"]["state"]

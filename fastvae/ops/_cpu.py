@@ -8,6 +8,8 @@ The backward recomputes the noise from the seed; nothing of the input's size is 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -225,3 +227,44 @@ def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: floa
             ema = torch.minimum(running_mse, ema)
         running_mse.copy_(torch.where(torch.isfinite(batch_mse), ema, running_mse))
     return running_mse
+
+
+def in_format(result: Tensor, like: Tensor) -> Tensor:
+    """``result`` (``like``'s shape) with the strides of ``torch.empty_like(like)``: itself when it has
+    them, else a copy (the ops return z and the gradients in mu's memory format)."""
+    target = torch.empty_like(like, dtype=result.dtype)
+    if result.stride() == target.stride():
+        return result
+    return target.copy_(result)
+
+
+def reparameterize_kl_events(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
+                             event_dims: int) -> tuple[Tensor | None, Tensor | None]:
+    """``reparameterize_kl`` on latents whose last ``event_dims`` dims form one sample: the engine on
+    ``(samples, event elements)`` rows (a copy where no view exists), ``logvar`` clamped first; ``z`` and
+    the elementwise KL in mu's memory format, a ``per_sample`` KL of shape ``mu.shape[:-event_dims]``."""
+    E = math.prod(mu.shape[mu.dim() - event_dims:])
+    z, kl = reparameterize_kl(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed, reduction)
+    if z is not None:
+        z = in_format(z.view(mu.shape), mu)
+    if kl is not None and reduction == "none":
+        kl = in_format(kl.view(mu.shape), mu)
+    elif kl is not None and reduction == "per_sample":
+        kl = kl.view(mu.shape[: mu.dim() - event_dims])
+    elif kl is not None:
+        kl = kl.view(())
+    return z, kl
+
+
+def reparameterize_kl_events_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+                                      seed: Tensor | None, reduction: str, logvar_clamp, event_dims: int):
+    """The gradients of ``reparameterize_kl_events`` with torch.clamp's rule, in mu's memory format."""
+    E = math.prod(mu.shape[mu.dim() - event_dims:])
+    g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
+    lv = logvar.reshape(-1, E)
+    grad_mu, grad_logvar = reparameterize_kl_backward(
+        None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
+        seed, reduction,
+    )
+    grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
+    return in_format(grad_mu.view(mu.shape), mu), in_format(grad_logvar.view(mu.shape), mu)

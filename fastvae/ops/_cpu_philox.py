@@ -81,8 +81,8 @@ def _run_loop(loop: Callable, seed: int, u: np.ndarray) -> None:
     counters in contiguous chunks (the result does not depend on the split)."""
     lo, hi = np.uint64(seed & M32), np.uint64(seed >> 32)
     n = u.shape[1]
-    workers = min(torch.get_num_threads(), max(1, n // _PARALLEL_MIN))
-    if workers == 1:
+    workers = min(torch.get_num_threads(), n // _PARALLEL_MIN) if n >= 2 * _PARALLEL_MIN else 1
+    if workers <= 1:
         loop(lo, hi, 0, u[0], u[1])
         return
     bounds = [n * k // workers for k in range(workers + 1)]
@@ -99,15 +99,16 @@ def numba_available() -> bool:
 
 def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
     """``fastvae.reference.philox_randn(seed, shape, device)``, the same bits, fast on the CPU."""
-    loop = _compiled() if torch.device(device).type == "cpu" and seed.device.type == "cpu" else None
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    loop = _compiled() if device.type == "cpu" and seed.device.type == "cpu" else None
     n = math.prod(shape)
     if loop is None:
-        u = _torch_uniforms(seed, n, torch.device(device))
+        u = _torch_uniforms(seed, n, device)
     else:
         u = torch.empty((2, n), dtype=torch.float32)
-        _run_loop(loop, int(seed.reshape(())), u.numpy())
-    radius = u[0].log_().mul_(-2.0).sqrt_()
-    return radius.mul_(u[1].cos_()).view(shape)
+        _run_loop(loop, seed.item(), u.numpy())  # a one-element int64 tensor
+    u0, u1 = u
+    return u0.log_().mul_(-2.0).sqrt_().mul_(u1.cos_()).view(shape)
 
 
 # ---------------------------------------------------------------------- PyTorch integer fallback

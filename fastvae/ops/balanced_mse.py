@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import backend, reference
 from ..reference.balanced_mse import UPDATE_RULES
-from . import _cpu
+from . import _cpu, _eager
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, finite_check_enabled
 from ._layout import as_rows, from_memory_order, memory_order, samples_in_memory_order
 
@@ -260,10 +260,10 @@ def balanced_mse(
     check_finite(op, x_hat=x_hat, x=x, running_mse=running_mse)
     if update and not _distributed():
         # the update happens inside the op (the kernel's last program on Triton)
-        return _BalancedMSEUpdate.apply(x_hat, x, running_mse, reduction, full, float(momentum), rule, backend.decide(x_hat))
+        return (_eager.route("balanced_mse_update_", x_hat, x) or _BalancedMSEUpdate.apply)(x_hat, x, running_mse, reduction, full, float(momentum), rule, backend.decide(x_hat))
     # the loss and its backward use gamma^2 as it was before this call's in-place update
     gamma2 = running_mse.detach().clone() if update else running_mse.detach()
-    loss, sse = torch.ops.fastvae.balanced_mse(x_hat, x, gamma2, reduction, full)
+    loss, sse = (_eager.route("balanced_mse", x_hat, x) or torch.ops.fastvae.balanced_mse)(x_hat, x, gamma2, reduction, full)
     if update:
         _cpu.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
     return loss

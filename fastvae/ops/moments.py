@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from . import _cpu
+from . import _cpu, _eager
 from ._checks import (
     check_choice, check_correction, check_dim, check_finite, check_float_tensor, check_per_dim, check_positive,
     check_same_layout,
@@ -262,7 +262,7 @@ def moments(z: Tensor, dim: int | tuple[int, ...] = 0, correction: int = 0) -> t
         rows, kept_shape = _reduced_first(z, dim)
         correction = check_correction(op, correction, rows.shape[0])
         check_finite(op, z=z)
-        mean, var = torch.ops.fastvae.moments(rows, 0, correction)
+        mean, var = (_eager.route("moments", z) or torch.ops.fastvae.moments)(rows, 0, correction)
         return mean.view(kept_shape), var.view(kept_shape)
     correction = check_correction(op, correction, z.shape[dim])
     if z.shape[dim] == 1:
@@ -270,7 +270,7 @@ def moments(z: Tensor, dim: int | tuple[int, ...] = 0, correction: int = 0) -> t
 
         warnings.warn(f"{op}: z has one sample along dim {dim}, so every variance is 0", stacklevel=2)
     check_finite(op, z=z)
-    return torch.ops.fastvae.moments(z, dim, correction)
+    return (_eager.route("moments", z) or torch.ops.fastvae.moments)(z, dim, correction)
 
 
 def renormalize(
@@ -324,7 +324,7 @@ def renormalize(
             raise ValueError(f"{op}: {name} requires grad, but the targets are constants (gradients flow to z only); pass {name}.detach()")
     check_finite(op, z=z, **targets)
     tm_tensor, tv_tensor = targets.get("target_mean"), targets.get("target_var")
-    return torch.ops.fastvae.renormalize(
+    return (_eager.route("renormalize", z) or torch.ops.fastvae.renormalize)(
         z, tm_tensor, tv_tensor, 0.0 if tm_tensor is not None else target_mean, 0.0 if tv_tensor is not None else target_var,
         dim, mode, eps,
     )[0]
@@ -361,11 +361,11 @@ def variance_law(mu: Tensor, logvar: Tensor, dim: int | tuple[int, ...] | None =
     check_same_layout(op, ("mu", "logvar"), mu, logvar)
     check_finite(op, mu=mu, logvar=logvar)
     if dim is None:
-        return torch.ops.fastvae.variance_law(mu, logvar)
+        return (_eager.route("variance_law", mu, logvar) or torch.ops.fastvae.variance_law)(mu, logvar)
     dims = _check_dims(op, dim, mu.dim())
     dims = dims if isinstance(dims, tuple) else (dims,)
     mu_rows, kept_shape = _reduced_first(mu, dims)
     logvar_rows, _ = _reduced_first(logvar, dims)
     F = math.prod(kept_shape)
-    mean, var = torch.ops.fastvae.variance_law(mu_rows.reshape(-1, F), logvar_rows.reshape(-1, F))
+    mean, var = (_eager.route("variance_law", mu, logvar) or torch.ops.fastvae.variance_law)(mu_rows.reshape(-1, F), logvar_rows.reshape(-1, F))
     return mean.view(kept_shape), var.view(kept_shape)

@@ -8,14 +8,13 @@ are saved for backward.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import backend, reference
-from . import _cpu
+from . import _cpu, _eager
 from ._checks import (
     REDUCTIONS, check_choice, check_event_dims, check_finite, check_float_tensor, check_logvar_clamp, check_same_layout,
     seed_tensor,
@@ -34,55 +33,27 @@ Clamp = Optional[list[float]]
 # one sample). The kernels read them in place (the halves of chunk(2, dim=1) of a contiguous or
 # channels_last encoder output included) and write z, the elementwise KL and the gradients in mu's
 # memory format (``torch.empty_like(mu)``), which the fake implementations state too.
-def _in_format(result: Tensor, like: Tensor) -> Tensor:
-    """``result`` (``like``'s shape) with the strides of ``torch.empty_like(like)``: itself when it has
-    them, else a copy."""
-    target = torch.empty_like(like, dtype=result.dtype)
-    if result.stride() == target.stride():
-        return result
-    return target.copy_(result)
-
-
 def _sample_shape(mu: Tensor, event_dims: int) -> torch.Size:
     return mu.shape[: mu.dim() - event_dims]
-
-
-def _torch_forward(mu, logvar, seed, reduction, logvar_clamp, event_dims):
-    """The CPU engine on ``(samples, event elements)`` rows (a copy where no view exists)."""
-    E = math.prod(mu.shape[mu.dim() - event_dims:])
-    z, kl = _cpu.reparameterize_kl(mu.reshape(-1, E), _cpu.clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed, reduction)
-    if z is not None:
-        z = _in_format(z.view(mu.shape), mu)
-    if kl is not None:
-        kl = _in_format(kl.view(mu.shape), mu) if reduction == "none" else kl.view(_kl_shape(mu, reduction, event_dims))
-    return z, kl
 
 
 def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str], logvar_clamp: Clamp = None,
              event_dims: int = 1):
     """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
     if backend.decide(mu) == "torch":
-        return _torch_forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
+        return _cpu.reparameterize_kl_events(mu, logvar, seed, reduction, logvar_clamp, event_dims)
     if kernels_reparameterize.reads_in_place(event_dims, mu, logvar):
         return kernels_reparameterize.forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
     # strides the kernel cannot index (more than 3 sample or 2 event dims after merging): contiguous copies
     z, kl = kernels_reparameterize.forward(mu.contiguous(), logvar.contiguous(), seed, reduction, logvar_clamp, event_dims)
-    return (None if z is None else _in_format(z, mu)), (_in_format(kl, mu) if reduction == "none" else kl)
+    return (None if z is None else _cpu.in_format(z, mu)), (_cpu.in_format(kl, mu) if reduction == "none" else kl)
 
 
 def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
               backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1):
     """The gradients on ``backend_name`` (the backend that the forward ran on), in mu's memory format."""
     if backend_name == "torch":
-        E = math.prod(mu.shape[mu.dim() - event_dims:])
-        rows = lambda t: t.reshape(-1, E)  # noqa: E731
-        g_kl = None if grad_kl is None else rows(grad_kl) if reduction == "none" else grad_kl.reshape(-1)
-        lv = rows(logvar)
-        grad_mu, grad_logvar = _cpu.reparameterize_kl_backward(
-            None if grad_z is None else rows(grad_z), g_kl, rows(mu), _cpu.clamp_logvar(lv, logvar_clamp), seed, reduction
-        )
-        grad_logvar = _cpu.clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
-        return _in_format(grad_mu.view(mu.shape), mu), _in_format(grad_logvar.view(mu.shape), mu)
+        return _cpu.reparameterize_kl_events_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims)
     operands = [t for t in (mu, logvar, grad_z, grad_kl if reduction == "none" else None) if t is not None]
     if kernels_reparameterize.reads_in_place(event_dims, *operands):
         return kernels_reparameterize.backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims)
@@ -90,7 +61,7 @@ def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, l
     grad_kl = None if grad_kl is None else grad_kl.contiguous()
     grad_mu, grad_logvar = kernels_reparameterize.backward(grad_z, grad_kl, mu.contiguous(), logvar.contiguous(), seed, reduction,
                                             logvar_clamp, event_dims)
-    return _in_format(grad_mu, mu), _in_format(grad_logvar, mu)
+    return _cpu.in_format(grad_mu, mu), _cpu.in_format(grad_logvar, mu)
 
 
 def _kl_shape(mu: Tensor, reduction: str, event_dims: int = 1) -> torch.Size:
@@ -254,7 +225,8 @@ def reparameterize_kl(
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
     seed = seed_tensor(op, seed, mu.device)
-    return torch.ops.fastvae.reparameterize_kl(mu, logvar, seed, reduction, clamp, event_dims)
+    route = _eager.route("reparameterize_kl", mu, logvar) or torch.ops.fastvae.reparameterize_kl
+    return route(mu, logvar, seed, reduction, clamp, event_dims)
 
 
 def reparameterize(
@@ -266,7 +238,7 @@ def reparameterize(
     op = "reparameterize"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     seed = seed_tensor(op, seed, mu.device)
-    return torch.ops.fastvae.reparameterize(mu, logvar, seed, clamp, event_dims)
+    return (_eager.route("reparameterize", mu, logvar) or torch.ops.fastvae.reparameterize)(mu, logvar, seed, clamp, event_dims)
 
 
 def kl_divergence(
@@ -278,4 +250,5 @@ def kl_divergence(
     op = "kl_divergence"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    return torch.ops.fastvae.kl_divergence(mu, logvar, reduction, clamp, event_dims)
+    route = _eager.route("kl_divergence", mu, logvar) or torch.ops.fastvae.kl_divergence
+    return route(mu, logvar, reduction, clamp, event_dims)
