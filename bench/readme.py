@@ -1,10 +1,12 @@
-"""``python -m bench.readme``: README's generated blocks, its performance tables and its layout tree.
+"""``python -m bench.readme``: README's generated blocks: performance tables, accuracy, machine code, layout.
 
 The tables sit between ``<!-- bench:cpu:begin -->`` and ``<!-- bench:cpu:end -->`` in README.md:
 the training loop (``cpu_loop.csv``) and, per op and mode, fused time over eager time from
 ``cpu.csv``: the geometric mean over the sizes and the largest ratio of any size. The layout tree sits
 between ``<!-- layout:begin -->`` and ``<!-- layout:end -->``: every package and module of ``fastvae/``,
-``kernels/`` and ``bench/``, each with the first sentence of its docstring. ``--check`` writes nothing and
+``kernels/`` and ``bench/``, each with the first sentence of its docstring. The machine-code headline and the
+predicted speedups come from ``static.md`` (``<!-- bench:static:begin/end -->``), the largest kernel errors
+per dtype from ``accuracy.md`` (``<!-- bench:accuracy:begin/end -->``). ``--check`` writes nothing and
 exits 1 when README differs from what the results files and the modules say (the test suite runs it).
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
 LAYOUT_BEGIN, LAYOUT_END = "<!-- layout:begin -->", "<!-- layout:end -->"
+STATIC_BEGIN, STATIC_END = "<!-- bench:static:begin -->", "<!-- bench:static:end -->"
+ACCURACY_BEGIN, ACCURACY_END = "<!-- bench:accuracy:begin -->", "<!-- bench:accuracy:end -->"
 #: the trees the layout draws, and the folders without Python modules it names in one line
 _TREES = ("fastvae", "kernels", "bench")
 _FOLDERS = {
@@ -71,7 +75,8 @@ def loop_table(rows: list[dict]) -> list[str]:
             ratio = f"{r['vs_plain']:.2f}" if r.get("vs_plain") else "–"
             vs_tensors = f"{r['epoch_s'] / tensors:.2f}" if tensors else "–"
             steps, cpu = (f"{r[key]:.2f}" if r.get(key) else "–" for key in ("train_s", "cpu_s"))
-            lines.append(f"| {_MODEL_NAMES.get(model, model) if k == 0 else ''} | {_LOOP_NAMES.get(r['loop'], r['loop'])} | "
+            name = _MODEL_NAMES.get(model, model) if k == 0 else ""
+            lines.append(f"| {name} | {_LOOP_NAMES.get(r['loop'], r['loop'])} | "
                          f"{r['epoch_s']:.2f} | {steps} | {cpu} | {r['images_per_s']:,.0f} | {ratio} | {vs_tensors} |")
     return lines
 
@@ -133,6 +138,48 @@ def layout_block(root: Path = ROOT) -> str:
     return "\n".join([LAYOUT_BEGIN, "", "```text", *lines, "```", "", LAYOUT_END])
 
 
+def markdown_table(text: str, heading: str | None = None) -> list[dict[str, str]]:
+    """The rows of the first table of a markdown report (under its ``## heading...`` when given), as dicts
+    by column."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## " + heading)) + 1 if heading else 0
+    end = next((i for i, line in enumerate(lines[start:], start) if line.startswith("## ")), len(lines))
+    rows = [line for line in lines[start:end] if line.startswith("|")]
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def static_block(results: Path = RESULTS) -> str:
+    """The machine-code headline (sm_89, float32, aligned) and the predicted speedups of each op's forward +
+    backward, from ``static.md`` (``python -m bench --only static``)."""
+    text = (results / "static.md").read_text()
+    lines = [STATIC_BEGIN, "",
+             "| kernel | pass | variant | registers | spills (B st/ld) | 128-bit loads / all | 128-bit stores / all |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in markdown_table(text, "Headline"):
+        if row["dtype"] == "float32":
+            lines.append(f"| {row['kernel']} | {row['pass']} | {row['variant']} | {row['registers']} | "
+                         f"{row['spills (B st/ld)']} | "
+                         f"{row['128-bit loads']} | {row['128-bit stores']} |")
+    lines += ["", "**Predicted** (a cost model on paper, not a measurement; `static.md` states its assumptions), "
+              "forward + backward:", "",
+              "| op | case | eager B/element | fused B/element | predicted speedup, RTX 4090 | H100 SXM |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in markdown_table(text, "Cost model"):
+        if row["pass"] == "full" and row.get("predicted speedup, RTX 4090"):
+            lines.append(f"| `{row['op']}` | {row['case']} | {row['eager B/elem']} | {row['fused B/elem']} | "
+                         f"{row['predicted speedup, RTX 4090']} | {row['predicted speedup, H100 SXM']} |")
+    return "\n".join(lines + ["", STATIC_END])
+
+
+def accuracy_block(results: Path = RESULTS) -> str:
+    """The largest error of any output per dtype, from ``accuracy.md`` (``python -m bench.accuracy``)."""
+    rows = markdown_table((results / "accuracy.md").read_text())
+    worst = {dtype: max(float(row[dtype]) for row in rows) for dtype in ("float32", "float16", "bfloat16", "float64")}
+    return "".join([ACCURACY_BEGIN, f"at most {worst['float32']:.1e} in float32, {worst['float16']:.1e} in float16, "
+                    f"{worst['bfloat16']:.1e} in bfloat16 and {worst['float64']:.1e} in float64", ACCURACY_END])
+
+
 def render(readme: str, generated: str, begin: str = BEGIN, end: str = END) -> str:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
@@ -143,6 +190,8 @@ def render(readme: str, generated: str, begin: str = BEGIN, end: str = END) -> s
 def render_all(readme: str, results: Path = RESULTS, root: Path = ROOT) -> str:
     """README with both generated blocks written afresh."""
     readme = render(readme, block(results))
+    readme = render(readme, static_block(results), STATIC_BEGIN, STATIC_END)
+    readme = render(readme, accuracy_block(results), ACCURACY_BEGIN, ACCURACY_END)
     return render(readme, layout_block(root), LAYOUT_BEGIN, LAYOUT_END)
 
 
