@@ -7,7 +7,7 @@ through `package_dir`, so the library imports it as `fastvae.kernels` and can li
 from setuptools import setup
 
 CPU = ["numba>=0.59"]  # the CPU engine's Philox loop; without it the same stream runs in PyTorch integer ops
-TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10"] + CPU
+TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10", "ruff>=0.6"] + CPU
 TRAIN = ["tqdm>=4.60", "matplotlib>=3.7", "pillow>=9", "scikit-learn>=1.2"]
 # the clients of examples/ and their tests (versions checked to install beside torch 2.13 without replacing it)
 CLIENTS = ["diffusers==0.42.1", "lightning==2.6.6", "pythae==0.1.2"]

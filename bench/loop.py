@@ -189,8 +189,8 @@ def end_of_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, running_mse
         recon = model.decode(model.encode(x)[0])
     model.train()
     image_grid(samples.float(), out / f"samples-epoch{epoch:03d}.png")
-    image_grid(torch.cat([x[:16], recon[:16].float(), x[16:32], recon[16:32].float()]), out / f"recon-epoch{epoch:03d}.png",
-               nrow=16)
+    image_grid(torch.cat([x[:16], recon[:16].float(), x[16:32], recon[16:32].float()]),
+               out / f"recon-epoch{epoch:03d}.png", nrow=16)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "running_mse": running_mse,
                 "epoch": epoch}, out / "checkpoint.pt")
     return loss
@@ -328,7 +328,8 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def run_model(model_name: str, device: torch.device, images: Tensor, labels: Tensor, epochs: int,
-              loops: Sequence[str], log: Callable[[str], None] = print, test_images: Tensor | None = None) -> dict[str, dict]:
+              loops: Sequence[str], log: Callable[[str], None] = print,
+              test_images: Tensor | None = None) -> dict[str, dict]:
     """Interleaved epochs of ``loops`` on ``model_name``, each ending with the same end-of-epoch work:
     ``{loop: {"times": [...], "train": [...], "cpu": [...], "note": str}}`` (seconds per epoch)."""
     from fastvae.train import TrainConfig, fit
@@ -354,7 +355,8 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
             results[name]["times"].append(wall)
             results[name]["train"].append(train)
             results[name]["cpu"].append(cpu)
-            log(f"  {model_name:6s} epoch {k + 1}/{epochs} {name:15s} {wall:8.2f} s (steps {train:.2f} s, cpu {cpu:.2f} s)")
+            log(f"  {model_name:6s} epoch {k + 1}/{epochs} {name:15s} {wall:8.2f} s "
+                f"(steps {train:.2f} s, cpu {cpu:.2f} s)")
 
         def run_others(k: int) -> None:
             names = list(others)

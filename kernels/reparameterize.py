@@ -345,7 +345,8 @@ def backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp=None, ev
     grad_mu, grad_lv = torch.empty_like(mu), torch.empty_like(mu)
     layouts = [
         mu.stride(), logvar.stride(), grad_z.stride() if grad_z is not None else (0,) * mu.dim(),
-        _grad_kl_strides(grad_kl, mu.shape, reduction, event_dims), grad_mu.stride(), logical_strides(mu.shape, event_dims),
+        _grad_kl_strides(grad_kl, mu.shape, reduction, event_dims), grad_mu.stride(),
+        logical_strides(mu.shape, event_dims),
     ]
     plan = _Plan(mu.shape, event_dims, layouts, mu.dtype)
     kl_scale = 1.0

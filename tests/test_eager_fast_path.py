@@ -26,13 +26,16 @@ def _cases(dtype):
     z4 = torch.randn(5, 3, 4, 2, dtype=dtype).requires_grad_()
     cases = {}
     for r in REDUCTIONS:
-        cases[f"reparameterize_kl-{r}"] = (lambda m, lv, r=r: fastvae.reparameterize_kl(m, lv, seed=7, reduction=r), (mu, logvar))
+        cases[f"reparameterize_kl-{r}"] = (
+            lambda m, lv, r=r: fastvae.reparameterize_kl(m, lv, seed=7, reduction=r), (mu, logvar))
         cases[f"reparameterize_kl-clamp-{r}"] = (
-            lambda m, lv, r=r: fastvae.reparameterize_kl(m, lv, seed=7, reduction=r, logvar_clamp=(-0.3, 0.2)), (mu, logvar))
+            lambda m, lv, r=r: fastvae.reparameterize_kl(m, lv, seed=7, reduction=r, logvar_clamp=(-0.3, 0.2)),
+            (mu, logvar))
         cases[f"kl_divergence-{r}"] = (lambda m, lv, r=r: (fastvae.kl_divergence(m, lv, reduction=r),), (mu, logvar))
         for update in (False, True):
             cases[f"balanced_mse-{r}-update{update}"] = (
-                lambda a, b, r=r, u=update: (fastvae.balanced_mse(a, b, torch.full((), 0.3), update=u, reduction=r, full=True),),
+                lambda a, b, r=r, u=update: (
+                    fastvae.balanced_mse(a, b, torch.full((), 0.3), update=u, reduction=r, full=True),),
                 (x_hat, x))
     cases["reparameterize"] = (lambda m, lv: (fastvae.reparameterize(m, lv, seed=3),), (mu, logvar))
     cases["reparameterize-event_dims"] = (
@@ -44,7 +47,8 @@ def _cases(dtype):
     target = torch.rand(3, 4, 2, dtype=dtype) + 0.5
     for mode in ("per_dim", "scalar"):
         cases[f"renormalize-{mode}"] = (lambda z, m=mode: (fastvae.renormalize(z, 0.5, target, dim=0, mode=m),), (z4,))
-        cases[f"renormalize-{mode}-numbers"] = (lambda z, m=mode: (fastvae.renormalize(z, 0.1, 2.0, dim=2, mode=m),), (z4,))
+        cases[f"renormalize-{mode}-numbers"] = (
+            lambda z, m=mode: (fastvae.renormalize(z, 0.1, 2.0, dim=2, mode=m),), (z4,))
     return cases
 
 
@@ -206,7 +210,8 @@ def test_torch_compile_fullgraph_still_traces_the_custom_ops():
 def test_jit_trace_records_the_custom_op():
     mu, logvar = _latents(torch.float32)
     seed = torch.tensor([4])
-    traced = torch.jit.trace(lambda m, lv, s: fastvae.reparameterize(m, lv, seed=s), (mu.detach(), logvar.detach(), seed))
+    traced = torch.jit.trace(lambda m, lv, s: fastvae.reparameterize(m, lv, seed=s),
+                             (mu.detach(), logvar.detach(), seed))
     assert "fastvae::reparameterize" in str(traced.graph)
     other = torch.randn(9, 12), torch.randn(9, 12)
     assert torch.equal(traced(*other, seed), fastvae.reparameterize(*other, seed=seed))

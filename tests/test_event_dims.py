@@ -134,7 +134,8 @@ def test_clamp_on_every_op(backend):
     with use_backend(backend):
         z, kl = fastvae.reparameterize_kl(mu, logvar, seed=3, reduction="none", logvar_clamp=CLAMP)
         torch.testing.assert_close(fastvae.reparameterize(mu, logvar, seed=3, logvar_clamp=CLAMP), z, rtol=0, atol=0)
-        torch.testing.assert_close(fastvae.kl_divergence(mu, logvar, reduction="none", logvar_clamp=CLAMP), kl, rtol=0, atol=0)
+        torch.testing.assert_close(fastvae.kl_divergence(mu, logvar, reduction="none", logvar_clamp=CLAMP), kl,
+                                   rtol=0, atol=0)
         unclamped = fastvae.kl_divergence(mu, logvar, reduction="none")
     assert not torch.allclose(kl, unclamped)
 
@@ -154,7 +155,8 @@ def test_opcheck_with_clamp(backend):
     mu, logvar = (t.requires_grad_(True) for t in torch.randn(2, 3, 4).unbind(0))
     seed = torch.tensor([7])
     with use_backend(backend):
-        torch.library.opcheck(torch.ops.fastvae.reparameterize_kl.default, (mu, logvar, seed, "per_sample", [-1.0, 0.5]))
+        torch.library.opcheck(torch.ops.fastvae.reparameterize_kl.default,
+                              (mu, logvar, seed, "per_sample", [-1.0, 0.5]))
         if backend == "torch":  # the registration of the single ops; their kernel path is the fused one's
             torch.library.opcheck(torch.ops.fastvae.kl_divergence.default, (mu, logvar, "none", [-1.0, 0.5]))
             torch.library.opcheck(torch.ops.fastvae.reparameterize.default, (mu, logvar, seed, [-1.0, 0.5]))
@@ -367,6 +369,7 @@ def test_layouts_the_kernel_cannot_index_are_copied_and_keep_the_format():
     _, (mean, logvar) = _halves("channels_last", (2, 8, 3, 5))
     with use_backend("triton"):
         z, kl = fastvae.reparameterize_kl(mean, logvar, seed=6, reduction="none", event_dims=4)
-        z_c, kl_c = fastvae.reparameterize_kl(mean.contiguous(), logvar.contiguous(), seed=6, reduction="none", event_dims=4)
+        z_c, kl_c = fastvae.reparameterize_kl(mean.contiguous(), logvar.contiguous(), seed=6, reduction="none",
+                                              event_dims=4)
     assert z.is_contiguous(memory_format=torch.channels_last) and kl.stride() == z.stride()
     assert torch.equal(z, z_c) and torch.equal(kl, kl_c)

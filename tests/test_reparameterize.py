@@ -146,7 +146,8 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.fastvae.reparameterize.default, (mu, logvar, seed))
         grad = torch.randn(5, 6)
         torch.library.opcheck(
-            torch.ops.fastvae.reparameterize_kl_backward.default, (grad, torch.randn(()), mu.detach(), logvar.detach(), seed, "sum", backend)
+            torch.ops.fastvae.reparameterize_kl_backward.default,
+            (grad, torch.randn(()), mu.detach(), logvar.detach(), seed, "sum", backend)
         )
 
 
@@ -305,7 +306,8 @@ def test_only_inputs_and_seed_are_saved_for_backward(backend):
         (z.sum() + kl).backward()
     big = [t for t in saved if t.numel() > 1]
     assert len(big) == 2
-    assert {(t.data_ptr(), t.stride()) for t in big} == {(mu.data_ptr(), mu.stride()), (logvar.data_ptr(), logvar.stride())}
+    assert {(t.data_ptr(), t.stride()) for t in big} == {(mu.data_ptr(), mu.stride()),
+                                                         (logvar.data_ptr(), logvar.stride())}
     small = [t for t in saved if t.numel() == 1]
     assert len(small) == 1 and small[0].dtype == torch.int64  # the seed
     assert h.grad is not None
@@ -330,7 +332,8 @@ def test_total_reduction_is_deterministic_across_many_programs():
     with use_backend("triton"):
         results = {fastvae.kl_divergence(mu, logvar, reduction="sum").item() for _ in range(3)}
     assert len(results) == 1
-    assert results.pop() == pytest.approx(reference.kl_divergence(mu.double(), logvar.double(), reduction="sum").item(), rel=1e-5)
+    assert results.pop() == pytest.approx(
+        reference.kl_divergence(mu.double(), logvar.double(), reduction="sum").item(), rel=1e-5)
 
 
 # -------------------------------------------------------------------------------- bad inputs
@@ -341,7 +344,8 @@ def test_total_reduction_is_deterministic_across_many_programs():
         (lambda: (torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float64)), TypeError, "same dtype"),
         (lambda: (torch.zeros(3, 4), torch.zeros(3, 4, device="meta")), ValueError, "same device"),
         (lambda: (torch.zeros(0, 4), torch.zeros(0, 4)), ValueError, "empty"),
-        (lambda: (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int64)), TypeError, "float16, bfloat16"),
+        (lambda: (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 4, dtype=torch.int64)), TypeError,
+         "float16, bfloat16"),
         (lambda: (torch.zeros(()), torch.zeros(())), ValueError, "at least 1 dimension"),
         (lambda: ([0.0], [0.0]), TypeError, "torch.Tensor"),
     ],

@@ -82,7 +82,8 @@ def predicted_table(dtype: torch.dtype = torch.float32) -> list[str]:
              if not s.tag}
     gpus = list(static.GPUS)
     lines = ["| case | pass | eager launches | eager B/elem | fused launches | fused B/elem | "
-             + " | ".join(f"eager / fused, {g}" for g in gpus) + " | " + " | ".join(f"speedup, {g}" for g in gpus) + " |",
+             + " | ".join(f"eager / fused, {g}" for g in gpus) + " | "
+             + " | ".join(f"speedup, {g}" for g in gpus) + " |",
              "| --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in 2 * gpus) + " |"]
     meta = torch.device("meta")
     for case in CASES:
@@ -90,7 +91,7 @@ def predicted_table(dtype: torch.dtype = torch.float32) -> list[str]:
         size = torch.empty((), dtype=dtype).element_size()
         for mode in static.MODES:
             eager_launches = static.count_traffic(eager, inputs(case, meta, dtype), mode)
-            eager_side = static.Side(len(eager_launches), sum(l.read + l.written for l in eager_launches))
+            eager_side = static.Side(len(eager_launches), sum(t.read + t.written for t in eager_launches))
             fused_launches = static.count_traffic(fused, inputs(case, meta, dtype), mode)
             fused_side = static._fused_side("reparameterize_kl", fused_launches, specs, {}, n, size)
             times = [(eager_side.seconds(bw), fused_side.seconds(bw)) for bw in static.GPUS.values()]

@@ -27,7 +27,8 @@ _TWO_PI = 2 * math.pi
 # ------------------------------------------------------------------------------------ numba loop
 _M32, _H32, _S32 = np.uint64(M32), np.uint64(2**31), np.uint64(32)
 _RA, _RB, _KA, _KB = np.uint64(ROUND_A), np.uint64(ROUND_B), np.uint64(KEY_A), np.uint64(KEY_B)
-_SCALE, _TINY, _TWO_PI32, _ZERO = np.float32(INT32_TO_UNIFORM), np.float32(MIN_UNIFORM), np.float32(_TWO_PI), np.uint64(0)
+_SCALE, _TINY = np.float32(INT32_TO_UNIFORM), np.float32(MIN_UNIFORM)
+_TWO_PI32, _ZERO = np.float32(_TWO_PI), np.uint64(0)
 
 
 def _uniforms_loop(seed_lo, seed_hi, start, u0, u1):

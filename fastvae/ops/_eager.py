@@ -10,8 +10,8 @@ at a few microseconds of overhead. Without grad (or with no input that requires 
 directly, as the custom op's ``forward_no_grad`` does.
 
 Everything else goes through the custom ops: ``torch.compile`` and ``torch.jit.trace`` (which must see
-them in the graph), a TorchDispatchMode or TorchFunctionMode (FakeTensor, tracing, counting), tensor subclasses and functorch
-transforms, the Triton backend, and every device but the CPU.
+them in the graph), a TorchDispatchMode or TorchFunctionMode (FakeTensor, tracing, counting), tensor subclasses
+and functorch transforms, the Triton backend, and every device but the CPU.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def applies(first: Tensor, *others: Tensor) -> bool:
 
 def route(name: str, *tensors: Tensor) -> Optional[Callable]:
     """The fast function for custom op ``fastvae::<name>`` (same arguments, same results) when ``applies`` to
-    the op's input tensors, else None: ``(_eager.route("moments", z) or torch.ops.fastvae.moments)(z, dim, correction)``."""
+    the op's input tensors, else None:
+    ``(_eager.route("moments", z) or torch.ops.fastvae.moments)(z, dim, correction)``."""
     return _FAST[name] if applies(*tensors) else None
 
 

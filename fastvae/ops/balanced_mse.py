@@ -139,7 +139,8 @@ def _(x_hat, x, running_mse, reduction, full, momentum, rule):
 
 @_balanced_mse_backward_op.register_fake
 def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x, backend_name):
-    return (_like_input(x_hat, x_hat, x) if need_x_hat else x_hat.new_empty(0)), (_like_input(x, x_hat, x) if need_x else x.new_empty(0))
+    return ((_like_input(x_hat, x_hat, x) if need_x_hat else x_hat.new_empty(0)),
+            (_like_input(x, x_hat, x) if need_x else x.new_empty(0)))
 
 
 def _setup(ctx, inputs, output):
@@ -154,7 +155,8 @@ def _setup(ctx, inputs, output):
 def _grad(ctx, grad_loss, _grad_sse):
     x_hat, x, gamma2 = ctx.saved_tensors
     need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x, ctx.backend)
+    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x,
+                                                   ctx.backend)
     return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None
 
 
@@ -177,7 +179,8 @@ class _BalancedMSEUpdate(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x_hat, x, gamma2 = ctx.saved_tensors
         need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x, ctx.backend)
+        grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x,
+                                                       ctx.backend)
         return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None, None, None, None
 
 
@@ -185,8 +188,10 @@ class _BalancedMSEUpdate(torch.autograd.Function):
 
 def _check_running_mse(op: str, running_mse: object, device: torch.device) -> Tensor:
     if not isinstance(running_mse, Tensor) or not running_mse.dtype.is_floating_point or running_mse.numel() != 1:
-        described = f"{running_mse.dtype} of shape {tuple(running_mse.shape)}" if isinstance(running_mse, Tensor) else type(running_mse).__name__
-        raise ValueError(f"{op}: running_mse must be a one-element floating tensor holding a positive value, got {described}")
+        described = (f"{running_mse.dtype} of shape {tuple(running_mse.shape)}" if isinstance(running_mse, Tensor)
+                     else type(running_mse).__name__)
+        raise ValueError(f"{op}: running_mse must be a one-element floating tensor holding a positive value, "
+                         f"got {described}")
     if running_mse.device != device:
         raise ValueError(f"{op}: running_mse must be on the device of x_hat ({device}), got {running_mse.device}")
     # reading the value waits for the GPU, so on CUDA it is checked only with FASTVAE_CHECK_FINITE=1;
@@ -205,7 +210,8 @@ def _distributed() -> bool:
 def batch_mse(sse: Tensor, numel: int) -> Tensor:
     """``sse / numel``, summed over all ranks first when torch.distributed is initialized."""
     if _distributed():
-        totals = torch.stack([sse.detach().double(), torch.tensor(float(numel), dtype=torch.float64, device=sse.device)])
+        totals = torch.stack([sse.detach().double(),
+                              torch.tensor(float(numel), dtype=torch.float64, device=sse.device)])
         dist.all_reduce(totals)
         return (totals[0] / totals[1]).to(sse.dtype)
     return sse.detach() / numel
@@ -260,10 +266,12 @@ def balanced_mse(
     check_finite(op, x_hat=x_hat, x=x, running_mse=running_mse)
     if update and not _distributed():
         # the update happens inside the op (the kernel's last program on Triton)
-        return (_eager.route("balanced_mse_update_", x_hat, x) or _BalancedMSEUpdate.apply)(x_hat, x, running_mse, reduction, full, float(momentum), rule, backend.decide(x_hat))
+        return (_eager.route("balanced_mse_update_", x_hat, x) or _BalancedMSEUpdate.apply)(
+            x_hat, x, running_mse, reduction, full, float(momentum), rule, backend.decide(x_hat))
     # the loss and its backward use gamma^2 as it was before this call's in-place update
     gamma2 = running_mse.detach().clone() if update else running_mse.detach()
-    loss, sse = (_eager.route("balanced_mse", x_hat, x) or torch.ops.fastvae.balanced_mse)(x_hat, x, gamma2, reduction, full)
+    loss, sse = (_eager.route("balanced_mse", x_hat, x) or torch.ops.fastvae.balanced_mse)(
+        x_hat, x, gamma2, reduction, full)
     if update:
         _cpu.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
     return loss
@@ -273,7 +281,8 @@ class BalancedMSE(nn.Module):
     """``balanced_mse`` as a module: ``running_mse`` is a buffer (saved in the state_dict and in
     checkpoints, start value ``init``), updated only in training mode. ``gamma = sqrt(running_mse)``."""
 
-    def __init__(self, momentum: float = 0.99, rule: str = "min-ema", reduction: str = "batchmean", full: bool = False, init: float = 1.0):
+    def __init__(self, momentum: float = 0.99, rule: str = "min-ema", reduction: str = "batchmean", full: bool = False,
+                 init: float = 1.0):
         super().__init__()
         check_choice("BalancedMSE", "rule", rule, UPDATE_RULES)
         check_choice("BalancedMSE", "reduction", reduction, REDUCTIONS)

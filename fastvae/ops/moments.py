@@ -183,7 +183,8 @@ def _setup_variance_law(ctx, inputs, output):
 def _variance_law_grad(ctx, grad_mean, grad_var):
     mu, logvar, mean = ctx.saved_tensors
     need_logvar = ctx.needs_input_grad[1]
-    grad_mu, grad_logvar = _moments_backward_op(grad_mean, grad_var, mu, mean, logvar if need_logvar else None, None, 0, ctx.backend)
+    grad_mu, grad_logvar = _moments_backward_op(grad_mean, grad_var, mu, mean, logvar if need_logvar else None, None, 0,
+                                                ctx.backend)
     return grad_mu, (grad_logvar if need_logvar else None)
 
 
@@ -198,7 +199,8 @@ def _setup_renormalize(ctx, inputs, output):
 
 def _renormalize_grad(ctx, grad, _grad_mean, _grad_var, _grad_scalars):
     z, mean, var, scalars, target_var = ctx.saved_tensors
-    grad_z = _renormalize_backward_op(grad, z, mean, var, scalars, target_var, ctx.target_var_value, ctx.dim, ctx.mode, ctx.eps, ctx.backend)
+    grad_z = _renormalize_backward_op(grad, z, mean, var, scalars, target_var, ctx.target_var_value, ctx.dim, ctx.mode,
+                                      ctx.eps, ctx.backend)
     return grad_z, None, None, None, None, None, None, None
 
 
@@ -234,7 +236,8 @@ def moments(z: Tensor, dim: int | tuple[int, ...] = 0, correction: int = 0) -> t
     r"""Per-dimension mean and variance of ``z`` over ``dim`` (the batch), in one pass.
 
     .. math::
-        \text{mean} = \frac{1}{N} \sum_n z_n, \qquad \text{var} = \frac{1}{N - \text{correction}} \sum_n (z_n - \text{mean})^2
+        \text{mean} = \frac{1}{N} \sum_n z_n, \qquad
+        \text{var} = \frac{1}{N - \text{correction}} \sum_n (z_n - \text{mean})^2
 
     Accumulated in float32 (float64 for float64 inputs) with Welford per tile and Chan's combine, in a
     fixed order (the same bits at every call), on data shifted by its first row: stable when
@@ -244,7 +247,8 @@ def moments(z: Tensor, dim: int | tuple[int, ...] = 0, correction: int = 0) -> t
         z: ``(*, N, *)`` of float16, bfloat16, float32 or float64; any strides.
         dim: the dim reduced over (N samples), or a tuple of dims reduced together (as ``torch.var_mean``):
             per-channel statistics of a ``(B, C, H, W)`` latent are ``dim=(0, 2, 3)``.
-        correction: ``var`` divides by ``N - correction`` (0: population, 1: unbiased); must leave ``N - correction > 0``.
+        correction: ``var`` divides by ``N - correction`` (0: population, 1: unbiased); must leave
+            ``N - correction > 0``.
 
     Returns:
         ``(mean, var)``: tensors of ``z``'s shape without ``dim``, in the accumulation dtype.
@@ -285,8 +289,10 @@ def renormalize(
     r"""Rescale ``z`` so that its per-dimension moments over ``dim`` match the targets.
 
     .. math::
-        \texttt{per\_dim}: \quad z' = \frac{z - \text{mean}}{\sqrt{\text{var} + \epsilon}} \sqrt{\text{target\_var}} + \text{target\_mean}
-        \qquad \texttt{scalar}: \quad z' = z \, \frac{\sqrt{\overline{\text{target\_var}}}}{\overline{\sqrt{\text{var} + \epsilon}}}
+        \texttt{per\_dim}: \quad
+        z' = \frac{z - \text{mean}}{\sqrt{\text{var} + \epsilon}} \sqrt{\text{target\_var}} + \text{target\_mean}
+        \qquad \texttt{scalar}: \quad
+        z' = z \, \frac{\sqrt{\overline{\text{target\_var}}}}{\overline{\sqrt{\text{var} + \epsilon}}}
 
     with ``mean`` and ``var`` (population) over ``dim`` and the bars means over the dimensions. ``scalar``
     (the authors' code) applies one factor to all dimensions and does not shift: ``target_mean`` is
@@ -318,14 +324,17 @@ def renormalize(
     shape = _stat_shape(z, dim)
     target_mean = check_per_dim(op, "target_mean", target_mean, shape, z.device)
     target_var = check_per_dim(op, "target_var", target_var, shape, z.device, min_value=0.0)
-    targets = {name: t for name, t in (("target_mean", target_mean), ("target_var", target_var)) if isinstance(t, Tensor)}
+    targets = {name: t for name, t in (("target_mean", target_mean), ("target_var", target_var))
+               if isinstance(t, Tensor)}
     for name, t in targets.items():
         if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: {name} requires grad, but the targets are constants (gradients flow to z only); pass {name}.detach()")
+            raise ValueError(f"{op}: {name} requires grad, but the targets are constants (gradients flow to z only); "
+                             f"pass {name}.detach()")
     check_finite(op, z=z, **targets)
     tm_tensor, tv_tensor = targets.get("target_mean"), targets.get("target_var")
     return (_eager.route("renormalize", z) or torch.ops.fastvae.renormalize)(
-        z, tm_tensor, tv_tensor, 0.0 if tm_tensor is not None else target_mean, 0.0 if tv_tensor is not None else target_var,
+        z, tm_tensor, tv_tensor, 0.0 if tm_tensor is not None else target_mean,
+        0.0 if tv_tensor is not None else target_var,
         dim, mode, eps,
     )[0]
 
@@ -367,5 +376,6 @@ def variance_law(mu: Tensor, logvar: Tensor, dim: int | tuple[int, ...] | None =
     mu_rows, kept_shape = _reduced_first(mu, dims)
     logvar_rows, _ = _reduced_first(logvar, dims)
     F = math.prod(kept_shape)
-    mean, var = (_eager.route("variance_law", mu, logvar) or torch.ops.fastvae.variance_law)(mu_rows.reshape(-1, F), logvar_rows.reshape(-1, F))
+    mean, var = (_eager.route("variance_law", mu, logvar) or torch.ops.fastvae.variance_law)(
+        mu_rows.reshape(-1, F), logvar_rows.reshape(-1, F))
     return mean.view(kept_shape), var.view(kept_shape)

@@ -45,22 +45,24 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Opti
     if kernels_reparameterize.reads_in_place(event_dims, mu, logvar):
         return kernels_reparameterize.forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
     # strides the kernel cannot index (more than 3 sample or 2 event dims after merging): contiguous copies
-    z, kl = kernels_reparameterize.forward(mu.contiguous(), logvar.contiguous(), seed, reduction, logvar_clamp, event_dims)
+    z, kl = kernels_reparameterize.forward(mu.contiguous(), logvar.contiguous(), seed, reduction, logvar_clamp,
+                                           event_dims)
     return (None if z is None else _cpu.in_format(z, mu)), (_cpu.in_format(kl, mu) if reduction == "none" else kl)
 
 
-def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
-              backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1):
+def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor],
+              reduction: str, backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1):
     """The gradients on ``backend_name`` (the backend that the forward ran on), in mu's memory format."""
     if backend_name == "torch":
-        return _cpu.reparameterize_kl_events_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims)
+        return _cpu.reparameterize_kl_events_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp,
+                                                      event_dims)
     operands = [t for t in (mu, logvar, grad_z, grad_kl if reduction == "none" else None) if t is not None]
     if kernels_reparameterize.reads_in_place(event_dims, *operands):
         return kernels_reparameterize.backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims)
     grad_z = None if grad_z is None else grad_z.contiguous()
     grad_kl = None if grad_kl is None else grad_kl.contiguous()
-    grad_mu, grad_logvar = kernels_reparameterize.backward(grad_z, grad_kl, mu.contiguous(), logvar.contiguous(), seed, reduction,
-                                            logvar_clamp, event_dims)
+    grad_mu, grad_logvar = kernels_reparameterize.backward(grad_z, grad_kl, mu.contiguous(), logvar.contiguous(), seed,
+                                                           reduction, logvar_clamp, event_dims)
     return _cpu.in_format(grad_mu, mu), _cpu.in_format(grad_logvar, mu)
 
 
@@ -86,19 +88,21 @@ def _reparameterize_kl_op(mu: Tensor, logvar: Tensor, seed: Tensor, reduction: s
 
 
 @torch.library.custom_op("fastvae::reparameterize", mutates_args=())
-def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor, logvar_clamp: Clamp = None, event_dims: int = 1) -> Tensor:
+def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor, logvar_clamp: Clamp = None,
+                       event_dims: int = 1) -> Tensor:
     return _forward(mu, logvar, seed, None, logvar_clamp, event_dims)[0]
 
 
 @torch.library.custom_op("fastvae::kl_divergence", mutates_args=())
-def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str, logvar_clamp: Clamp = None, event_dims: int = 1) -> Tensor:
+def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str, logvar_clamp: Clamp = None,
+                      event_dims: int = 1) -> Tensor:
     return _forward(mu, logvar, None, reduction, logvar_clamp, event_dims)[1]
 
 
 @torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
 def _backward_op(
-    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: str,
-    backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1,
+    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor],
+    reduction: str, backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1,
 ) -> tuple[Tensor, Tensor]:
     return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp, event_dims)
 
@@ -153,7 +157,8 @@ def _reparameterize_kl_grad(ctx, grad_z, grad_kl):
 
 def _reparameterize_grad(ctx, grad_z):
     mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.backend, ctx.logvar_clamp, ctx.event_dims)
+    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.backend, ctx.logvar_clamp,
+                                        ctx.event_dims)
     return grad_mu, grad_logvar, None, None, None
 
 
@@ -238,7 +243,8 @@ def reparameterize(
     op = "reparameterize"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     seed = seed_tensor(op, seed, mu.device)
-    return (_eager.route("reparameterize", mu, logvar) or torch.ops.fastvae.reparameterize)(mu, logvar, seed, clamp, event_dims)
+    return (_eager.route("reparameterize", mu, logvar) or torch.ops.fastvae.reparameterize)(
+        mu, logvar, seed, clamp, event_dims)
 
 
 def kl_divergence(
