@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import backend, reference
 from ..reference.balanced_mse import UPDATE_RULES
 from . import _cpu, _eager
-from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, finite_check_enabled
+from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_running_estimate
 from ._layout import as_rows, from_memory_order, memory_order, samples_in_memory_order
 
 try:
@@ -186,23 +186,6 @@ class _BalancedMSEUpdate(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------- public API
 
-def _check_running_mse(op: str, running_mse: object, device: torch.device) -> Tensor:
-    if not isinstance(running_mse, Tensor) or not running_mse.dtype.is_floating_point or running_mse.numel() != 1:
-        described = (f"{running_mse.dtype} of shape {tuple(running_mse.shape)}" if isinstance(running_mse, Tensor)
-                     else type(running_mse).__name__)
-        raise ValueError(f"{op}: running_mse must be a one-element floating tensor holding a positive value, "
-                         f"got {described}")
-    if running_mse.device != device:
-        raise ValueError(f"{op}: running_mse must be on the device of x_hat ({device}), got {running_mse.device}")
-    # reading the value waits for the GPU, so on CUDA it is checked only with FASTVAE_CHECK_FINITE=1;
-    # torch.compile cannot branch on it at all
-    if (running_mse.device.type == "cpu" and not torch.compiler.is_compiling()) or finite_check_enabled():
-        value = float(running_mse.detach().reshape(()))
-        if not value > 0 or value == float("inf"):
-            raise ValueError(f"{op}: running_mse must be positive and finite, got {value}")
-    return running_mse
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -258,7 +241,7 @@ def balanced_mse(
         raise ValueError(f"{op}: x_hat and x must have the same shape, got {tuple(x_hat.shape)} and {tuple(x.shape)}")
     if x_hat.device != x.device:
         raise ValueError(f"{op}: x_hat and x must be on the same device, got {x_hat.device} and {x.device}")
-    _check_running_mse(op, running_mse, x_hat.device)
+    check_running_estimate(op, "running_mse", running_mse, x_hat.device)
     check_choice(op, "reduction", reduction, REDUCTIONS)
     check_choice(op, "rule", rule, UPDATE_RULES)
     if not 0.0 <= momentum <= 1.0:
