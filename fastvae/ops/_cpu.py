@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -240,11 +241,17 @@ def in_format(result: Tensor, like: Tensor) -> Tensor:
 
 def reparameterize_kl_events(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
                              event_dims: int) -> tuple[Tensor | None, Tensor | None]:
-    """``reparameterize_kl`` on latents whose last ``event_dims`` dims form one sample: the engine on
-    ``(samples, event elements)`` rows (a copy where no view exists), ``logvar`` clamped first; ``z`` and
-    the elementwise KL in mu's memory format, a ``per_sample`` KL of shape ``mu.shape[:-event_dims]``."""
+    """``reparameterize_kl`` on latents whose last ``event_dims`` dims form one sample, ``logvar`` clamped
+    first: ``z`` and the elementwise KL in mu's memory format, a ``per_sample`` KL of shape
+    ``mu.shape[:-event_dims]``. Float32 accumulation with numba: ``_cpu_numba``'s one pass; otherwise the
+    engine above on ``(samples, event elements)`` rows (a copy where no view exists)."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    z, kl = reparameterize_kl(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed, reduction)
+    kernels = _cpu_philox.compiled()
+    if kernels is not None and accumulation_dtype(mu.dtype) == torch.float32 and mu.numel() > 0:
+        z, kl = _fused_forward(kernels, mu, logvar, seed, reduction, logvar_clamp, E)
+    else:
+        z, kl = reparameterize_kl(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed,
+                                  reduction)
     if z is not None:
         z = in_format(z.view(mu.shape), mu)
     if kl is not None and reduction == "none":
@@ -260,11 +267,93 @@ def reparameterize_kl_events_backward(grad_z: Tensor | None, grad_kl: Tensor | N
                                       seed: Tensor | None, reduction: str, logvar_clamp, event_dims: int):
     """The gradients of ``reparameterize_kl_events`` with torch.clamp's rule, in mu's memory format."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
-    lv = logvar.reshape(-1, E)
-    grad_mu, grad_logvar = reparameterize_kl_backward(
-        None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
-        seed, reduction,
-    )
-    grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
+    kernels = _cpu_philox.compiled()
+    if kernels is not None and accumulation_dtype(mu.dtype) == torch.float32 and mu.numel() > 0:
+        grad_mu, grad_logvar = _fused_backward(kernels, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E)
+    else:
+        g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
+        lv = logvar.reshape(-1, E)
+        grad_mu, grad_logvar = reparameterize_kl_backward(
+            None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
+            seed, reduction,
+        )
+        grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
     return in_format(grad_mu.view(mu.shape), mu), in_format(grad_logvar.view(mu.shape), mu)
+
+
+# ------------------------------------------------------------- reparameterize_kl through _cpu_numba
+_NONE = np.empty((0, 0), np.float32)  # an output or input the loop is told to skip
+
+
+def _rows(t: Tensor, E: int) -> np.ndarray:
+    """``t`` as a C-contiguous float32 ``(rows, E)`` array (a copy only where needed)."""
+    return t.reshape(-1, E).to(torch.float32).contiguous().numpy()
+
+
+def _clamp_args(logvar_clamp) -> tuple[bool, np.float32, np.float32]:
+    if logvar_clamp is None:
+        return False, np.float32(0), np.float32(0)
+    return True, np.float32(logvar_clamp[0]), np.float32(logvar_clamp[1])
+
+
+def _fused_forward(kernels, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
+                   E: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(z, kl)`` as ``reparameterize_kl`` returns them on ``(rows, E)``, from ``reparameterize_kl_rows``;
+    rows split over threads (each row's KL is summed whole, so the split changes no bit)."""
+    mu_rows, logvar_rows = _rows(mu, E), _rows(logvar, E)
+    rows = mu_rows.shape[0]
+    z = torch.empty((rows, E), dtype=torch.float32) if seed is not None else None
+    terms = torch.empty((rows, E), dtype=torch.float32) if reduction == "none" else None
+    sums = torch.empty(rows, dtype=torch.float64) if reduction not in (None, "none") else None
+    z_np = _NONE if z is None else z.numpy()
+    terms_np = _NONE if terms is None else terms.numpy()
+    sums_np = np.empty(0) if sums is None else sums.numpy()
+    lo_word, hi_word = _cpu_philox.seed_words(seed) if seed is not None else (np.uint64(0), np.uint64(0))
+    clamp, lo, hi = _clamp_args(logvar_clamp)
+
+    def loop(a: int, b: int) -> None:
+        kernels.reparameterize_kl_rows(
+            mu_rows[a:b], logvar_rows[a:b], lo_word, hi_word, a, clamp, lo, hi, z is not None,
+            z_np[a:b] if z is not None else _NONE, terms is not None, terms_np[a:b] if terms is not None else _NONE,
+            sums is not None, sums_np[a:b] if sums is not None else sums_np, np.empty(E, np.float32))
+
+    _cpu_philox.split(loop, rows, rows * E)
+    z = None if z is None else z.to(mu.dtype)
+    if reduction is None:
+        return z, None
+    if reduction == "none":
+        return z, terms.to(mu.dtype)
+    if reduction == "per_sample":
+        return z, sums.to(torch.float32)
+    total = sums.sum()
+    return z, (total / rows if reduction == "batchmean" else total).to(torch.float32)
+
+
+def _fused_backward(kernels, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+                    seed: Tensor | None, reduction: str, logvar_clamp, E: int) -> tuple[Tensor, Tensor]:
+    """``(d mu, d logvar)`` on ``(rows, E)`` from ``reparameterize_kl_rows_backward``."""
+    mu_rows, logvar_rows = _rows(mu, E), _rows(logvar, E)
+    rows = mu_rows.shape[0]
+    g_z = np.zeros((1, 1), np.float32) if grad_z is None else _rows(grad_z, E)
+    if grad_kl is None:
+        g_kl = np.zeros((1, 1), np.float32)  # d mu = g_z + 0 mu: the loop's one formula
+    elif reduction == "none":
+        g_kl = _rows(grad_kl, E)
+    elif reduction == "per_sample":
+        g_kl = _rows(grad_kl, 1)
+    else:
+        g_kl = _rows(grad_kl / rows if reduction == "batchmean" else grad_kl, 1)
+    grad_mu = torch.empty((rows, E), dtype=torch.float32)
+    grad_logvar = torch.empty((rows, E), dtype=torch.float32)
+    grad_mu_np, grad_logvar_np = grad_mu.numpy(), grad_logvar.numpy()
+    lo_word, hi_word = _cpu_philox.seed_words(seed) if grad_z is not None else (np.uint64(0), np.uint64(0))
+    clamp, lo, hi = _clamp_args(logvar_clamp)
+
+    def loop(a: int, b: int) -> None:
+        kernels.reparameterize_kl_rows_backward(
+            g_z[a:b] if grad_z is not None else g_z, g_kl[a:b] if g_kl.shape[0] > 1 else g_kl, mu_rows[a:b],
+            logvar_rows[a:b], lo_word, hi_word, a, clamp, lo, hi, grad_z is not None, grad_kl is not None,
+            grad_mu_np[a:b], grad_logvar_np[a:b])
+
+    _cpu_philox.split(loop, rows, rows * E)
+    return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)

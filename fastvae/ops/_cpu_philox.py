@@ -1,18 +1,20 @@
 """The Philox stream of ``tl.randn`` for the CPU engine: ``fastvae.reference.philox_randn``, fast.
 
-The integer part (10 Philox rounds, then the fold to a uniform in float32) runs as one loop compiled
-with numba when numba is installed (``pip install fastvae[cpu]``): about 1.6 ns an element on one core,
-less than ``torch.randn``. Box-Muller's ``log``, ``sqrt`` and ``cos`` then run as PyTorch's vectorized
-ops. Without numba (or on a device other than the CPU) the words come from PyTorch integer ops written
-for few dispatches: ten times slower, the same bits. The compiled loop is cached on disk by numba.
+With numba installed (``pip install fastvae[cpu]``) the noise comes from ``_cpu_numba``'s compiled loop:
+the spec's Philox words and float32 uniforms bit for bit, Box-Muller's ``log``, ``cos`` and ``sqrt`` in
+vectorized float32 polynomials (within 3 ulp of the spec's float32 ``torch.log``/``torch.cos``), about 2 ns an
+element on one core, less than ``torch.randn``. Without numba (or on a device other than the CPU, or when
+numba fails: one warning) the words come from PyTorch integer ops written for few dispatches and
+Box-Muller from PyTorch's float32 ops: the spec's bits, five times slower.
 """
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
 import math
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Callable, Optional
 
 import numpy as np
@@ -24,91 +26,81 @@ from ..reference.philox import INT32_TO_UNIFORM, KEY_A, KEY_B, M32, MIN_UNIFORM,
 _TWO_PI = 2 * math.pi
 
 
-# ------------------------------------------------------------------------------------ numba loop
-_M32, _H32, _S32 = np.uint64(M32), np.uint64(2**31), np.uint64(32)
-_RA, _RB, _KA, _KB = np.uint64(ROUND_A), np.uint64(ROUND_B), np.uint64(KEY_A), np.uint64(KEY_B)
-_SCALE, _TINY = np.float32(INT32_TO_UNIFORM), np.float32(MIN_UNIFORM)
-_TWO_PI32, _ZERO = np.float32(_TWO_PI), np.uint64(0)
-
-
-def _uniforms_loop(seed_lo, seed_hi, start, u0, u1):
-    """``u0[i] = max(uniform(c0), 1e-7)``, ``u1[i] = 2 pi uniform(c1)`` of Philox counter ``start + i``,
-    float32; compiled by numba (uint64 holds every 32x32-bit product exactly)."""
-    for i in range(u0.shape[0]):
-        counter = np.uint64(start + i)
-        c0, c1, c2, c3 = counter & _M32, counter >> _S32, _ZERO, _ZERO
-        k0, k1 = seed_lo, seed_hi
-        for _ in range(ROUNDS):
-            pa, pb = _RA * c0, _RB * c2
-            c0, c1, c2, c3 = (pb >> _S32) ^ c1 ^ k0, pb & _M32, (pa >> _S32) ^ c3 ^ k1, pa & _M32
-            k0, k1 = (k0 + _KA) & _M32, (k1 + _KB) & _M32
-        f0 = _M32 - c0 if c0 >= _H32 else c0  # the int32 fold: ~c for negative c
-        f1 = _M32 - c1 if c1 >= _H32 else c1
-        a = np.float32(np.int32(f0)) * _SCALE
-        u0[i] = a if a > _TINY else _TINY
-        u1[i] = (np.float32(np.int32(f1)) * _SCALE) * _TWO_PI32
+# ------------------------------------------------------------------------------------ numba loops
+def _probe(kernels: ModuleType) -> None:
+    """Compile every loop once (numba caches the machine code on disk) on a tiny input."""
+    one, seed = np.uint64(1), np.uint64(0)
+    kernels.normal_loop(seed, one, 0, np.empty(1, np.float32))
+    row, sums, scratch = np.zeros((1, 1), np.float32), np.empty(1), np.empty(1, np.float32)
+    lo, hi = np.float32(-1), np.float32(1)
+    kernels.reparameterize_kl_rows(row, row, seed, one, 0, True, lo, hi, True, row.copy(), True, row.copy(), True,
+                                   sums, scratch)
+    kernels.reparameterize_kl_rows_backward(row, row, row, row, seed, one, 0, True, lo, hi, True, True, row.copy(),
+                                            row.copy())
 
 
 @functools.lru_cache(maxsize=1)
-def _compiled() -> Optional[Callable]:
-    """The numba loop, compiled for its one signature, or None without numba (or when it fails)."""
+def compiled() -> Optional[ModuleType]:
+    """The compiled loops (the module ``_cpu_numba``, every loop probed once), or None without numba or when
+    it fails (one warning: the engine then runs on PyTorch ops)."""
     try:
-        import numba
+        import numba  # noqa: F401
     except ImportError:
         return None
-    error = None
-    for cache in (True, False):  # no writable cache folder (a read-only install): compile in memory
-        try:
-            loop = numba.njit(cache=cache, nogil=True)(_uniforms_loop)
-            probe = np.empty(1, np.float32)
-            loop(np.uint64(0), np.uint64(0), 0, probe, probe.copy())
-            return loop
-        except Exception as failure:  # a broken numba install must not break the ops
-            error = failure
-    warnings.warn(f"fastvae: numba failed to compile the CPU Philox loop ({error!r}); using PyTorch integer ops")
-    return None
+    try:
+        from . import _cpu_numba
+        _probe(_cpu_numba)
+    except Exception as error:  # a broken numba install must not break the ops
+        warnings.warn(f"fastvae: numba failed to compile the CPU loops ({error!r}); using PyTorch ops")
+        return None
+    return _cpu_numba
 
 
-_PARALLEL_MIN = 1 << 17  # below this many elements a second thread costs more than it saves
+def numba_available() -> bool:
+    """Whether the CPU engine runs the numba loops."""
+    return compiled() is not None
+
+
+PARALLEL_MIN = 1 << 16
+"""Below this many elements a second thread costs more than it saves."""
 
 
 @functools.lru_cache(maxsize=1)
 def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastvae-philox")
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastvae-cpu")
 
 
-def _run_loop(loop: Callable, seed: int, u: np.ndarray) -> None:
-    """Fill ``u`` (2, n): the loop releases the GIL, so ``torch.get_num_threads()`` threads share the
-    counters in contiguous chunks (the result does not depend on the split)."""
-    lo, hi = np.uint64(seed & M32), np.uint64(seed >> 32)
-    n = u.shape[1]
-    workers = min(torch.get_num_threads(), n // _PARALLEL_MIN) if n >= 2 * _PARALLEL_MIN else 1
+def split(loop: Callable[[int, int], None], units: int, elements: int) -> None:
+    """``loop(a, b)`` over ``[0, units)`` in contiguous chunks, on up to ``torch.get_num_threads()`` threads
+    when there are ``elements`` enough (the loops release the GIL; their results do not depend on the split)."""
+    workers = min(torch.get_num_threads(), elements // PARALLEL_MIN, units)
     if workers <= 1:
-        loop(lo, hi, 0, u[0], u[1])
+        loop(0, units)
         return
-    bounds = [n * k // workers for k in range(workers + 1)]
-    jobs = [_pool(workers).submit(loop, lo, hi, a, u[0, a:b], u[1, a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
-    loop(lo, hi, 0, u[0, :bounds[1]], u[1, :bounds[1]])
+    bounds = [units * k // workers for k in range(workers + 1)]
+    jobs = [_pool(workers).submit(loop, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    loop(0, bounds[1])
     for job in jobs:
         job.result()
 
 
-def numba_available() -> bool:
-    """Whether the CPU engine draws its noise with the numba loop."""
-    return _compiled() is not None
+def seed_words(seed: Tensor) -> tuple[np.uint64, np.uint64]:
+    """The low and high 32-bit words of a one-element int64 seed tensor, as the loops take them."""
+    value = int(seed.item())
+    return np.uint64(value & M32), np.uint64((value >> 32) & M32)
 
 
 def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
-    """``fastvae.reference.philox_randn(seed, shape, device)``, the same bits, fast on the CPU."""
+    """``fastvae.reference.philox_randn(seed, shape, device)``, fast on the CPU (see the module's docstring)."""
     device = device if isinstance(device, torch.device) else torch.device(device)
-    loop = _compiled() if device.type == "cpu" and seed.device.type == "cpu" else None
+    kernels = compiled() if device.type == "cpu" and seed.device.type == "cpu" else None
     n = math.prod(shape)
-    if loop is None:
-        u = _torch_uniforms(seed, n, device)
-    else:
-        u = torch.empty((2, n), dtype=torch.float32)
-        _run_loop(loop, seed.item(), u.numpy())  # a one-element int64 tensor
-    u0, u1 = u
+    if kernels is not None:
+        eps = torch.empty(n, dtype=torch.float32)
+        out, (lo, hi) = eps.numpy(), seed_words(seed)
+        split(lambda a, b: kernels.normal_loop(lo, hi, a, out[a:b]), n, n)
+        return eps.view(shape)
+    u0, u1 = _torch_uniforms(seed, n, device)
     return u0.log_().mul_(-2.0).sqrt_().mul_(u1.cos_()).view(shape)
 
 

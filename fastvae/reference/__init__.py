@@ -14,13 +14,13 @@ imports them. Accumulation is in float32 (float64 for float64 inputs). Elementwi
 reduced losses come back in the accumulation dtype (float32 for half-precision inputs).
 
 **Noise.** ``philox_randn`` is Philox 4x32-10 with Box-Muller exactly as Triton's ``tl.randn`` draws
-it. The CPU engine draws the same integer stream (compiled with numba when it is installed, else in
-PyTorch integer ops), so a seed gives the same ``eps`` on the CPU and on the GPU: equal bit for bit
-between the CPU engine and this spec, and to about 1e-6 on a GPU, whose ``log``, ``cos`` and ``sqrt``
-are approximate. We kept the stream rather than drawing CPU noise from a ``torch.Generator`` keyed by
-the seed: once the words are compiled, the Philox stream costs less than ``torch.randn``, and a seed
-then means one ``z`` on every backend (a checkpoint resumed on another device, a test on CPU of a run
-on GPU).
+it. The CPU engine draws the same stream: the same counters, words and float32 uniforms bit for bit, and,
+where numba is installed, Box-Muller's ``log`` and ``cos`` as vectorized float32 polynomials within 4 ulp
+of this spec's (``fastvae/ops/_cpu_numba.py``; without numba, this spec's very bits). A GPU agrees to
+about 1e-6, its ``log``/``cos`` being approximate. We kept the stream rather than drawing CPU noise from a
+``torch.Generator`` keyed by the seed: compiled, the Philox stream costs less than ``torch.randn``, and a
+seed then means one ``z`` on every backend to float32 rounding (a test on CPU of a run on GPU) and bit for
+bit on one machine (a resumed run).
 """
 from .balanced_mse import (
     UPDATE_RULES, balanced_loss, balanced_mse, balanced_mse_backward, balanced_mse_forward, balanced_mse_loss,

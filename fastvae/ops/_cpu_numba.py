@@ -1,0 +1,251 @@
+"""The CPU engine's compiled loops (numba): the Philox words, and ``reparameterize_kl`` in one pass
+forward and one pass backward.
+
+Imported only through ``_cpu_philox.compiled()``, which falls back to PyTorch ops when numba is missing or
+fails. Every loop is written so that LLVM vectorizes it: no calls inside, only arithmetic and selects.
+That is why ``log``, ``cos`` and ``exp`` are written out here (range reduction, then a polynomial, in
+float64): numba's ``math.log`` is a scalar libm call, which no loop around it can vectorize.
+
+**Accuracy.** The Philox words and the float32 uniforms are the spec's bit for bit; ``log``, ``cos`` and
+``exp`` are good to about 1e-13 relative, so ``eps = sqrt(-2 log u0) cos(2 pi u1)`` rounded once to float32
+is within one float32 rounding of the spec's, which rounds in float32 after each of its four steps (the
+tests bound the difference at 2 ulp). ``z``, the KL and the gradients are computed in float64 from
+float32 inputs and rounded once: at least as accurate as the spec, and not its bits.
+
+Shapes: the latents come as ``(rows, E)`` float32 arrays, C-contiguous; row ``r`` of a call whose first
+row is ``row0`` draws the noise of flat elements ``(row0 + r) E .. (row0 + r + 1) E - 1``, so that rows
+may be split over threads without changing a bit.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+from ..reference.philox import INT32_TO_UNIFORM, KEY_A, KEY_B, M32, MIN_UNIFORM, ROUND_A, ROUND_B, ROUNDS
+
+
+def _jit(function=None, **options):
+    """``numba.njit(cache=True, nogil=True)``; in memory when no cache folder is writable."""
+    def wrap(f):
+        try:
+            return numba.njit(cache=True, nogil=True, error_model="numpy", **options)(f)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, error_model="numpy", **options)(f)
+    return wrap if function is None else wrap(function)
+
+
+def _bitcast(source, target):
+    @intrinsic
+    def cast(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
+        return target(source), codegen
+    return cast
+
+
+_bits32 = _bitcast(types.float32, types.int32)
+"""The bits of a float32 as an int32."""
+_from_bits32 = _bitcast(types.int32, types.float32)
+"""The float32 whose bits are the int32."""
+
+
+# ------------------------------------------------------------------------------------------ Philox
+_M32, _H32, _S32 = np.uint64(M32), np.uint64(2**31), np.uint64(32)
+_RA, _RB, _KA, _KB = np.uint64(ROUND_A), np.uint64(ROUND_B), np.uint64(KEY_A), np.uint64(KEY_B)
+_SCALE, _TINY = np.float32(INT32_TO_UNIFORM), np.float32(MIN_UNIFORM)
+_TWO_PI32, _ZERO = np.float32(2 * math.pi), np.uint64(0)
+
+
+@_jit(inline="always")
+def _uniforms(counter, seed_lo, seed_hi):
+    """``(max(uniform(c0), 1e-7), 2 pi uniform(c1))`` in float32 for one Philox counter (uint64), as
+    ``tl.randn`` forms them: 10 rounds on ``(counter lo, counter hi, 0, 0)``, each word folded to an int32
+    magnitude and scaled. uint64 holds every 32x32-bit product exactly."""
+    c0, c1, c2, c3 = counter & _M32, counter >> _S32, _ZERO, _ZERO
+    k0, k1 = seed_lo, seed_hi
+    for _ in range(ROUNDS):
+        pa, pb = _RA * c0, _RB * c2
+        c0, c1, c2, c3 = (pb >> _S32) ^ c1 ^ k0, pb & _M32, (pa >> _S32) ^ c3 ^ k1, pa & _M32
+        k0, k1 = (k0 + _KA) & _M32, (k1 + _KB) & _M32
+    f0 = _M32 - c0 if c0 >= _H32 else c0  # the int32 fold: ~c for negative c
+    f1 = _M32 - c1 if c1 >= _H32 else c1
+    u0 = np.float32(np.int32(f0)) * _SCALE
+    return (u0 if u0 > _TINY else _TINY), (np.float32(np.int32(f1)) * _SCALE) * _TWO_PI32
+
+
+# ------------------------------------------------------------------- log, cos, exp for the vectorizer
+# float32 throughout (16 lanes to a 512-bit vector): every constant is a float32, as one float64 operand
+# would turn the whole expression into float64. Polynomials and reductions after Cephes' logf, sinf,
+# cosf and expf (S. Moshier), each within 2 ulp.
+_F = np.float32
+_MANTISSA32, _ONE32 = np.int32((1 << 23) - 1), np.int32(127 << 23)
+_SQRT2_32, _HALF, _ONE, _TWO = _F(math.sqrt(2.0)), _F(0.5), _F(1.0), _F(2.0)
+_LN2_HI32, _LN2_LO32 = _F(0.693359375), _F(-2.12194440e-4)  # k LN2_HI32 exact for |k| < 2**15
+_LOG_P = tuple(_F(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
+                               1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
+                               3.3333331174e-1))
+_PIO2_A, _PIO2_B, _PIO2_C = _F(1.5703125), _F(4.837512969970703125e-4), _F(7.54978995489188216e-8)  # sum: pi/2
+_TWO_OVER_PI = _F(2 / math.pi)
+_SIN_P = tuple(_F(c) for c in (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1))
+_COS_P = tuple(_F(c) for c in (2.443315711809948e-5, -1.388731625493765e-3, 4.166664568298827e-2))
+_LOG2E = _F(1 / math.log(2.0))
+_EXP_P = tuple(_F(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                               1.6666665459e-1, 5.0000001201e-1))
+_EXP_MAX, _EXP_MIN = _F(100.0), _F(-110.0)  # beyond float32's exp range on either side
+
+
+@_jit(inline="always")
+def _log(x):
+    """``log(x)`` for a positive normal float32: ``x = m 2^e``, ``m`` in ``[sqrt(1/2), sqrt(2))``, ``f = m - 1``,
+    ``log(1 + f) = f - f^2 / 2 + f^3 P(f)``, ``e ln 2`` added in two parts."""
+    bits = _bits32(x)
+    e = (bits >> 23) - np.int32(127)
+    m = _from_bits32((bits & _MANTISSA32) | _ONE32)
+    big = m > _SQRT2_32
+    m = m * _HALF if big else m
+    e = e + np.int32(1) if big else e
+    f = m - _ONE
+    z = f * f
+    p = _LOG_P[0]
+    for c in _LOG_P[1:]:
+        p = p * f + c
+    ef = _F(e)
+    y = f * z * p + ef * _LN2_LO32 - _HALF * z
+    return f + y + ef * _LN2_HI32
+
+
+@_jit(inline="always")
+def _cos(x):
+    """``cos(x)`` for float32 ``0 <= x <= 2 pi``: ``x = k pi/2 + r`` (``|r| <= pi/4``, pi/2 in three parts),
+    then Cephes' ``cos r`` or ``sin r`` polynomial and the quadrant's sign."""
+    k = np.floor(x * _TWO_OVER_PI + _HALF)
+    r = ((x - k * _PIO2_A) - k * _PIO2_B) - k * _PIO2_C
+    z = r * r
+    c = (_COS_P[0] * z + _COS_P[1]) * z + _COS_P[2]
+    c = _ONE - _HALF * z + z * z * c
+    s = (_SIN_P[0] * z + _SIN_P[1]) * z + _SIN_P[2]
+    s = r + r * z * s
+    quadrant = np.int32(k) & np.int32(3)
+    value = s if quadrant & np.int32(1) else c
+    return -value if quadrant == np.int32(1) or quadrant == np.int32(2) else value
+
+
+@_jit(inline="always")
+def _exp(x):
+    """``exp(x)`` for any float32: ``x = k ln 2 + r``, Cephes' polynomial for ``e^r``, times ``2^k`` built from
+    its bits in two halves (so that overflow gives inf and underflow a subnormal or 0); NaN stays NaN."""
+    clipped = x if x < _EXP_MAX else _EXP_MAX  # NaN -> _EXP_MAX, replaced at the end
+    clipped = clipped if clipped > _EXP_MIN else _EXP_MIN
+    k = np.floor(clipped * _LOG2E + _HALF)
+    r = (clipped - k * _LN2_HI32) - k * _LN2_LO32
+    p = _EXP_P[0]
+    for c in _EXP_P[1:]:
+        p = p * r + c
+    p = p * (r * r) + r + _ONE
+    ki = np.int32(k)
+    half = ki >> np.int32(1)
+    value = p * _from_bits32((half + np.int32(127)) << np.int32(23)) * _from_bits32(
+        (ki - half + np.int32(127)) << np.int32(23))
+    return value if x == x else x
+
+
+@_jit(inline="always")
+def _normal(counter, seed_lo, seed_hi):
+    """``tl.randn(seed, counter)``: Box-Muller on the uniforms, every step in float32."""
+    u0, theta = _uniforms(counter, seed_lo, seed_hi)
+    return math.sqrt(_F(-2.0) * _log(u0)) * _cos(theta)
+
+
+@_jit
+def normal_loop(seed_lo, seed_hi, start, out):
+    """``out[i] = _normal(start + i)``: the noise alone (``philox_randn``)."""
+    for i in range(out.shape[0]):
+        out[i] = _normal(np.uint64(start + i), seed_lo, seed_hi)
+
+
+@_jit(fastmath={"reassoc"})
+def _row_sum(values):
+    """The float64 sum of a float32 row, in any order (so that it vectorizes): deterministic for one build."""
+    total = 0.0
+    for v in values:
+        total += np.float64(v)
+    return total
+
+
+# ------------------------------------------------------------------------------ reparameterize_kl
+@_jit(inline="always")
+def _clamped(logvar, clamp, lo, hi):
+    """torch.clamp(logvar, lo, hi) when ``clamp`` (NaN stays NaN)."""
+    if not clamp:
+        return logvar
+    return lo if logvar < lo else (hi if logvar > hi else logvar)
+
+
+# Each inner loop below reads and writes few arrays: LLVM vectorizes a loop only when it can check at run
+# time that its arrays do not overlap, and it gives up beyond a handful of such checks.
+@_jit(inline="always")
+def _z_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, z):
+    for j in range(mu.shape[0]):
+        std = _exp(_HALF * _clamped(logvar[j], clamp, lo, hi))
+        z[j] = mu[j] + std * _normal(first + np.uint64(j), seed_lo, seed_hi)
+
+
+@_jit(inline="always")
+def _kl_row(mu, logvar, clamp, lo, hi, terms):
+    for j in range(mu.shape[0]):
+        m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
+        std = _exp(_HALF * lv)
+        terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
+
+
+@_jit
+def reparameterize_kl_rows(mu, logvar, seed_lo, seed_hi, row0, clamp, lo, hi, want_z, z, want_terms, terms,
+                           want_sums, sums, scratch):
+    """``reparameterize_kl`` on float32 ``(rows, E)`` latents, ``std = exp(logvar / 2)``, in float32:
+
+    - ``z[r, j] = mu + std eps`` (``want_z``),
+    - ``terms[r, j] = ((mu^2 + std^2) - logvar - 1) / 2``, the elementwise KL (``want_terms``),
+    - ``sums[r] = sum_j terms[r, j]`` in float64 (``want_sums``), through ``scratch`` (E,) float32,
+
+    with ``logvar`` clamped to ``[lo, hi]`` (float32) first when ``clamp``. Unused outputs may be empty."""
+    for r in range(mu.shape[0]):
+        if want_z:
+            _z_row(mu[r], logvar[r], clamp, lo, hi, np.uint64((row0 + r) * mu.shape[1]), seed_lo, seed_hi, z[r])
+        if want_terms:
+            _kl_row(mu[r], logvar[r], clamp, lo, hi, terms[r])
+        if want_sums:
+            _kl_row(mu[r], logvar[r], clamp, lo, hi, scratch)
+            sums[r] = _row_sum(scratch)
+
+
+@_jit
+def reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed_lo, seed_hi, row0, clamp, lo, hi, has_grad_z,
+                                    has_grad_kl, grad_mu, grad_logvar):
+    """The gradients of ``reparameterize_kl_rows``, ``eps`` drawn again from the seed, in float32:
+
+    ``d mu = g_z + g_kl mu``, ``d logvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2``, zero where the clamp
+    cut ``logvar`` (torch.clamp's rule). ``grad_kl`` is ``(rows or 1, E or 1)``: the elementwise, per-row
+    or one gradient of the KL, broadcast; ``grad_z`` is read only when ``has_grad_z``."""
+    rows, E = mu.shape
+    elementwise = grad_kl.shape[1] > 1
+    zero = _F(0.0)
+    for r in range(rows):
+        first = np.uint64((row0 + r) * E)
+        g_kl = grad_kl[r if grad_kl.shape[0] > 1 else 0]
+        g_kl_row = g_kl[0] if has_grad_kl else zero
+        g_z, m, raw, d_mu, d_lv = grad_z[r if has_grad_z else 0], mu[r], logvar[r], grad_mu[r], grad_logvar[r]
+        for j in range(E):
+            g = g_kl[j] if elementwise else g_kl_row
+            d_mu[j] = (g_z[j] + g * m[j]) if has_grad_z else g * m[j]
+        for j in range(E):
+            g = g_kl[j] if elementwise else g_kl_row
+            std = _exp(_HALF * _clamped(raw[j], clamp, lo, hi))
+            d = _HALF * g * (std * std - _ONE)
+            if has_grad_z:
+                d += _HALF * g_z[j] * std * _normal(first + np.uint64(j), seed_lo, seed_hi)
+            inside = raw[j] >= lo and raw[j] <= hi
+            d_lv[j] = d if (inside or not clamp) else zero
