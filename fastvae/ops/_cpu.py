@@ -233,6 +233,8 @@ def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: floa
 def in_format(result: Tensor, like: Tensor) -> Tensor:
     """``result`` (``like``'s shape) with the strides of ``torch.empty_like(like)``: itself when it has
     them, else a copy (the ops return z and the gradients in mu's memory format)."""
+    if like.is_contiguous() and result.is_contiguous():
+        return result
     target = torch.empty_like(like, dtype=result.dtype)
     if result.stride() == target.stride():
         return result
@@ -287,7 +289,9 @@ _NONE = np.empty((0, 0), np.float32)  # an output or input the loop is told to s
 
 def _rows(t: Tensor, E: int) -> np.ndarray:
     """``t`` as a C-contiguous float32 ``(rows, E)`` array (a copy only where needed)."""
-    return t.reshape(-1, E).to(torch.float32).contiguous().numpy()
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t.detach().numpy().reshape(-1, E)
+    return t.detach().reshape(-1, E).to(torch.float32).contiguous().numpy()
 
 
 def _clamp_args(logvar_clamp) -> tuple[bool, np.float32, np.float32]:
@@ -325,8 +329,8 @@ def _fused_forward(kernels, mu: Tensor, logvar: Tensor, seed: Tensor | None, red
         return z, terms.to(mu.dtype)
     if reduction == "per_sample":
         return z, sums.to(torch.float32)
-    total = sums.sum()
-    return z, (total / rows if reduction == "batchmean" else total).to(torch.float32)
+    total = sums_np.sum()  # numpy's pairwise sum, in float64
+    return z, torch.from_numpy(np.array(total / rows if reduction == "batchmean" else total, np.float32))
 
 
 def _fused_backward(kernels, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
