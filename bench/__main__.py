@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="loop: epochs per loop, interleaved (default 3; quick 1)")
     parser.add_argument("--loop-models", default=None, help="loop: comma-separated subset of dense,conv")
     parser.add_argument("--loop-variants", default=None,
-                        help="loop: fastvae settings beside fp32, comma-separated subset of bf16,compile, or 'none' "
-                             "(default bf16,compile; quick: none)")
+                        help="loop: fastvae settings beside the default (precision auto), comma-separated subset of "
+                             "fp32,compile, or 'none' (default fp32,compile; quick: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser
 

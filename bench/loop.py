@@ -7,7 +7,8 @@ size 128 and Adam with lr 1e-3:
   runs it (data on the device, one permutation per epoch, fused ops, fused Adam, and at each epoch end the
   evaluation of the test split, the sample and reconstruction grids and the checkpoint). Its epoch is the wall
   time from one epoch end to the next: the training steps, that end-of-epoch work and the checkpoint.
-  ``fastvae-bf16`` and ``fastvae-compile`` are ``--precision bf16`` and ``--compile`` (full runs only).
+  Its precision is the default, ``auto`` (bf16 on a CPU with bf16 instructions, else fp32).
+  ``fastvae-fp32`` and ``fastvae-compile`` are ``--precision fp32`` and ``--compile`` (full runs only).
 - ``plain``: the pytorch/examples VAE loop (``examples/vae/main.py``): a ``DataLoader`` over torchvision's
   ``FashionMNIST(transform=ToTensor())`` with ``batch_size=128, shuffle=True`` (and ``num_workers=1,
   pin_memory=True`` on CUDA), ``optimizer.zero_grad()``, forward, ``loss.backward()``,
@@ -53,8 +54,8 @@ from torch.utils.data import DataLoader, Dataset
 from .cases.balanced_mse import eager as eager_balanced_mse
 from .cases.reparameterize_kl import eager as eager_reparameterize_kl
 
-LOOPS = ("fastvae", "fastvae-bf16", "fastvae-compile", "tensors", "plain", "pythae")
-VARIANTS = {"fastvae": {}, "fastvae-bf16": {"precision": "bf16"}, "fastvae-compile": {"compile": True}}
+LOOPS = ("fastvae", "fastvae-fp32", "fastvae-compile", "tensors", "plain", "pythae")
+VARIANTS = {"fastvae": {}, "fastvae-fp32": {"precision": "fp32"}, "fastvae-compile": {"compile": True}}
 MODELS = ("dense", "conv")
 BATCH = 128
 LR = 1e-3
@@ -398,16 +399,16 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
               models: Sequence[str] | None = None, variants: Sequence[str] | None = None,
               log: Callable[[str], None] = print) -> tuple[list[LoopRow], str]:
     """Every loop on every model; returns the rows and a note on what ran (printed with the ratios).
-    ``variants``: the ``fastvae-*`` settings beside ``fastvae`` (default: bf16 and compile, none when quick)."""
+    ``variants``: the ``fastvae-*`` settings beside ``fastvae`` (default: fp32 and compile, none when quick)."""
     from .measure import device_name
 
     models = tuple(models or MODELS)
     bad = [m for m in models if m not in MODELS]
     if bad:
         raise ValueError(f"loop models must be among {MODELS}, got {bad}")
-    variants = tuple(variants if variants is not None else (() if quick else ("bf16", "compile")))
+    variants = tuple(variants if variants is not None else (() if quick else ("fp32", "compile")))
     if not {f"fastvae-{v}" for v in variants} <= set(VARIANTS):
-        raise ValueError(f"loop variants must be among bf16, compile; got {list(variants)}")
+        raise ValueError(f"loop variants must be among fp32, compile; got {list(variants)}")
     epochs = epochs or (1 if quick else 3)
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
@@ -427,8 +428,9 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
             "hand-written loop over the images held as one tensor (randperm, index_select, fused Adam, one loss "
             "read per epoch), the same objective as `plain`. `pythae`: pythae "
             "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: "
-            "fastvae.train.fit with test_data, as `fastvae train` runs it (`-bf16`: --precision bf16, `-compile`: "
-            "--compile). `time / plain` is epoch time over the plain loop's: below 1 is faster.")
+            "fastvae.train.fit with test_data, as `fastvae train` runs it, precision auto (bf16 on a CPU with bf16 "
+            "instructions, else fp32; `-fp32`: --precision fp32, `-compile`: --compile). `time / plain` is epoch "
+            "time over the plain loop's: below 1 is faster.")
     if missing is not None:
         note += f" pythae not run: {missing}."
     rows: list[LoopRow] = []
@@ -460,7 +462,7 @@ def print_ratios(rows: Sequence[LoopRow], log: Callable[[str], None] = print) ->
     for model_name in dict.fromkeys(r.model for r in rows):
         times = {r.loop: r.epoch_s for r in rows if r.model == model_name and r.epoch_s}
         pairs = (("fastvae", "plain"), ("tensors", "plain"), ("pythae", "plain"), ("fastvae", "tensors"),
-                 ("fastvae-bf16", "tensors"), ("fastvae-compile", "tensors"), ("fastvae", "pythae"))
+                 ("fastvae-fp32", "tensors"), ("fastvae-compile", "tensors"), ("fastvae", "pythae"))
         parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in pairs
                  if a in times and b in times]
         speed = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())

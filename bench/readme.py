@@ -35,7 +35,8 @@ _FOLDERS = {
     "docs": "science.md and its figures, written by `python -m fastvae.science_table`",
 }
 _LOOP_NAMES = {
-    "fastvae": "fastvae `fit` (as `fastvae train`)",
+    "fastvae": "fastvae `fit` (as `fastvae train`: precision auto)",
+    "fastvae-fp32": "fastvae `fit`, `--precision fp32`",
     "fastvae-bf16": "fastvae `fit`, `--precision bf16`",
     "fastvae-compile": "fastvae `fit`, `--compile`",
     "tensors": "hand-written loop over in-memory tensors",

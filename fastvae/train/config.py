@@ -18,7 +18,7 @@ from ..reference import UPDATE_RULES
 
 __all__ = ["TrainConfig", "PRECISIONS", "LR_SCHEDULES", "KL_MODES", "RESUMABLE"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # fields that may change when a run is resumed; the others define the run and stay as saved
 RESUMABLE = ("epochs", "max_steps", "progress", "tensorboard", "log_every", "checkpoint_every", "threads", "device",
@@ -66,8 +66,9 @@ class TrainConfig:
     drop_last: bool = option(False, "drop each epoch's last incomplete batch", bool)
     # machine
     device: str = option("auto", "auto: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu", str)
-    precision: str = option("fp32", "fp32, bf16 (autocast), fp16 (autocast + GradScaler, CUDA only)", str,
-                            choices=PRECISIONS)
+    precision: str = option("auto", "auto (bf16 on a CPU with bf16 instructions, else fp32; the run folder's "
+                            "config.json keeps what it chose), fp32, bf16 (autocast), fp16 (autocast + GradScaler, "
+                            "CUDA only)", str, choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the model", bool)
     threads: int = option(0, "torch CPU threads (0: torch's default)", int, minimum=0)
     seed: int = option(0, "seed of the initial weights, the data order and the noise", int, minimum=0)

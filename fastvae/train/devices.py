@@ -1,11 +1,12 @@
-"""``resolve_device(name)``: a ``TrainConfig.device`` string as a ``torch.device`` that exists on this machine."""
+"""``resolve_device(name)``: a ``TrainConfig.device`` string as a ``torch.device`` that exists on this machine;
+``resolve_precision(name, device)``: ``TrainConfig.precision`` with ``auto`` decided for that device."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-__all__ = ["resolve_device", "available_devices"]
+__all__ = ["resolve_device", "resolve_precision", "available_devices", "cpu_has_bf16_instructions"]
 
 
 def available_devices() -> list[str]:
@@ -40,3 +41,19 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps", "meta"):
         raise ValueError(f"device {name!r}: not supported for training (devices here: {here})")
     return device
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX), as torch reports it."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: ``bf16`` on a CPU with bf16 instructions, where bf16 autocast makes the dense Fashion-MNIST
+    epoch about 1.3x faster and keeps the seed's results (bench/results/cpu.md; test MSE 0.0149 against
+    0.0153 in fp32 after 20 epochs, 8 of 16 latents inactive in both), else ``fp32`` (CUDA included, until a
+    GPU measures the same). Any other value as it is."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and cpu_has_bf16_instructions() else "fp32"

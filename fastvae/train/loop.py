@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -27,7 +28,7 @@ from .._util import derive_seed, eval_mode
 from ..losses import build_loss
 from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .devices import resolve_device
+from .devices import resolve_device, resolve_precision
 from .log import MetricsLog
 from .objective import TrainObjective
 from .runfolder import empty_folder, make_folder, run_lock, unique_folder
@@ -98,8 +99,9 @@ class _Run:
     """The state of one training run between steps: model, optimizer, schedule, window of losses, position."""
 
     def __init__(self, model, images, test_images, config: TrainConfig, out: Path, callbacks, rank, world, resume):
-        self.config, self.out, self.callbacks, self.rank, self.world = config, out, callbacks, rank, world
         self.device = device = resolve_device(config.device)
+        config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+        self.config, self.out, self.callbacks, self.rank, self.world = config, out, callbacks, rank, world
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.precision == "fp16" and device.type != "cuda":
