@@ -6,7 +6,8 @@ the training loop (``cpu_loop.csv``) and, per op and mode, fused time over eager
 between ``<!-- layout:begin -->`` and ``<!-- layout:end -->``: every package and module of ``fastvae/``,
 ``kernels/`` and ``bench/``, each with the first sentence of its docstring. The machine-code headline and the
 predicted speedups come from ``static.md`` (``<!-- bench:static:begin/end -->``), the largest kernel errors
-per dtype from ``accuracy.md`` (``<!-- bench:accuracy:begin/end -->``). ``--check`` writes nothing and
+per dtype from ``accuracy.md`` (``<!-- bench:accuracy:begin/end -->``), bf16 against fp32 in ``fastvae train``
+from ``precision.json`` (``<!-- bench:precision:begin/end -->``). ``--check`` writes nothing and
 exits 1 when README differs from what the results files and the modules say (the test suite runs it).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .cases import MODE_TITLES, MODES, OPS
+from .precision import table as precision_table
 from .report import geomean, read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,7 @@ BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
 LAYOUT_BEGIN, LAYOUT_END = "<!-- layout:begin -->", "<!-- layout:end -->"
 STATIC_BEGIN, STATIC_END = "<!-- bench:static:begin -->", "<!-- bench:static:end -->"
 ACCURACY_BEGIN, ACCURACY_END = "<!-- bench:accuracy:begin -->", "<!-- bench:accuracy:end -->"
+PRECISION_BEGIN, PRECISION_END = "<!-- bench:precision:begin -->", "<!-- bench:precision:end -->"
 #: the trees the layout draws, and the folders without Python modules it names in one line
 _TREES = ("fastvae", "kernels", "bench")
 _FOLDERS = {
@@ -82,12 +85,22 @@ def loop_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _load_range(sections: list[dict]) -> str:
+    """The load averages written beside the sections of one run (``"a to b"`` each) as one range."""
+    loads = [float(x) for s in sections for x in str(s.get("load", "")).split(" to ") if x.replace(".", "").isdigit()]
+    return f"{min(loads)} to {max(loads)}" if loads else "?"
+
+
 def block(results: Path = RESULTS) -> str:
     """The generated text between the markers (markers included)."""
     meta = json.loads((results / "cpu.json").read_text()) if (results / "cpu.json").is_file() else {}
     sections = meta.get("sections", {})
-    commands = sorted({f"`{s['command']}` ({s['date']}, load average {s.get('load', '?')})"
-                       for s in sections.values() if s.get("command")})
+    runs: dict[str, list[dict]] = {}  # one entry per command: the ops of one run share it
+    for s in sections.values():
+        if s.get("command"):
+            runs.setdefault(s["command"], []).append(s)
+    commands = sorted(f"`{command}` ({min(s['date'] for s in parts)}, load average {_load_range(parts)})"
+                      for command, parts in runs.items())
     lines = [BEGIN, "", f"Machine: {meta.get('machine', '?')}. Runs: {'; '.join(commands) or '–'}.", "",
              "Training loop, Fashion-MNIST train split, batch 128, Adam, interleaved epochs of each loop, each "
              "epoch ending with the same work as `fastvae train`'s (test-split evaluation, two image grids, a "
@@ -181,6 +194,13 @@ def accuracy_block(results: Path = RESULTS) -> str:
                     f"{worst['bfloat16']:.1e} in bfloat16 and {worst['float64']:.1e} in float64", ACCURACY_END])
 
 
+def precision_block(results: Path = RESULTS) -> str:
+    """bf16 against fp32 in ``fastvae train``, from ``precision.json`` (``python -m bench.precision``)."""
+    meta = json.loads((results / "precision.json").read_text())
+    return "\n".join([PRECISION_BEGIN, "", f"`{meta['command']}` ({meta['date']}; {meta['machine']}):", "",
+                      *precision_table(meta["rows"]), "", PRECISION_END])
+
+
 def render(readme: str, generated: str, begin: str = BEGIN, end: str = END) -> str:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(readme):
@@ -193,6 +213,7 @@ def render_all(readme: str, results: Path = RESULTS, root: Path = ROOT) -> str:
     readme = render(readme, block(results))
     readme = render(readme, static_block(results), STATIC_BEGIN, STATIC_END)
     readme = render(readme, accuracy_block(results), ACCURACY_BEGIN, ACCURACY_END)
+    readme = render(readme, precision_block(results), PRECISION_BEGIN, PRECISION_END)
     return render(readme, layout_block(root), LAYOUT_BEGIN, LAYOUT_END)
 
 

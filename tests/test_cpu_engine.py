@@ -300,3 +300,12 @@ def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):
         z, kl = fastvae.reparameterize_kl(mu, torch.zeros(4, 3), seed=1)
     (z.sum() + kl).backward()
     assert calls == ["_fused_forward", "_fused_backward"]
+
+
+def test_latents_off_the_cpu_never_reach_the_compiled_loops():
+    """The engine also serves the ``torch`` backend on other devices; the numba loops read CPU memory only."""
+    mu, seed = torch.empty(4, 3, device="meta"), torch.tensor([1], device="meta")
+    z, kl = _cpu.reparameterize_kl_events(mu, mu, seed, "batchmean", None, 1)
+    grads = _cpu.reparameterize_kl_events_backward(mu, torch.empty((), device="meta"), mu, mu, seed, "batchmean",
+                                                   None, 1)
+    assert {t.device.type for t in (z, kl, *grads)} == {"meta"} and z.shape == (4, 3)

@@ -248,8 +248,8 @@ def reparameterize_kl_events(mu: Tensor, logvar: Tensor, seed: Tensor | None, re
     ``mu.shape[:-event_dims]``. Float32 accumulation with numba: ``_cpu_numba``'s one pass; otherwise the
     engine above on ``(samples, event elements)`` rows (a copy where no view exists)."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    kernels = _cpu_philox.compiled()
-    if kernels is not None and accumulation_dtype(mu.dtype) == torch.float32 and mu.numel() > 0:
+    kernels = _loops_for(mu)
+    if kernels is not None:
         z, kl = _fused_forward(kernels, mu, logvar, seed, reduction, logvar_clamp, E)
     else:
         z, kl = reparameterize_kl(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed,
@@ -269,8 +269,8 @@ def reparameterize_kl_events_backward(grad_z: Tensor | None, grad_kl: Tensor | N
                                       seed: Tensor | None, reduction: str, logvar_clamp, event_dims: int):
     """The gradients of ``reparameterize_kl_events`` with torch.clamp's rule, in mu's memory format."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    kernels = _cpu_philox.compiled()
-    if kernels is not None and accumulation_dtype(mu.dtype) == torch.float32 and mu.numel() > 0:
+    kernels = _loops_for(mu)
+    if kernels is not None:
         grad_mu, grad_logvar = _fused_backward(kernels, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E)
     else:
         g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
@@ -285,6 +285,13 @@ def reparameterize_kl_events_backward(grad_z: Tensor | None, grad_kl: Tensor | N
 
 # ------------------------------------------------------------- reparameterize_kl through _cpu_numba
 _NONE = np.empty((0, 0), np.float32)  # an output or input the loop is told to skip
+
+
+def _loops_for(mu: Tensor):
+    """``_cpu_numba`` when its loops serve these latents (non-empty, on the CPU, float32 accumulation), else None."""
+    if mu.device.type != "cpu" or accumulation_dtype(mu.dtype) != torch.float32 or mu.numel() == 0:
+        return None
+    return _cpu_philox.compiled()
 
 
 def _rows(t: Tensor, E: int) -> np.ndarray:
