@@ -241,13 +241,15 @@ def machine(device: str) -> str:
 
 
 _CPU_NOTE = (
-    "**What the CPU columns measure.** `fused` on CPU is fastvae's public op through its registered custom op, "
-    "whose CPU implementation is the CPU engine `fastvae/ops/_cpu.py` with a hand-written backward (the Triton "
-    "kernels run on CUDA; on CPU they only run in Triton's interpreter, which is no speed path). So on CPU the "
-    "fused column is input checks + custom-op dispatch + the engine + a backward that saved only the inputs and "
-    "recomputes the noise; for `reparameterize_kl` the engine draws Triton's Philox stream (the same `z` for a "
-    "seed on CPU and GPU), its integer words compiled with numba and Box-Muller in PyTorch's vectorized ops, "
-    "where the eager composition calls `torch.randn_like` once and keeps the noise for backward. "
+    "**What the CPU columns measure.** `fused` on CPU is fastvae's public op: in eager mode it runs the CPU engine "
+    "`fastvae/ops/_cpu.py` through a small `torch.autograd.Function` (`fastvae/ops/_eager.py`; under torch.compile "
+    "the registered custom op), with a hand-written backward (the Triton kernels run on CUDA; on CPU they only "
+    "run in Triton's interpreter, which is no speed path). So on CPU the fused column is input checks + the "
+    "engine + a backward that saved only the inputs and recomputes the noise; for `reparameterize_kl` the engine "
+    "is one numba-compiled loop forward and one backward (`fastvae/ops/_cpu_numba.py`) that draw Triton's Philox "
+    "stream (the same words and uniforms, Box-Muller within 4 ulp: the same `z` for a seed on CPU and GPU to "
+    "float32 rounding), where the eager composition calls `torch.randn_like` once and keeps the noise for "
+    "backward. "
     "**Launches**: eager and compile count, from one profiled call, the ATen ops that compute (views and "
     "allocations excluded) and inductor's generated C++ kernels — each would be one kernel launch on a GPU; "
     "fused counts the Triton launches of the CUDA path (`fastvae.kernels.count_launches` with "

@@ -2,7 +2,7 @@
 
 With numba (a dependency of fastvae) the noise comes from ``_cpu_numba``'s compiled loop:
 the spec's Philox words and float32 uniforms bit for bit, Box-Muller's ``log``, ``cos`` and ``sqrt`` in
-vectorized float32 polynomials (within 3 ulp of the spec's float32 ``torch.log``/``torch.cos``), about 2 ns an
+vectorized float32 polynomials (within 4 ulp of the spec's float32 ``torch.log``/``torch.cos``), about 2 ns an
 element on one core, less than ``torch.randn``. Without numba (or on a device other than the CPU, or when
 numba fails: one warning) the words come from PyTorch integer ops written for few dispatches and
 Box-Muller from PyTorch's float32 ops: the spec's bits, at about 55 ns an element, 25 times slower.
