@@ -1,6 +1,10 @@
 """The CPU engine (``fastvae.ops._cpu``, ``_cpu_philox``) against the spec (``fastvae.reference``)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -309,3 +313,26 @@ def test_latents_off_the_cpu_never_reach_the_compiled_loops():
     grads = _cpu.reparameterize_kl_events_backward(mu, torch.empty((), device="meta"), mu, mu, seed, "batchmean",
                                                    None, 1)
     assert {t.device.type for t in (z, kl, *grads)} == {"meta"} and z.shape == (4, 3)
+
+
+_FORK_SCRIPT = """
+import os, torch
+from fastvae.ops import _cpu_philox
+torch.set_num_threads(2)
+seed = torch.tensor([1])
+parent = _cpu_philox.philox_randn(seed, (1 << 18,), torch.device("cpu"))  # on the parent's thread pool
+pid = os.fork()
+if pid == 0:
+    child = _cpu_philox.philox_randn(seed, (1 << 18,), torch.device("cpu"))
+    os._exit(0 if torch.equal(parent, child) else 3)
+raise SystemExit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_splits_its_loops_over_threads_of_its_own():
+    """A DataLoader worker forked after the parent used its thread pool: the child's pool has no threads, so
+    handing it work hung forever before the pool was reset at fork."""
+    _compiled_or_skip()
+    result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
