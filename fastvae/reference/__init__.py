@@ -15,7 +15,7 @@ reduced losses come back in the accumulation dtype (float32 for half-precision i
 
 **Noise.** ``philox_randn`` is Philox 4x32-10 with Box-Muller exactly as Triton's ``tl.randn`` draws
 it. The CPU engine draws the same stream: the same counters, words and float32 uniforms bit for bit, and,
-where numba is installed, Box-Muller's ``log`` and ``cos`` as vectorized float32 polynomials within 4 ulp
+where numba runs, Box-Muller's ``log`` and ``cos`` as vectorized float32 polynomials within 4 ulp
 of this spec's (``fastvae/ops/_cpu_numba.py``; without numba, this spec's very bits). A GPU agrees to
 about 1e-6, its ``log``/``cos`` being approximate. We kept the stream rather than drawing CPU noise from a
 ``torch.Generator`` keyed by the seed: compiled, the Philox stream costs less than ``torch.randn``, and a

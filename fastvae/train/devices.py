@@ -50,10 +50,10 @@ def cpu_has_bf16_instructions() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: ``bf16`` on a CPU with bf16 instructions, where bf16 autocast makes the dense Fashion-MNIST
-    epoch about 1.3x faster and keeps the seed's results (bench/results/cpu.md; test MSE 0.0149 against
-    0.0153 in fp32 after 20 epochs, 8 of 16 latents inactive in both), else ``fp32`` (CUDA included, until a
-    GPU measures the same). Any other value as it is."""
+    """``auto``: ``bf16`` on a CPU with bf16 instructions, where bf16 autocast makes ``fastvae train``'s epoch
+    faster (``bench/results/cpu.md``) and keeps the seed's results as closely as a second seed does
+    (``bench/results/precision.md``, ``python -m bench.precision``), else ``fp32`` (CUDA included, until a GPU
+    has measured the same). Any other value as it is."""
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cpu" and cpu_has_bf16_instructions() else "fp32"

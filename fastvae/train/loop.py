@@ -10,12 +10,12 @@ trains under DDP, each rank takes its shard of every permutation, and only rank 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
 import threading
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
