@@ -284,7 +284,8 @@ def reparameterize_kl_events_backward(grad_z: Tensor | None, grad_kl: Tensor | N
 
 
 # ------------------------------------------------------------- reparameterize_kl through _cpu_numba
-_NONE = np.empty((0, 0), np.float32)  # an output or input the loop is told to skip
+_NONE = np.empty((0, 0), np.float32)  # an output the loop is told to skip
+_ZERO_GRAD = np.zeros((1, 1), np.float32)  # a gradient that does not flow in, read as 0 (never written)
 
 
 def _loops_for(mu: Tensor):
@@ -301,43 +302,42 @@ def _rows(t: Tensor, E: int) -> np.ndarray:
     return t.detach().reshape(-1, E).to(torch.float32).contiguous().numpy()
 
 
+_NO_CLAMP = (False, np.float32(0), np.float32(0))
+
+
 def _clamp_args(logvar_clamp) -> tuple[bool, np.float32, np.float32]:
     if logvar_clamp is None:
-        return False, np.float32(0), np.float32(0)
+        return _NO_CLAMP
     return True, np.float32(logvar_clamp[0]), np.float32(logvar_clamp[1])
 
 
 def _fused_forward(kernels, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
                    E: int) -> tuple[Tensor | None, Tensor | None]:
     """``(z, kl)`` as ``reparameterize_kl`` returns them on ``(rows, E)``, from ``reparameterize_kl_rows``;
-    rows split over threads (each row's KL is summed whole, so the split changes no bit)."""
+    rows split over threads (each row's KL is summed whole, and the rows' sums added in order after, so the
+    split changes no bit)."""
     mu_rows, logvar_rows = _rows(mu, E), _rows(logvar, E)
     rows = mu_rows.shape[0]
     z = torch.empty((rows, E), dtype=torch.float32) if seed is not None else None
     terms = torch.empty((rows, E), dtype=torch.float32) if reduction == "none" else None
-    sums = torch.empty(rows, dtype=torch.float64) if reduction not in (None, "none") else None
+    sums = np.empty(rows if reduction not in (None, "none") else 0)
     z_np = _NONE if z is None else z.numpy()
     terms_np = _NONE if terms is None else terms.numpy()
-    sums_np = np.empty(0) if sums is None else sums.numpy()
-    lo_word, hi_word = _cpu_philox.seed_words(seed) if seed is not None else (np.uint64(0), np.uint64(0))
+    seed_value = 0 if seed is None else seed.item()
     clamp, lo, hi = _clamp_args(logvar_clamp)
-
-    def loop(a: int, b: int) -> None:
-        kernels.reparameterize_kl_rows(
-            mu_rows[a:b], logvar_rows[a:b], lo_word, hi_word, a, clamp, lo, hi, z is not None,
-            z_np[a:b] if z is not None else _NONE, terms is not None, terms_np[a:b] if terms is not None else _NONE,
-            sums is not None, sums_np[a:b] if sums is not None else sums_np, np.empty(E, np.float32))
-
-    _cpu_philox.split(loop, rows, rows * E)
+    _cpu_philox.split(lambda a, b: kernels.reparameterize_kl_rows(
+        mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, z is not None, z_np, terms is not None, terms_np,
+        sums.size > 0, sums), rows, rows * E)
     z = None if z is None else z.to(mu.dtype)
     if reduction is None:
         return z, None
     if reduction == "none":
         return z, terms.to(mu.dtype)
     if reduction == "per_sample":
-        return z, sums.to(torch.float32)
-    total = sums_np.sum()  # numpy's pairwise sum, in float64
-    return z, torch.from_numpy(np.array(total / rows if reduction == "batchmean" else total, np.float32))
+        return z, torch.from_numpy(sums).to(torch.float32)
+    kl = torch.empty(1, dtype=torch.float32)
+    kernels.scaled_total(sums, 1.0 / rows if reduction == "batchmean" else 1.0, kl.numpy())
+    return z, kl
 
 
 def _fused_backward(kernels, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
@@ -345,26 +345,21 @@ def _fused_backward(kernels, grad_z: Tensor | None, grad_kl: Tensor | None, mu: 
     """``(d mu, d logvar)`` on ``(rows, E)`` from ``reparameterize_kl_rows_backward``."""
     mu_rows, logvar_rows = _rows(mu, E), _rows(logvar, E)
     rows = mu_rows.shape[0]
-    g_z = np.zeros((1, 1), np.float32) if grad_z is None else _rows(grad_z, E)
+    g_z = _ZERO_GRAD if grad_z is None else _rows(grad_z, E)
     if grad_kl is None:
-        g_kl = np.zeros((1, 1), np.float32)  # d mu = g_z + 0 mu: the loop's one formula
+        g_kl = _ZERO_GRAD  # d mu = g_z + 0 mu: the loop's one formula
     elif reduction == "none":
         g_kl = _rows(grad_kl, E)
     elif reduction == "per_sample":
         g_kl = _rows(grad_kl, 1)
-    else:
-        g_kl = _rows(grad_kl / rows if reduction == "batchmean" else grad_kl, 1)
+    else:  # one gradient for every element: a number, divided here for batchmean
+        g_kl = np.full((1, 1), float(grad_kl) / (rows if reduction == "batchmean" else 1), np.float32)
     grad_mu = torch.empty((rows, E), dtype=torch.float32)
     grad_logvar = torch.empty((rows, E), dtype=torch.float32)
     grad_mu_np, grad_logvar_np = grad_mu.numpy(), grad_logvar.numpy()
-    lo_word, hi_word = _cpu_philox.seed_words(seed) if grad_z is not None else (np.uint64(0), np.uint64(0))
+    seed_value = 0 if grad_z is None else seed.item()
     clamp, lo, hi = _clamp_args(logvar_clamp)
-
-    def loop(a: int, b: int) -> None:
-        kernels.reparameterize_kl_rows_backward(
-            g_z[a:b] if grad_z is not None else g_z, g_kl[a:b] if g_kl.shape[0] > 1 else g_kl, mu_rows[a:b],
-            logvar_rows[a:b], lo_word, hi_word, a, clamp, lo, hi, grad_z is not None, grad_kl is not None,
-            grad_mu_np[a:b], grad_logvar_np[a:b])
-
-    _cpu_philox.split(loop, rows, rows * E)
+    _cpu_philox.split(lambda a, b: kernels.reparameterize_kl_rows_backward(
+        g_z, g_kl, mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, grad_z is not None, grad_kl is not None,
+        grad_mu_np, grad_logvar_np), rows, rows * E)
     return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)

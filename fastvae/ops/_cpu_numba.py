@@ -12,9 +12,9 @@ float32, as in the spec, with ``log``, ``cos`` and ``exp`` each within 2 ulp: ``
 the spec's (the tests; at most 3 over 2**20 draws), ``z``, the KL and the gradients within the float32
 tolerances of the tests. Each row's KL is summed in float64.
 
-Shapes: the latents come as ``(rows, E)`` float32 arrays, C-contiguous; row ``r`` of a call whose first
-row is ``row0`` draws the noise of flat elements ``(row0 + r) E .. (row0 + r + 1) E - 1``, so that rows
-may be split over threads without changing a bit.
+Shapes: the latents come as ``(rows, E)`` float32 arrays, C-contiguous; row ``r`` draws the noise of flat
+elements ``r E .. (r + 1) E - 1``, and each call takes a range of rows, so that rows may be split over
+threads without changing a bit.
 """
 from __future__ import annotations
 
@@ -176,6 +176,16 @@ def _row_sum(values):
     return total
 
 
+@_jit
+def scaled_total(sums, scale, out):
+    """``out[0] = scale * sum(sums)``, the float64 values added in order, rounded once into ``out``: the batch KL
+    from the rows' sums, the same bits however the rows were split over threads."""
+    total = 0.0
+    for v in sums:
+        total += v
+    out[0] = total * scale
+
+
 # ------------------------------------------------------------------------------ reparameterize_kl
 @_jit(inline="always")
 def _clamped(logvar, clamp, lo, hi):
@@ -204,19 +214,29 @@ def _kl_row(mu, logvar, clamp, lo, hi, terms):
         terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
 
 
+@_jit(inline="always")
+def _seed_words(seed):
+    """The low and high 32-bit words of an int64 seed, as uint64 keys."""
+    return np.uint64(seed) & _M32, (np.uint64(seed) >> _S32) & _M32
+
+
 @_jit
-def reparameterize_kl_rows(mu, logvar, seed_lo, seed_hi, row0, clamp, lo, hi, want_z, z, want_terms, terms,
-                           want_sums, sums, scratch):
-    """``reparameterize_kl`` on float32 ``(rows, E)`` latents, ``std = exp(logvar / 2)``, in float32:
+def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, want_z, z, want_terms, terms,
+                           want_sums, sums):
+    """``reparameterize_kl`` on rows ``first_row .. end_row - 1`` of float32 ``(rows, E)`` latents,
+    ``std = exp(logvar / 2)``, in float32:
 
     - ``z[r, j] = mu + std eps`` (``want_z``),
     - ``terms[r, j] = ((mu^2 + std^2) - logvar - 1) / 2``, the elementwise KL (``want_terms``),
-    - ``sums[r] = sum_j terms[r, j]`` in float64 (``want_sums``), through ``scratch`` (E,) float32,
+    - ``sums[r] = sum_j terms[r, j]`` in float64 (``want_sums``),
 
     with ``logvar`` clamped to ``[lo, hi]`` (float32) first when ``clamp``. Unused outputs may be empty."""
-    for r in range(mu.shape[0]):
+    seed_lo, seed_hi = _seed_words(seed)
+    E = mu.shape[1]
+    scratch = np.empty(E if want_sums else 0, np.float32)
+    for r in range(first_row, end_row):
         if want_z:
-            _z_row(mu[r], logvar[r], clamp, lo, hi, np.uint64((row0 + r) * mu.shape[1]), seed_lo, seed_hi, z[r])
+            _z_row(mu[r], logvar[r], clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi, z[r])
         if want_terms:
             _kl_row(mu[r], logvar[r], clamp, lo, hi, terms[r])
         if want_sums:
@@ -225,18 +245,20 @@ def reparameterize_kl_rows(mu, logvar, seed_lo, seed_hi, row0, clamp, lo, hi, wa
 
 
 @_jit
-def reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed_lo, seed_hi, row0, clamp, lo, hi, has_grad_z,
+def reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed, first_row, end_row, clamp, lo, hi, has_grad_z,
                                     has_grad_kl, grad_mu, grad_logvar):
-    """The gradients of ``reparameterize_kl_rows``, ``eps`` drawn again from the seed, in float32:
+    """The gradients of ``reparameterize_kl_rows`` on rows ``first_row .. end_row - 1``, ``eps`` drawn again from
+    the seed, in float32:
 
     ``d mu = g_z + g_kl mu``, ``d logvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2``, zero where the clamp
     cut ``logvar`` (torch.clamp's rule). ``grad_kl`` is ``(rows or 1, E or 1)``: the elementwise, per-row
     or one gradient of the KL, broadcast; ``grad_z`` is read only when ``has_grad_z``."""
-    rows, E = mu.shape
+    seed_lo, seed_hi = _seed_words(seed)
+    E = mu.shape[1]
     elementwise = grad_kl.shape[1] > 1
     zero = _F(0.0)
-    for r in range(rows):
-        first = np.uint64((row0 + r) * E)
+    for r in range(first_row, end_row):
+        first = np.uint64(r * E)
         g_kl = grad_kl[r if grad_kl.shape[0] > 1 else 0]
         g_kl_row = g_kl[0] if has_grad_kl else zero
         g_z, m, raw, d_mu, d_lv = grad_z[r if has_grad_z else 0], mu[r], logvar[r], grad_mu[r], grad_logvar[r]

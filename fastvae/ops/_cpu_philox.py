@@ -30,14 +30,13 @@ _TWO_PI = 2 * math.pi
 # ------------------------------------------------------------------------------------ numba loops
 def _probe(kernels: ModuleType) -> None:
     """Compile every loop once (numba caches the machine code on disk) on a tiny input."""
-    one, seed = np.uint64(1), np.uint64(0)
-    kernels.normal_loop(seed, one, 0, np.empty(1, np.float32))
-    row, sums, scratch = np.zeros((1, 1), np.float32), np.empty(1), np.empty(1, np.float32)
+    kernels.normal_loop(np.uint64(0), np.uint64(1), 0, np.empty(1, np.float32))
+    row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
-    kernels.reparameterize_kl_rows(row, row, seed, one, 0, True, lo, hi, True, row.copy(), True, row.copy(), True,
-                                   sums, scratch)
-    kernels.reparameterize_kl_rows_backward(row, row, row, row, seed, one, 0, True, lo, hi, True, True, row.copy(),
+    kernels.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums)
+    kernels.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
                                             row.copy())
+    kernels.scaled_total(sums, 1.0, np.empty(1, np.float32))
 
 
 @functools.lru_cache(maxsize=1)
