@@ -61,6 +61,12 @@ _TWO_PI32, _ZERO = np.float32(2 * math.pi), np.uint64(0)
 
 
 @_jit(inline="always")
+def _seed_words(seed):
+    """The low and high 32-bit words of an int64 seed, as uint64 keys."""
+    return np.uint64(seed) & _M32, (np.uint64(seed) >> _S32) & _M32
+
+
+@_jit(inline="always")
 def _uniforms(counter, seed_lo, seed_hi):
     """``(max(uniform(c0), 1e-7), 2 pi uniform(c1))`` in float32 for one Philox counter (uint64), as
     ``tl.randn`` forms them: 10 rounds on ``(counter lo, counter hi, 0, 0)``, each word folded to an int32
@@ -161,10 +167,11 @@ def _normal(counter, seed_lo, seed_hi):
 
 
 @_jit
-def normal_loop(seed_lo, seed_hi, start, out):
-    """``out[i] = _normal(start + i)``: the noise alone (``philox_randn``)."""
-    for i in range(out.shape[0]):
-        out[i] = _normal(np.uint64(start + i), seed_lo, seed_hi)
+def normal_loop(seed, first, end, out):
+    """``out[i] = _normal(i)`` for ``first <= i < end``: the noise alone (``philox_randn``), int64 seed."""
+    seed_lo, seed_hi = _seed_words(seed)
+    for i in range(first, end):
+        out[i] = _normal(np.uint64(i), seed_lo, seed_hi)
 
 
 @_jit(fastmath={"reassoc"})
@@ -212,12 +219,6 @@ def _kl_row(mu, logvar, clamp, lo, hi, terms):
         m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
         std = _exp(_HALF * lv)
         terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
-
-
-@_jit(inline="always")
-def _seed_words(seed):
-    """The low and high 32-bit words of an int64 seed, as uint64 keys."""
-    return np.uint64(seed) & _M32, (np.uint64(seed) >> _S32) & _M32
 
 
 @_jit

@@ -30,7 +30,7 @@ _TWO_PI = 2 * math.pi
 # ------------------------------------------------------------------------------------ numba loops
 def _probe(kernels: ModuleType) -> None:
     """Compile every loop once (numba caches the machine code on disk) on a tiny input."""
-    kernels.normal_loop(np.uint64(0), np.uint64(1), 0, np.empty(1, np.float32))
+    kernels.normal_loop(1, 0, 1, np.empty(1, np.float32))
     row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
     kernels.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums)
@@ -88,12 +88,6 @@ def split(loop: Callable[[int, int], None], units: int, elements: int) -> None:
         job.result()
 
 
-def seed_words(seed: Tensor) -> tuple[np.uint64, np.uint64]:
-    """The low and high 32-bit words of a one-element int64 seed tensor, as the loops take them."""
-    value = int(seed.item())
-    return np.uint64(value & M32), np.uint64((value >> 32) & M32)
-
-
 def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
     """``fastvae.reference.philox_randn(seed, shape, device)``, fast on the CPU (see the module's docstring)."""
     device = device if isinstance(device, torch.device) else torch.device(device)
@@ -101,8 +95,8 @@ def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torc
     n = math.prod(shape)
     if kernels is not None:
         eps = torch.empty(n, dtype=torch.float32)
-        out, (lo, hi) = eps.numpy(), seed_words(seed)
-        split(lambda a, b: kernels.normal_loop(lo, hi, a, out[a:b]), n, n)
+        out, seed_value = eps.numpy(), seed.item()
+        split(lambda a, b: kernels.normal_loop(seed_value, a, b, out), n, n)
         return eps.view(shape)
     u0, u1 = _torch_uniforms(seed, n, device)
     return u0.log_().mul_(-2.0).sqrt_().mul_(u1.cos_()).view(shape)
