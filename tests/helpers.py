@@ -1,4 +1,5 @@
-"""Shared test helpers: the per-dtype tolerance table and a comparison scaled to the values' terms."""
+"""Shared test helpers: the per-dtype tolerance table, a comparison scaled to the values' terms, and the tiny
+VAE for scikit-learn's 8x8 digits."""
 from __future__ import annotations
 
 import torch
@@ -48,3 +49,11 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor, scale: torc
     denom = (expected.abs() + torch.as_tensor(scale, dtype=torch.float64)).clamp_min(1e-300)
     ratio = ((actual - expected).abs() / denom)[finite]
     return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def tiny_digits_vae(latent: int = 4, seed: int = 0):
+    """A small dense VAE for (1, 8, 8) digits, initialized from ``seed``, in eval mode."""
+    from fastvae.models import DenseVAE
+
+    torch.manual_seed(seed)
+    return DenseVAE((1, 8, 8), latent_dim=latent, hidden=(32,)).eval()

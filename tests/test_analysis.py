@@ -10,16 +10,13 @@ from fastvae.cli import main
 from fastvae.data import load_dataset
 from fastvae.models import DenseVAE
 
+from helpers import tiny_digits_vae
+
 
 @pytest.fixture(scope="module")
 def digits():
     images, labels = load_dataset("digits", split="train")
     return images[:300], labels[:300]
-
-
-def _model(latent=4, seed=0):
-    torch.manual_seed(seed)
-    return DenseVAE((1, 8, 8), latent_dim=latent, hidden=(32,)).eval()
 
 
 def _silence(model: DenseVAE, j: int) -> DenseVAE:
@@ -35,7 +32,7 @@ def _silence(model: DenseVAE, j: int) -> DenseVAE:
 
 def test_statistics_match_direct_computation(digits):
     images, _ = digits
-    model = _model()
+    model = tiny_digits_vae()
     stats = analysis.latent_statistics(model, images, batch_size=64)  # 300 = 4 * 64 + 44: batches are merged
     with torch.no_grad():
         mu, logvar = (t.double() for t in model.encode(images))
@@ -60,7 +57,7 @@ def test_statistics_match_direct_computation(digits):
 
 def test_gain_limit_uses_the_first_images_and_moments_use_all(digits):
     images, _ = digits
-    model = _model(seed=1)
+    model = tiny_digits_vae(seed=1)
     limited = analysis.latent_statistics(model, images, batch_size=64, gain_limit=100)
     first = analysis.latent_statistics(model, images[:100], batch_size=64)
     full = analysis.latent_statistics(model, images, batch_size=300, gain=False)
@@ -71,7 +68,7 @@ def test_gain_limit_uses_the_first_images_and_moments_use_all(digits):
 
 def test_inactive_variable_flag_gain_and_zeroing(digits):
     images, _ = digits
-    model = _model(seed=2)
+    model = tiny_digits_vae(seed=2)
     with torch.no_grad():  # at initialization every variable looks inactive: make the others informative
         model.encoder[-1].weight[:4] *= 20
         model.encoder[-1].bias[4:] = -3.0
@@ -114,18 +111,18 @@ def test_bad_input_raises(digits):
     with pytest.raises(TypeError, match="encode"):
         analysis.latent_statistics(torch.nn.Linear(2, 2), images)
     with pytest.raises(ValueError, match="batch_size"):
-        analysis.latent_statistics(_model(), images, batch_size=0)
+        analysis.latent_statistics(tiny_digits_vae(), images, batch_size=0)
     with pytest.raises(TypeError, match="images"):
-        analysis.latent_statistics(_model(), images.numpy())
+        analysis.latent_statistics(tiny_digits_vae(), images.numpy())
     with pytest.raises(ValueError, match="every"):
         analysis.LatentTracker(images, every=0)
     with pytest.raises(ValueError, match="inactive"):
-        analysis.zeroing_check(_model(), torch.zeros(2, 2, dtype=torch.bool))
+        analysis.zeroing_check(tiny_digits_vae(), torch.zeros(2, 2, dtype=torch.bool))
 
 
 def test_tracker_records_along_training(digits, tmp_path):
     images, _ = digits
-    model = _model(seed=3)
+    model = tiny_digits_vae(seed=3)
     tracker = analysis.LatentTracker(images[:100], every=2)
     config = fastvae.TrainConfig(dataset="digits", epochs=1, batch_size=64, out=str(tmp_path / "run"), progress=False,
                                  tensorboard=False, log_every=5)

@@ -10,18 +10,15 @@ from fastvae import analysis, experiments, two_stage
 from fastvae._util import derive_seed
 from fastvae.cli import main
 from fastvae.data import load_dataset
-from fastvae.models import DenseVAE, SecondStageVAE
+from fastvae.models import SecondStageVAE
+
+from helpers import tiny_digits_vae
 
 
 @pytest.fixture(scope="module")
 def digits():
     images, labels = load_dataset("digits", split="train")
     return images[:256], labels[:256]
-
-
-def _model(latent=4, seed=0):
-    torch.manual_seed(seed)
-    return DenseVAE((1, 8, 8), latent_dim=latent, hidden=(32,)).eval()
 
 
 # ------------------------------------------------------------------------------------------ --kl, --no-sampling
@@ -41,7 +38,7 @@ def test_train_options_validate_and_reach_the_loop(tmp_path, digits):
         fastvae.TrainConfig(kl="half")
     config = fastvae.TrainConfig(kl="none", sampling=False, epochs=1, batch_size=64, out=str(tmp_path / "run"),
                                  progress=False, tensorboard=False, log_every=1)
-    fastvae.fit(_model(), digits[0], config)
+    fastvae.fit(tiny_digits_vae(), digits[0], config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == 4 and all(r["kl"] == 0.0 for r in train_rows)
@@ -74,7 +71,7 @@ def test_smallest_gain_variable_skips_inactive_ones():
 
 def test_noise_injection_rows_against_direct_computation(digits):
     images = digits[0]
-    model = _model(latent=4)
+    model = tiny_digits_vae(latent=4)
     held_weights = model.encoder[-1].weight[[1, 5]].detach().clone()
     rows = experiments.noise_injection(model, images, variable=2, held=[1], increment=0.5, max_increments=3,
                                        recovery_epochs=2, batch_size=64, stats_images=images[:100], seed=0)
@@ -111,7 +108,7 @@ def test_noise_injection_rows_against_direct_computation(digits):
 def _active_run(run, images):
     """A run folder whose 4 variables are active (a few steps of training leave them all inactive): the encoder
     head scaled up for mu and biased down for logvar, then one step of ``fit`` at a tiny learning rate."""
-    model = _model(latent=4)
+    model = tiny_digits_vae(latent=4)
     with torch.no_grad():
         model.encoder[-1].weight[:4] *= 30.0
         model.encoder[-1].bias[4:] = -3.0
@@ -180,7 +177,7 @@ def test_active_latents_fill_and_renormalize():
 
 
 def test_second_stage_on_active_variables(tmp_path, digits):
-    first = _model(latent=4)
+    first = tiny_digits_vae(latent=4)
     config = two_stage.second_stage_config(fastvae.TrainConfig(dataset="digits", latent=4), tmp_path / "s",
                                            epochs=1, batch_size=128, progress=False, hidden=[8], latent=2)
     second, _, target = two_stage.train_second_stage(first, digits[0], config, source="mean", variables=[0, 3])
