@@ -7,7 +7,7 @@ size 128 and Adam with lr 1e-3:
   runs it (data on the device, one permutation per epoch, fused ops, fused Adam, and at each epoch end the
   evaluation of the test split, the sample and reconstruction grids and the checkpoint). Its epoch is the wall
   time from one epoch end to the next: the training steps, that end-of-epoch work and the checkpoint.
-  Its precision is the default, ``auto`` (bf16 on a CPU with bf16 instructions, else fp32).
+  Its precision is the default, ``auto`` (the faster of fp32 and bf16, timed on this machine: ``calibrate.py``).
   ``fastvae-fp32`` and ``fastvae-compile`` are ``--precision fp32`` and ``--compile`` (full runs only).
 - ``plain``: the pytorch/examples VAE loop (``examples/vae/main.py``): a ``DataLoader`` over torchvision's
   ``FashionMNIST(transform=ToTensor())`` with ``batch_size=128, shuffle=True`` (and ``num_workers=1,
@@ -428,8 +428,8 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
             "hand-written loop over the images held as one tensor (randperm, index_select, fused Adam, one loss "
             "read per epoch), the same objective as `plain`. `pythae`: pythae "
             "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: "
-            "fastvae.train.fit with test_data, as `fastvae train` runs it, precision auto (bf16 on a CPU with bf16 "
-            "instructions, else fp32; `-fp32`: --precision fp32, `-compile`: --compile). `time / plain` is epoch "
+            "fastvae.train.fit with test_data, as `fastvae train` runs it, precision auto (the faster of fp32 and bf16 "
+            "as timed on this machine; `-fp32`: --precision fp32, `-compile`: --compile). `time / plain` is epoch "
             "time over the plain loop's: below 1 is faster.")
     if missing is not None:
         note += f" pythae not run: {missing}."

@@ -6,8 +6,9 @@ Trains the default dense VAE (784-256-64-32-16) and the conv VAE on Fashion-MNIS
 (how far a result moves with the seed alone) and in bf16 with seed 0, and writes ``precision.md`` and
 ``precision.json``: the test MSE and gamma of the last epoch, the inactive latent variables over the test
 split (``fastvae.analysis.latent_statistics``: small ``Var(mu)`` and ``E[sigma^2]`` near 1) and the median
-epoch time. ``TrainConfig.precision="auto"`` picks bf16 on a CPU with bf16 instructions on the strength of this
-table; README quotes it (``python -m bench.readme``).
+epoch time. ``TrainConfig.precision="auto"`` picks bf16 only where it
+measures faster (``fastvae/train/calibrate.py``); this table says what that choice costs in results. README quotes it
+(``python -m bench.readme``).
 """
 from __future__ import annotations
 

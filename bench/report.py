@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import json
 import math
-import platform
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -216,28 +215,10 @@ def op_table(rows: Sequence[dict], op: str, mode: str, cuda: bool) -> list[str]:
 # The document
 # --------------------------------------------------------------------------------------------------
 def machine(device: str) -> str:
-    import torch
+    """The machine that produced a result, in one line: CPU model, ISA flags, cores, torch threads, versions."""
+    from fastvae.machine import describe_machine, machine_label
 
-    parts = [f"torch {torch.__version__}"]
-    try:
-        import triton
-
-        parts.append(f"triton {triton.__version__}")
-    except Exception:
-        parts.append("no triton")
-    parts.append(f"Python {platform.python_version()}")
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else device
-        return f"{name}; " + ", ".join(parts)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads; " + ", ".join(parts)
+    return machine_label(describe_machine(device))
 
 
 _CPU_NOTE = (

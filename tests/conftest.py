@@ -11,6 +11,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # inductor's on-disk cache outlives a change of a custom op's schema: a graph compiled against an older
 # signature of fastvae's ops would be loaded and fail, so each test session compiles into its own folder
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastvae-inductor-"))
+# precision="auto" caches what it measured per machine and step: the suite measures into a folder of its own
+os.environ.setdefault("FASTVAE_CACHE_DIR", tempfile.mkdtemp(prefix="fastvae-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -12,8 +12,6 @@ from fastvae.data import load_dataset
 from fastvae.models import DenseVAE
 from fastvae.run import load_checkpoint
 from fastvae.train import NonFiniteLossError, TrainConfig, epoch_permutation, fit
-from fastvae.train import devices
-from fastvae.train.devices import resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +78,9 @@ def test_fit_writes_the_run_and_load_reads_it_back(tmp_path, fashion):
     assert test_rows[-1]["gamma"] == pytest.approx(float(result.policy.gamma)) and test_rows[-1]["gamma"] < 1
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == len(rows)
     loaded, config = fastvae.load(run)
-    chosen = resolve_precision("auto", torch.device("cpu"))  # the run folder keeps what auto chose
-    assert config == dataclasses.replace(_config(tmp_path / "run"), precision=chosen) and not loaded.training
+    # a 16-step run is too short to time the precisions: auto trains it in fp32, and the run folder says so
+    assert config == dataclasses.replace(_config(tmp_path / "run"), precision="fp32") and not loaded.training
+    assert json.loads((run / "config.json").read_text())["auto"]["precision"]["how"] == "too-short"
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     with pytest.raises(FileExistsError, match="already holds a run"):
         fit(_tiny(), x, _config(run))
@@ -282,20 +281,3 @@ def test_eval_mode_and_derive_seed():
     assert len({derive_seed(s, e) for s in range(4) for e in range(50)}) == 200
     assert torch.equal(epoch_permutation(100, 5, 3),
                        torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(5, 3))))
-
-
-@pytest.mark.parametrize("has_bf16", [True, False])
-def test_auto_precision_is_bf16_on_a_cpu_with_bf16_instructions_only(monkeypatch, has_bf16):
-    monkeypatch.setattr(devices, "cpu_has_bf16_instructions", lambda: has_bf16)
-    assert TrainConfig().precision == "auto"
-    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if has_bf16 else "fp32")
-    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-
-
-def test_the_run_folder_keeps_the_precision_auto_chose(tmp_path, fashion, monkeypatch):
-    x, _ = fashion
-    monkeypatch.setattr(devices, "cpu_has_bf16_instructions", lambda: True)
-    result = fit(_tiny(), x[:128], _config(tmp_path / "run", epochs=1))
-    assert json.loads((result.out_dir / "config.json").read_text())["precision"] == "bf16"
-    assert fastvae.load(result.out_dir)[1].precision == "bf16"

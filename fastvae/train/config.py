@@ -66,9 +66,10 @@ class TrainConfig:
     drop_last: bool = option(False, "drop each epoch's last incomplete batch", bool)
     # machine
     device: str = option("auto", "auto: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu", str)
-    precision: str = option("auto", "auto (bf16 on a CPU with bf16 instructions, else fp32; the run folder's "
-                            "config.json keeps what it chose), fp32, bf16 (autocast), fp16 (autocast + GradScaler, "
-                            "CUDA only)", str, choices=PRECISIONS)
+    precision: str = option("auto", "auto (the faster of fp32 and bf16 autocast, timed over real steps of this "
+                            "model and batch on this machine and cached; the run folder's config.json keeps what it "
+                            "chose and why), fp32, bf16 (autocast), fp16 (autocast + GradScaler, CUDA only)", str,
+                            choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the model", bool)
     threads: int = option(0, "torch CPU threads (0: torch's default)", int, minimum=0)
     seed: int = option(0, "seed of the initial weights, the data order and the noise", int, minimum=0)
@@ -115,16 +116,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        values = {k: v for k, v in values.items() if k != "auto"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"TrainConfig: unknown fields {unknown}")
         return cls(**values)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, auto: dict | None = None) -> None:
+        """Write the config as JSON; ``auto`` (what the auto choices measured) goes under the key ``"auto"``,
+        which ``load`` skips."""
         from .checkpoint import save_atomic_bytes
 
-        save_atomic_bytes((json.dumps(self.to_dict(), indent=2) + "\n").encode(), Path(path))
+        values = self.to_dict() if auto is None else {**self.to_dict(), "auto": auto}
+        save_atomic_bytes((json.dumps(values, indent=2) + "\n").encode(), Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

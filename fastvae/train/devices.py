@@ -1,12 +1,12 @@
-"""``resolve_device(name)``: a ``TrainConfig.device`` string as a ``torch.device`` that exists on this machine;
-``resolve_precision(name, device)``: ``TrainConfig.precision`` with ``auto`` decided for that device."""
+"""``resolve_device(name)``: a ``TrainConfig.device`` string as a ``torch.device`` that exists on this machine.
+(``TrainConfig.precision="auto"`` is decided by timing real steps: ``calibrate.py``.)"""
 from __future__ import annotations
 
 import os
 
 import torch
 
-__all__ = ["resolve_device", "resolve_precision", "available_devices", "cpu_has_bf16_instructions"]
+__all__ = ["resolve_device", "available_devices"]
 
 
 def available_devices() -> list[str]:
@@ -41,19 +41,3 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps", "meta"):
         raise ValueError(f"device {name!r}: not supported for training (devices here: {here})")
     return device
-
-
-def cpu_has_bf16_instructions() -> bool:
-    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX), as torch reports it."""
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: ``bf16`` on a CPU with bf16 instructions, where bf16 autocast makes ``fastvae train``'s epoch
-    faster (``bench/results/cpu.md``) and keeps the seed's results as closely as a second seed does
-    (``bench/results/precision.md``, ``python -m bench.precision``), else ``fp32`` (CUDA included, until a GPU
-    has measured the same). Any other value as it is."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cpu" and cpu_has_bf16_instructions() else "fp32"

@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from .._util import derive_seed, eval_mode
 from ..losses import build_loss
+from .calibrate import PrecisionChoice, calibrate_precision
 from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .devices import resolve_device, resolve_precision
+from .devices import resolve_device
 from .log import MetricsLog
 from .objective import TrainObjective
 from .runfolder import empty_folder, make_folder, run_lock, unique_folder
@@ -100,7 +101,6 @@ class _Run:
 
     def __init__(self, model, images, test_images, config: TrainConfig, out: Path, callbacks, rank, world, resume):
         self.device = device = resolve_device(config.device)
-        config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
         self.config, self.out, self.callbacks, self.rank, self.world = config, out, callbacks, rank, world
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -131,6 +131,9 @@ class _Run:
             raise ValueError(f"fit: drop_last with batch_size {config.batch_size} leaves no batch of {self.per_rank} "
                              "samples per rank")
         total = config.epochs * self.steps_per_epoch
+        self.precision_choice: PrecisionChoice | None = None
+        if config.precision == "auto":
+            config = self.config = dataclasses.replace(config, precision=self._measure_precision(total))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, total))
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
@@ -146,7 +149,8 @@ class _Run:
             self.train_module = DistributedDataParallel(self.objective, device_ids=ids)
         self.log = self.bar = None
         if rank == 0:
-            config.save(out / "config.json")
+            config.save(out / "config.json", auto={"precision": dataclasses.asdict(self.precision_choice)}
+                        if self.precision_choice is not None else None)
             self.log = MetricsLog(out, keep_until_step=self.step if resume else None, tensorboard=config.tensorboard)
             if config.progress and sys.stderr.isatty():
                 from tqdm.auto import tqdm
@@ -157,6 +161,24 @@ class _Run:
         self.train_metrics: dict = {}
         self.test_metrics: dict = {}
         self.started = self.window_start = time.perf_counter()
+
+    def _measure_precision(self, total_steps: int) -> str:
+        """What ``precision="auto"`` stands for: timed on rank 0 over real steps of this model and batch
+        (``calibrate.py``), shared with the other ranks, printed in one line."""
+        choice = [None]
+        if self.rank == 0:
+            config = self.config
+            describe = {"model": getattr(self.model, "spec", type(self.model).__name__), "loss": config.loss,
+                        "kl": config.kl, "sampling": config.sampling, "compile": config.compile, "world": self.world}
+            choice[0] = calibrate_precision(self.objective, lambda params: _optimizer(params, config),
+                                            self.images[:config.batch_size], self.device, run_steps=total_steps,
+                                            describe=describe)
+            if config.progress:
+                print(f"fastvae: {choice[0].message()}")
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        self.precision_choice = choice[0]
+        return choice[0].precision
 
     def autocast(self):
         if self.amp_dtype is None:
