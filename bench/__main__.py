@@ -46,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and a slice of the data, to check that the suite runs")
     parser.add_argument("--only", default=None, metavar="NAME[,NAME]",
-                        help="run only these: op names (reparameterize_kl, balanced_mse, moments, renormalize, "
-                             "variance_law), 'ops' (all of them), 'loop', 'static'")
+                        help=f"run only these: op names ({', '.join(OPS)}), 'ops' (all of them), 'loop', 'static'")
     parser.add_argument("--out", default=None,
                         help="results folder (default bench/results; with --quick a temporary folder)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

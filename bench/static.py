@@ -5,7 +5,7 @@ Two parts, written to ``bench/results/static.md`` by ``write_static_table``:
 1. Machine code (``bench.aot``): every kernel compiled ahead of time for sm_75 ... sm_120 in
    every dtype, with registers, spills, shared memory, 128-bit global accesses and SASS per element.
 2. A cost model on paper for each op at a typical size: the bytes it moves and the kernels it launches,
-   fused against the eager PyTorch composition of ``bench.ops`` (counted ATen op by ATen op on the meta
+   fused against the eager PyTorch composition of ``bench.cases`` (counted ATen op by ATen op on the meta
    device: every op that computes is one kernel that reads its inputs and writes its outputs, so each
    intermediate is written once and read again), and from those a predicted time
 
@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .aot import harness as aot
-from .ops import OPS, mode_callable
+from .cases import OPS
+from .measure import mode_callable
 from .report import read_csv
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,13 +45,6 @@ T_CPU_TRITON = 10e-6
 """CPU time per Triton launch of a fused op (custom-op dispatch and Triton's Python launcher): an assumption."""
 T_GPU = 2e-6
 """GPU time a kernel costs beyond its traffic (launch latency, ramp-up, tail): an assumption."""
-TYPICAL_CASES: dict[str, dict] = {
-    "reparameterize_kl": {"B": 16384, "D": 64},
-    "balanced_mse": {"B": 128, "image": (3, 64, 64)},
-    "moments": {"N": 100_000, "D": 64},
-    "renormalize": {"N": 100_000, "D": 64},
-    "variance_law": {"N": 100_000, "D": 64},
-}
 MODES = ("forward", "backward", "full")
 MODEL_DTYPE = torch.float32
 HEADLINE_TARGET = 89
@@ -111,7 +105,7 @@ class TrafficCounter(TorchDispatchMode):
 
 def count_traffic(fn: Callable, args: tuple, mode: str) -> list[Launch]:
     """The launches of one ``mode`` call (``forward``, ``backward``, ``full``) of ``fn(*args)``, as
-    ``bench.ops.mode_callable`` builds it (for ``backward`` the forward runs first, uncounted)."""
+    ``bench.measure.mode_callable`` builds it (for ``backward`` the forward runs first, uncounted)."""
     call = mode_callable(fn, args, mode)
     if call is None:
         return []
@@ -182,11 +176,11 @@ def _training_specs(modules: Sequence[str]) -> dict[tuple[str, str], aot.Spec]:
     return {(s.op, s.pass_): s for m in modules for s in importlib.import_module(m).AOT_SPECS if not s.tag}
 
 
-def cost_model(results: Sequence[aot.Result] = (), modules: Sequence[str] = aot.SPEC_MODULES,
+def cost_model(results: Sequence[aot.Result] = (), modules: Sequence[str] | None = None,
                dtype: torch.dtype = MODEL_DTYPE) -> list[ModelRow]:
-    """One ``ModelRow`` per op of ``bench.ops.OPS`` and mode at the op's typical case, in ``dtype``.
+    """One ``ModelRow`` per op of ``bench.cases.OPS`` and mode at the op's typical case, in ``dtype``.
     ``results`` (from ``aot.compile_matrix``) give the kernels each spec launches."""
-    specs = _training_specs(modules)
+    specs = _training_specs(aot.spec_modules() if modules is None else modules)
     training = {spec.name for spec in specs.values()}
     kernels: dict[tuple[str, str], set[str]] = {}
     for r in results:
@@ -196,7 +190,7 @@ def cost_model(results: Sequence[aot.Result] = (), modules: Sequence[str] = aot.
     rows = []
     meta = torch.device("meta")
     for name, op in OPS.items():
-        case = TYPICAL_CASES.get(name, op.cases[-1])
+        case = op.typical or op.cases[-1]
         args = op.inputs(case, meta, dtype)
         elements = args[0].numel()
         size = args[0].element_size()
@@ -321,6 +315,7 @@ _STEP_SPECS = {
     "balanced_mse_update_": ("balanced_mse", "forward"),
     "balanced_mse": ("balanced_mse", "forward"),
     "balanced_mse_backward": ("balanced_mse", "backward"),
+    "balanced_mse_update_backward": ("balanced_mse", "backward"),
 }
 
 
@@ -338,14 +333,14 @@ class StepLaunches:
         return self.aten + self.triton + self.memsets
 
 
-def training_step_launches(batch: int = 128, modules: Sequence[str] = aot.SPEC_MODULES) -> StepLaunches:
+def training_step_launches(batch: int = 128, modules: Sequence[str] | None = None) -> StepLaunches:
     """The launches of one step of the dense 784-256-64-32-16 VAE with the balanced loss and Adam
     (forward, backward, ``zero_grad(set_to_none)``, ``step``), traced on the meta device: each ATen op
     that computes is one launch, each fastvae custom op the kernels and memsets of its AOT spec."""
     from fastvae.losses import BalancedLoss, Objective
     from fastvae.models import DenseVAE
 
-    specs = _training_specs(modules)
+    specs = _training_specs(aot.spec_modules() if modules is None else modules)
     meta = torch.device("meta")
     objective = Objective(DenseVAE(), BalancedLoss()).to(meta)
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)  # CUDA's default
@@ -467,7 +462,7 @@ def render(results: Sequence[aot.Result], rows: Sequence[ModelRow], measured: di
         "## Cost model on paper (predictions, not measurements)",
         "",
         f"Per op at a typical size in {str(MODEL_DTYPE).removeprefix('torch.')}. Eager is the PyTorch composition of "
-        "`bench/ops.py`, counted ATen op by ATen op on the meta device: each op that computes is one kernel "
+        "`bench/cases/`, counted ATen op by ATen op on the meta device: each op that computes is one kernel "
         "reading its inputs and writing its output, so every intermediate is written once and read again. "
         "Fused is the fastvae op: its Triton kernels move what their AOT specs state (each full-size tensor "
         "once), plus the ATen ops it runs around its custom op (the seed draw, the running-MSE update). "
@@ -498,6 +493,35 @@ def write_static_table(path: str | Path = RESULTS / "static.md", *, targets: Seq
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
     return text
+
+
+def latent_posterior_table(dtype: torch.dtype = torch.float32) -> list[str]:
+    """The cost model at every case of ``bench.cases.latent_posterior``: eager counted ATen op by ATen op on
+    the meta device, fused as the launches and traffic of ``reparameterize_kl``'s AOT specs per latent
+    element. ``python -m bench.cases.latent_posterior``."""
+    from .cases import latent_posterior as posterior
+
+    specs = _training_specs(aot.spec_modules())
+    gpus = list(GPUS)
+    lines = ["| case | pass | eager launches | eager B/elem | fused launches | fused B/elem | "
+             + " | ".join(f"eager / fused, {g}" for g in gpus) + " | "
+             + " | ".join(f"speedup, {g}" for g in gpus) + " |",
+             "| --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in 2 * gpus) + " |"]
+    meta = torch.device("meta")
+    size = torch.empty((), dtype=dtype).element_size()
+    for case in posterior.CASES:
+        n = math.prod(posterior.latent_shape(case))
+        for mode in MODES:
+            eager_launches = count_traffic(posterior.eager, posterior.inputs(case, meta, dtype), mode)
+            eager_side = Side(len(eager_launches), sum(t.read + t.written for t in eager_launches))
+            fused_launches = count_traffic(posterior.fused, posterior.inputs(case, meta, dtype), mode)
+            fused_side = _fused_side("reparameterize_kl", fused_launches, specs, {}, n, size)
+            times = [(eager_side.seconds(bw), fused_side.seconds(bw)) for bw in GPUS.values()]
+            lines.append(f"| {posterior.label(case)} | {mode} | {eager_side.launches} | {eager_side.bytes / n:.1f} | "
+                         f"{fused_side.launches} ({fused_side.launches_triton} Triton) | {fused_side.bytes / n:.1f} | "
+                         + " | ".join(f"{e * 1e6:,.1f} / {f * 1e6:,.1f} us" for e, f in times) + " | "
+                         + " | ".join(f"{e / f:.1f}x" for e, f in times) + " |")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:

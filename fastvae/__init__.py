@@ -1,18 +1,8 @@
 """fastvae: fused Triton ops and a lean training loop for variational autoencoders."""
 from . import reference
 from .backend import use_backend
-from .ops import (
-    BalancedLoss,
-    BalancedMSE,
-    balanced_loss,
-    balanced_mse,
-    kl_divergence,
-    moments,
-    renormalize,
-    reparameterize,
-    reparameterize_kl,
-    variance_law,
-)
+from . import ops
+from .ops import *  # noqa: F401,F403 - the public ops: every name of fastvae.ops.__all__
 from . import data, models
 from .models import ConvVAE, DenseVAE, ResNetVAE, SecondStageVAE
 from .run import load
@@ -27,10 +17,8 @@ from .latent_stats import LatentStats, latent_channel_stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "reparameterize_kl", "reparameterize", "kl_divergence",
-    "balanced_mse", "BalancedMSE",
-    "balanced_loss", "BalancedLoss", "DiagonalGaussian", "latent_stats", "LatentStats", "latent_channel_stats",
-    "moments", "renormalize", "variance_law",
+    *ops.__all__,
+    "DiagonalGaussian", "latent_stats", "LatentStats", "latent_channel_stats",
     "use_backend", "reference",
     "data", "models", "DenseVAE", "ConvVAE", "ResNetVAE", "SecondStageVAE", "TrainConfig", "fit", "load",
     "analysis", "two_stage", "fid", "latent_statistics", "LatentTracker", "frechet_distance",

@@ -1,12 +1,13 @@
-"""The one place that decides whether an op runs its Triton kernel or the PyTorch reference.
+"""The one place that decides whether an op runs its Triton kernel or the engine (``fastvae.ops.engine``: plain
+PyTorch on any device, numba loops on the CPU).
 
 ``FASTVAE_BACKEND`` (read at every call, so tests and users can change it at run time):
 
 - ``auto`` (default): Triton for CUDA tensors when a supported Triton (>= 3.4) imports, the
-  reference otherwise; CUDA tensors that fall back get a warning, once, that names the reason.
+  engine otherwise; CUDA tensors that fall back get a warning, once, that names the reason.
 - ``triton``: always the Triton kernels. CPU tensors then need Triton's interpreter, which is
   chosen when the kernels are imported, with fastvae: ``TRITON_INTERPRET=1`` must be set before that.
-- ``torch``: always the plain-PyTorch reference.
+- ``torch``: always the engine.
 
 ``use_backend(name)`` overrides the variable inside a ``with`` block.
 
@@ -15,7 +16,7 @@ is current when the backward runs: the decision is saved in the autograd context
 
 Each op module imports its kernel module statically, in one guarded import (``fastvae.ops.reparameterize``:
 ``from ..kernels import reparameterize as kernels_reparameterize``); when that fails (no Triton, or one the
-kernels cannot use) the module runs on the CPU engine and reports the error here (``kernels_unavailable``),
+kernels cannot use) the module runs on the engine and reports the error here (``kernels_unavailable``),
 which is what the forced backend's error and the CUDA fallback warning name.
 """
 from __future__ import annotations
@@ -78,7 +79,7 @@ def requested() -> str:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether an op on ``tensor`` runs the Triton kernel (True) or the reference (False)."""
+    """Whether an op on ``tensor`` runs the Triton kernel (True) or the engine (False)."""
     name = requested()
     if name == "torch":
         return False
@@ -115,7 +116,7 @@ def _warn_cuda_fallback() -> None:
         return
     _warned_fallback = True
     warnings.warn(
-        f"fastvae: CUDA tensors run the slow plain-PyTorch reference, because the Triton kernels failed to "
+        f"fastvae: CUDA tensors run the slow plain-PyTorch engine, because the Triton kernels failed to "
         f"import (Triton {_installed_triton()}; fastvae needs Triton >= {'.'.join(map(str, MIN_TRITON))}): "
         f"{_kernels_error!r}",
         RuntimeWarning,

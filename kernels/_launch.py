@@ -156,9 +156,6 @@ PARTIAL_BLOCK = 256
 of programs (which follows the batch) never selects a new compiled kernel."""
 
 
-def partial_block() -> int:
-    return PARTIAL_BLOCK
-
 
 # ---------------------------------------------------------------------------------- stride plans
 MAX_SAMPLE_DIMS, MAX_EVENT_DIMS = 3, 2

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    accumulation_dtype, accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, sum_partials,
+    accumulation_dtype, accumulation_type, float32_pair, last_to_arrive, launch, PARTIAL_BLOCK, row_tile, sum_partials,
     workspace,
 )
 
@@ -164,7 +164,7 @@ def forward(x_hat: torch.Tensor, x: torch.Tensor, gamma2: torch.Tensor, reductio
         N, M, n_col_blocks, x_hat.stride(0), x_hat.stride(1), x.stride(0), x.stride(1),
         N if reduction == "batchmean" else 1, *float32_pair(momentum),
         LOSS_MODE=mode, FULL=full, RULE=_RULES[rule], ACC=accumulation_type(acc),
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=partial_block(),
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_P=PARTIAL_BLOCK,
         num_warps=num_warps,
     )
     return loss, sse, gamma2_used

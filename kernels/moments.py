@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    accumulation_dtype, accumulation_type, float32_pair, last_to_arrive, launch, partial_block, row_tile, store_total,
+    accumulation_dtype, accumulation_type, float32_pair, last_to_arrive, launch, PARTIAL_BLOCK, row_tile, store_total,
     sum_partials, workspace,
 )
 
@@ -484,7 +484,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
         z, logvar, work, mean, var, scalars, partials, counter, tv,
         N, F, C, plan.rows_per_chunk, plan.n_col_blocks, N - correction,
         *_strides(z), *lv_strides, stride_tv, tv_hi, tv_lo, *eps_pair,
-        FINAL=final, **flags, BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, BLOCK_P=partial_block(),
+        FINAL=final, **flags, BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, BLOCK_P=PARTIAL_BLOCK,
         # 16-bit inputs with 8 warps: Triton 3.8 held ptxas to 64 registers and spilled 8 B on sm_120
         num_warps=4 if z.element_size() == 2 else plan.num_warps,
     )
@@ -494,7 +494,7 @@ def moments(z: torch.Tensor, *, correction: int = 0, logvar: torch.Tensor | None
             z, work, mean, var, scalars, partials, counter, tv,
             N, F, C, plan.rows_per_chunk, plan.n_chunks, N - correction,
             z.stride(0), z.stride(2), stride_tv, tv_hi, tv_lo, *eps_pair,
-            **flags, BLOCK_D=plan.block_d, BLOCK_C=plan.finish_chunks, BLOCK_P=partial_block(),
+            **flags, BLOCK_D=plan.block_d, BLOCK_C=plan.finish_chunks, BLOCK_P=PARTIAL_BLOCK,
             num_warps=plan.finish_warps,
         )
     return mean, var, scalars
@@ -561,7 +561,7 @@ def renormalize_backward(grad, z, mean, var, scalars, target_var, *, scalar_mode
         sum_gy = torch.empty(F, dtype=acc, device=z.device)
         total = partials = counter = None
     eps_pair = float32_pair(eps)
-    block_p = partial_block()
+    block_p = PARTIAL_BLOCK
     acc_type = accumulation_type(z.dtype)
     launch(
         renormalize_bwd_partial_kernel, (plan.n_chunks * plan.n_col_blocks,),

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    accumulation_type, event_layout, float32_pair, launch, logical_strides, partial_block, store_total, sum_partials,
+    accumulation_type, event_layout, float32_pair, launch, logical_strides, PARTIAL_BLOCK, store_total, sum_partials,
     workspace,
 )
 
@@ -322,7 +322,7 @@ def forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor | None, r
         reparameterize_kl_fwd_kernel, plan.grid,
         mu, logvar, seed, z, kl, partials, ticket, sample_tickets,
         *plan.sizes(), *strides[0], *strides[1], *strides[2], *strides[3], kl_divisor,
-        HAS_Z=z is not None, KL_MODE=kl_mode, ACC=accumulation_type(mu.dtype), BLOCK_P=partial_block(),
+        HAS_Z=z is not None, KL_MODE=kl_mode, ACC=accumulation_type(mu.dtype), BLOCK_P=PARTIAL_BLOCK,
         **plan.constexprs(), **_clamp_flags(logvar_clamp),
     )
     return z, kl

@@ -1,6 +1,6 @@
 """GPU readiness without a GPU: every fused kernel compiled for real NVIDIA targets, judged by its machine code.
 
-The compile matrix (every spec of ``bench.aot.harness.SPEC_MODULES`` x every dtype x sm_75 ... sm_120,
+The compile matrix (every spec of ``bench.aot.harness.spec_modules()`` x every dtype x sm_75 ... sm_120,
 plus one unaligned strided view in float32) is built once per session in worker processes and cached
 under ``$FASTVAE_AOT_CACHE`` (``~/.cache/fastvae-aot``), so a second run reads it back.
 """
@@ -226,7 +226,7 @@ def test_write_static_table(results, tmp_path):
 
 
 def test_measured_gpu_rows_are_shown_beside_the_predictions(results, tmp_path):
-    from bench.ops import Row
+    from bench.measure import Row
     from bench.report import write_csv
     from bench.static import cost_model, measured_rows, model_table
 

@@ -34,7 +34,7 @@ def test_env_variable_picks_the_backend(monkeypatch):
         fastvae.kl_divergence(mu, mu)
     assert not launches
     monkeypatch.setenv("FASTVAE_BACKEND", "auto")
-    assert backend.use_triton(mu) is False  # CPU tensors take the reference under auto
+    assert backend.use_triton(mu) is False  # CPU tensors take the engine under auto
 
 
 def test_unknown_backend_is_an_error(monkeypatch):
@@ -69,7 +69,7 @@ def test_forced_triton_on_cpu_without_interpreter_says_how_to_fix():
 
 
 def test_fastvae_works_without_triton():
-    """With Triton unimportable, fastvae imports, runs every op on the reference, and a forced
+    """With Triton unimportable, fastvae imports, runs every op on the engine, and a forced
     Triton backend says that Triton is missing."""
     result = _run(
         """
@@ -183,7 +183,7 @@ def test_cuda_fallback_without_a_usable_triton_warns_once_naming_the_version():
     assert result.returncode == 0, result.stderr
     count, message = result.stdout.split(" ", 1)
     assert count == "1"
-    assert "slow plain-PyTorch reference" in message and "Triton >= 3.4" in message and "Triton 3." in message
+    assert "slow plain-PyTorch engine" in message and "Triton >= 3.4" in message and "Triton 3." in message
 
 
 def test_setup_states_the_real_triton_floor():

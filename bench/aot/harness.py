@@ -51,8 +51,16 @@ DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32,
 STRIDED_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 STRIDED_TARGETS: tuple[int, ...] = (89,)
 """The unaligned strided view is compiled once per kernel: float32, sm_89."""
-SPEC_MODULES: tuple[str, ...] = ("bench.aot.reparameterize", "bench.aot.balanced_mse", "bench.aot.moments")
-"""The modules whose ``AOT_SPECS`` are compiled; a new kernel module adds its spec module here."""
+
+
+def spec_modules() -> tuple[str, ...]:
+    """The modules whose ``AOT_SPECS`` are compiled: those the declared ops name (``fastvae.ops.ALL``, each
+    op's ``aot``), in the order declared, each once."""
+    from fastvae.ops import ALL
+
+    return tuple(dict.fromkeys(op.aot for op in ALL.values() if op.aot))
+
+
 _REPO = Path(__file__).resolve().parents[2]
 """The checkout that holds ``bench/``: the compile workers import this file from it."""
 
@@ -539,12 +547,13 @@ def _sources_digest(module: str) -> str:
     return digest.hexdigest()
 
 
-def jobs(modules: Sequence[str] = SPEC_MODULES, dtypes: Sequence[torch.dtype] = DTYPES,
+def jobs(modules: Sequence[str] | None = None, dtypes: Sequence[torch.dtype] = DTYPES,
          targets: Sequence[int] = TARGETS, strided_dtypes: Sequence[torch.dtype] = STRIDED_DTYPES,
          strided_targets: Sequence[int] = STRIDED_TARGETS) -> list[dict]:
-    """The compile matrix: one job per ``(module, spec, dtype, layout)`` with the targets it is compiled for."""
+    """The compile matrix: one job per ``(module, spec, dtype, layout)`` with the targets it is compiled for
+    (``modules``: default ``spec_modules()``)."""
     out = []
-    for name in modules:
+    for name in (spec_modules() if modules is None else modules):
         specs = getattr(importlib.import_module(name), "AOT_SPECS", None)
         if specs is None:
             raise ValueError(f"modules: {name} has no AOT_SPECS list")
@@ -563,7 +572,7 @@ def compile_matrix(
     targets: Sequence[int] = TARGETS,
     dtypes: Sequence[torch.dtype] = DTYPES,
     *,
-    modules: Sequence[str] = SPEC_MODULES,
+    modules: Sequence[str] | None = None,
     strided_dtypes: Sequence[torch.dtype] = STRIDED_DTYPES,
     strided_targets: Sequence[int] = STRIDED_TARGETS,
     workers: int = 2,
@@ -586,6 +595,7 @@ def compile_matrix(
     for path in extra_path:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
+    modules = spec_modules() if modules is None else modules
     matrix = jobs(modules, dtypes, targets, strided_dtypes, strided_targets)
     digests = {name: _sources_digest(name) for name in modules}
     directory = cache_dir()

@@ -1,6 +1,7 @@
 """The benchmarked ops, one module each: ``bench/cases/<op>.py`` holds the op's eager composition (the
 plain PyTorch a user writes), the fused call, its inputs, its sizes (the typical one first), and its
-traffic model. ``OPS`` maps each op's name to its ``OpBench``.
+traffic model. ``OPS`` maps each op's name to its ``OpBench``; the declaration of each fused op
+(``fastvae.ops.ALL``) names its case modules, so a new op's case needs no line here.
 
 Providers (``PROVIDERS``): ``eager``, the composition; ``compile``, ``torch.compile(eager,
 dynamic=False, fullgraph=True)`` compiled afresh for each case; ``fused``, the public fastvae op (on
@@ -10,6 +11,7 @@ outputs computed once, graph retained), ``full`` (both).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -30,7 +32,7 @@ class OpBench:
 
     ``inputs(case, device, dtype)`` returns the positional arguments; tensors that require grad are
     the ones differentiated. ``min_bytes(case, mode, itemsize)`` is the traffic the op must move at
-    least. ``cases[0]`` is the typical case (the static cost model's).
+    least. ``cases[0]`` is the case README quotes; ``typical`` (default ``cases[-1]``) the static cost model's.
     """
 
     name: str
@@ -42,6 +44,7 @@ class OpBench:
     min_bytes: Callable[[dict, str, int], int]
     label: Callable[[dict], str]
     model: str  # the bandwidth model in words, printed under the op's tables
+    typical: dict | None = None  # the static cost model's case (default: the last)
 
     def providers(self) -> dict[str, Callable]:
         return {"eager": self.eager, "compile": self.eager, "fused": self.fused}
@@ -65,11 +68,14 @@ def traffic(forward: int, backward: int, mode: str) -> int:
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
-def _load() -> dict[str, OpBench]:
-    from . import balanced_mse, latent_posterior, moments, renormalize, reparameterize_kl, variance_law
+def load() -> dict[str, OpBench]:
+    """The benchmark of every declared op (``fastvae.ops.ALL``; an op names the modules of its ``CASE``s in its
+    declaration's ``bench``): each op's first case, in the order the ops were declared, then the others."""
+    from fastvae.ops import ALL
 
-    modules = (reparameterize_kl, balanced_mse, moments, renormalize, variance_law, latent_posterior)
-    return {m.CASE.name: m.CASE for m in modules}
+    modules = [m for op in ALL.values() for m in op.bench[:1]] + [m for op in ALL.values() for m in op.bench[1:]]
+    cases = [importlib.import_module(m).CASE for m in modules]
+    return {case.name: case for case in cases}
 
 
-OPS: dict[str, OpBench] = _load()
+OPS: dict[str, OpBench] = load()

@@ -46,4 +46,4 @@ CASES = tuple({"B": 128, "image": im} for im in ((1, 28, 28), (3, 32, 32), (3, 6
 CASE = OpBench(
     "balanced_mse", CASES, ({"B": 8, "image": (1, 28, 28)},), inputs, eager, fused, min_bytes, label,
     "forward: read x_hat, x (2 N s); backward: read x_hat, x, write d x_hat (3 N s)",
-)
+    typical={"B": 128, "image": (3, 64, 64)})

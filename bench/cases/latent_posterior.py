@@ -33,12 +33,12 @@ def fused(h: Tensor) -> tuple[Tensor, Tensor]:
     return fastvae.reparameterize_kl(mean, logvar, event_dims=h.dim() - 1, logvar_clamp=LOGVAR_CLAMP)
 
 
-def _latent_shape(case: dict) -> tuple[int, ...]:
+def latent_shape(case: dict) -> tuple[int, ...]:
     return (case["B"], case["C"], *case["spatial"])
 
 
 def inputs(case: dict, device: torch.device, dtype: torch.dtype) -> tuple[Tensor]:
-    B, C, *spatial = _latent_shape(case)
+    B, C, *spatial = latent_shape(case)
     h = randn((B, 2 * C, *spatial), device, dtype, requires_grad=False)
     if case.get("channels_last"):
         h = h.contiguous(memory_format=torch.channels_last if len(spatial) == 2 else torch.channels_last_3d)
@@ -46,12 +46,12 @@ def inputs(case: dict, device: torch.device, dtype: torch.dtype) -> tuple[Tensor
 
 
 def min_bytes(case: dict, mode: str, s: int) -> int:
-    n = math.prod(_latent_shape(case))  # latent elements: h holds 2 n
+    n = math.prod(latent_shape(case))  # latent elements: h holds 2 n
     return traffic(3 * n * s, 5 * n * s, mode)  # read h, write z | read g_z, h, write d h
 
 
 def label(case: dict) -> str:
-    return "x".join(map(str, _latent_shape(case))) + (" cl" if case.get("channels_last") else "")
+    return "x".join(map(str, latent_shape(case))) + (" cl" if case.get("channels_last") else "")
 
 
 CASES = (
@@ -70,37 +70,7 @@ CASE = OpBench(
 )
 
 
-def predicted_table(dtype: torch.dtype = torch.float32) -> list[str]:
-    """The static cost model (``bench.static``: ``max(launches x t_cpu, launches x t_gpu + bytes / bandwidth)``)
-    at every case: eager counted ATen op by ATen op on the meta device, fused as the launches and traffic of
-    ``reparameterize_kl``'s AOT specs per latent element. ``python -m bench.cases.latent_posterior``."""
-    import importlib
-
-    from bench import static
-
-    specs = {(s.op, s.pass_): s for m in static.aot.SPEC_MODULES for s in importlib.import_module(m).AOT_SPECS
-             if not s.tag}
-    gpus = list(static.GPUS)
-    lines = ["| case | pass | eager launches | eager B/elem | fused launches | fused B/elem | "
-             + " | ".join(f"eager / fused, {g}" for g in gpus) + " | "
-             + " | ".join(f"speedup, {g}" for g in gpus) + " |",
-             "| --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in 2 * gpus) + " |"]
-    meta = torch.device("meta")
-    for case in CASES:
-        n = math.prod(_latent_shape(case))
-        size = torch.empty((), dtype=dtype).element_size()
-        for mode in static.MODES:
-            eager_launches = static.count_traffic(eager, inputs(case, meta, dtype), mode)
-            eager_side = static.Side(len(eager_launches), sum(t.read + t.written for t in eager_launches))
-            fused_launches = static.count_traffic(fused, inputs(case, meta, dtype), mode)
-            fused_side = static._fused_side("reparameterize_kl", fused_launches, specs, {}, n, size)
-            times = [(eager_side.seconds(bw), fused_side.seconds(bw)) for bw in static.GPUS.values()]
-            lines.append(f"| {label(case)} | {mode} | {eager_side.launches} | {eager_side.bytes / n:.1f} | "
-                         f"{fused_side.launches} ({fused_side.launches_triton} Triton) | {fused_side.bytes / n:.1f} | "
-                         + " | ".join(f"{e * 1e6:,.1f} / {f * 1e6:,.1f} us" for e, f in times) + " | "
-                         + " | ".join(f"{e / f:.1f}x" for e, f in times) + " |")
-    return lines
-
-
 if __name__ == "__main__":
-    print("\n".join(predicted_table()))
+    from bench.static import latent_posterior_table
+
+    print("\n".join(latent_posterior_table()))

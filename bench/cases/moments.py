@@ -35,4 +35,4 @@ def label(case: dict) -> str:
 CASES = tuple({"N": n, "D": d} for n in (10_000, 100_000) for d in (16, 64))
 QUICK_CASES = ({"N": 1000, "D": 8},)
 CASE = OpBench("moments", CASES, QUICK_CASES, inputs, eager, fused, min_bytes, label,
-               "forward: read z (N s); backward: read z, write d z (2 N s)")
+               "forward: read z (N s); backward: read z, write d z (2 N s)", typical={"N": 100_000, "D": 64})

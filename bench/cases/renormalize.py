@@ -34,4 +34,5 @@ def min_bytes(case: dict, mode: str, s: int) -> int:
 
 
 CASE = OpBench("renormalize", _moments.CASES, _moments.QUICK_CASES, inputs, eager, fused, min_bytes, _moments.label,
-               "forward: read z, write z' (2 N s); backward: read g, z, write d z (3 N s)")
+               "forward: read z, write z' (2 N s); backward: read g, z, write d z (3 N s)",
+               typical={"N": 100_000, "D": 64})

@@ -31,4 +31,5 @@ def min_bytes(case: dict, mode: str, s: int) -> int:
 
 
 CASE = OpBench("variance_law", _moments.CASES, _moments.QUICK_CASES, inputs, eager, fused, min_bytes, _moments.label,
-               "forward: read mu, logvar (2 N s); backward: read mu, logvar, write d mu, d logvar (4 N s)")
+               "forward: read mu, logvar (2 N s); backward: read mu, logvar, write d mu, d logvar (4 N s)",
+               typical={"N": 100_000, "D": 64})

@@ -1,4 +1,4 @@
-"""``fastvae demo``: run every fused op once on random latents and print what it computed."""
+"""``fastvae demo``: run every fused op once on random inputs and print what it computed."""
 from __future__ import annotations
 
 import time
@@ -18,33 +18,30 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _describe(t) -> str:
+    return f"{tuple(t.shape)} mean {t.double().mean().item():+.4f}" if t.numel() else "(not computed)"
+
+
 def run(args) -> int:
     import torch
 
-    import fastvae
-    from fastvae import backend
-
+    from fastvae import backend, ops
     from fastvae.train.devices import resolve_device
 
     torch.manual_seed(0)
     device = resolve_device(args.device)
-    h = torch.randn(args.batch, 2 * args.latent, device=device, requires_grad=True)
-    mu, logvar = h.chunk(2, dim=-1)
+    probe = torch.empty(1, device=device)
+    print(f"backend: {'triton' if backend.use_triton(probe) else 'torch (engine)'} on {device}")
     start = time.perf_counter()
-    z, kl = fastvae.reparameterize_kl(mu, logvar, seed=0)
-    x_hat, x = torch.tanh(z), torch.zeros_like(z)
-    running_mse = torch.ones((), device=device)
-    rec = fastvae.balanced_mse(x_hat, x, running_mse)
-    (rec + kl).backward()
-    mean, var = fastvae.moments(z.detach())
-    z_renorm = fastvae.renormalize(z.detach(), *fastvae.variance_law(mu.detach(), logvar.detach()))
-    elapsed = time.perf_counter() - start
-    print(f"backend: {'triton' if backend.use_triton(mu) else 'torch (reference)'} on {device}")
-    print(f"reparameterize_kl: z {tuple(z.shape)}, KL per sample {kl.item():.4f}")
-    print(f"balanced_mse: loss {rec.item():.4f}, running_mse 1.0 -> {running_mse.item():.4f}")
-    print(f"gradient norm through both: {h.grad.norm().item():.4f}")
-    print(f"moments of z: mean {mean.mean().item():+.4f}, var {var.mean().item():.4f} "
-          f"(averaged over {args.latent} dims)")
-    print(f"renormalized to the variance law: var {fastvae.moments(z_renorm)[1].mean().item():.4f}")
-    print(f"done in {elapsed * 1000:.1f} ms")
+    for op in ops.ALL.values():  # every declared op, with the first of its example arguments
+        inputs = op.examples(args.batch, args.latent, device)[0]
+        outputs = op(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        differentiable = [o for o in outputs if o.requires_grad and o.numel()]
+        if differentiable:
+            torch.autograd.backward([o.sum() for o in differentiable])
+        grads = [t.grad.norm().item() for t in inputs if isinstance(t, torch.Tensor) and t.grad is not None]
+        print(f"{op.name}: " + ", ".join(f"{name} {_describe(o)}" for name, o in zip(op.outputs, outputs))
+              + (f"; gradient norm {sum(g * g for g in grads) ** 0.5:.4f}" if grads else ""))
+    print(f"done in {(time.perf_counter() - start) * 1000:.1f} ms")
     return 0

@@ -174,3 +174,16 @@ def check_running_estimate(op: str, name: str, value: object, device: torch.devi
         if not number > 0 or number == float("inf"):
             raise ValueError(f"{op}: {name} must be positive and finite, got {number}")
     return value
+
+
+def check_dims(op: str, dim: object, ndim: int) -> int | tuple[int, ...]:
+    """An int dim, or a tuple of distinct dims (as ``torch.var_mean``), normalized to ``[0, ndim)``;
+    a one-element tuple is its int."""
+    if not isinstance(dim, (tuple, list)):
+        return check_dim(op, dim, ndim)
+    dims = tuple(check_dim(op, d, ndim) for d in dim)
+    if not dims:
+        raise ValueError(f"{op}: dim must name at least one dim, got {tuple(dim)}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"{op}: dim must not repeat a dim, got {tuple(dim)}")
+    return dims[0] if len(dims) == 1 else dims

@@ -1,5 +1,13 @@
-"""How the ops hand tensors to the kernels: as 2-D ``(rows, cols)`` views, copied only when no view exists."""
+"""How tensors reach the kernels and the engine, in one place: as ``(rows, cols)`` or ``(A, N, C)`` views,
+copied only when no view exists, and results back in the input's memory format.
+
+The kernels' own view of strides (``kernels._launch.event_layout``: up to three sample and two event dims,
+read in place) stays beside the kernels, which import nothing of fastvae.
+"""
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 
@@ -37,3 +45,65 @@ def from_memory_order(flat: torch.Tensor, like: torch.Tensor, order: list[int]) 
     for position, dim in enumerate([0, *order]):
         inverse[dim] = position
     return permuted.permute(*inverse)
+
+
+def in_format(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``result`` (``like``'s shape) with the strides of ``torch.empty_like(like)``: itself when it has
+    them, else a copy (the ops return z and the gradients in mu's memory format)."""
+    if like.is_contiguous() and result.is_contiguous():
+        return result
+    target = torch.empty_like(like, dtype=result.dtype)
+    if result.stride() == target.stride():
+        return result
+    return target.copy_(result)
+
+
+# ------------------------------------------------------------------------------- batches of samples
+def sample_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, *)`` as ``(N, prod(*))``."""
+    return as_rows(x, x[0].numel() if x.dim() > 1 else 1)
+
+
+def pair_rows(x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """``(x_hat, x)`` as ``(N, M)`` rows for the kernels, and the column order used. Every reduction
+    sums over a sample's elements in any order, so when both share their strides (channels_last
+    images) they are read in memory order, in place; else row-major (copied when no view exists)."""
+    if x_hat.dim() > 2 and x_hat.stride() == x.stride():
+        order = memory_order(x_hat)
+        rows_hat, rows_x = samples_in_memory_order(x_hat, order), samples_in_memory_order(x, order)
+        if rows_hat is not None and rows_x is not None:
+            return rows_hat, rows_x, order
+    return sample_rows(x_hat), sample_rows(x), None
+
+
+def unrows(flat: torch.Tensor, like: torch.Tensor, order: list[int] | None) -> torch.Tensor:
+    """A kernel's contiguous ``(N, M)`` result in ``like``'s shape (and memory format, with an ``order``)."""
+    return from_memory_order(flat, like, order) if order is not None else flat.view(like.shape)
+
+
+# ------------------------------------------------------------------------ reductions over one dim
+def slab(t: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
+    """``t`` as ``(A, N, C)``: ``N`` the size of ``dim``, ``A`` and ``C`` the dims before and after it
+    flattened. ``dim=None``: all leading dims of ``(..., D)`` are reduced, ``(1, numel // D, D)``."""
+    if dim is None:
+        return as_rows(t, t.shape[-1]).unsqueeze(0)
+    dim = dim % t.dim()
+    n_after = math.prod(t.shape[dim + 1:])
+    return as_rows(t, n_after).view(math.prod(t.shape[:dim]), t.shape[dim], n_after)
+
+
+def stat_shape(t: torch.Tensor, dim: Optional[int]) -> torch.Size:
+    """The shape of a per-dimension statistic: ``t``'s without ``dim`` (``(D,)`` for ``dim=None``)."""
+    if dim is None:
+        return t.shape[-1:]
+    dim = dim % t.dim()
+    return t.shape[:dim] + t.shape[dim + 1:]
+
+
+def reduced_first(t: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Size]:
+    """``t`` with the reduced ``dims`` moved to the front and flattened into one: ``(N, *kept)``, and the
+    kept shape. A view when one exists, a copy otherwise (such as dim=(0, 2, 3) of a ``(B, C, H, W)``)."""
+    kept = [d for d in range(t.dim()) if d not in dims]
+    moved = t.permute(*dims, *kept)
+    kept_shape = torch.Size(t.shape[d] for d in kept)
+    return moved.reshape(math.prod(t.shape[d] for d in dims), *kept_shape), kept_shape

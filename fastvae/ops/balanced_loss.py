@@ -19,6 +19,8 @@ from .. import reference
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_running_estimate
 from .balanced_mse import UPDATE_RULES, batch_mse
 
+__all__ = ["balanced_loss", "BalancedLoss"]
+
 
 def balanced_loss(
     rec: Tensor,

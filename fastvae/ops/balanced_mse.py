@@ -1,12 +1,12 @@
 """The balanced reconstruction loss (Asperti & Trentin 2020): ``balanced_mse`` and ``BalancedMSE``.
 
 A Gaussian negative log-likelihood whose variance ``gamma^2`` is a running estimate of the MSE.
-With ``update`` (the training default) the custom op ``fastvae::balanced_mse_update_`` computes the
-loss and updates the running estimate in place in the same pass (``mutates_args``), and returns the
-``gamma^2`` it used, which the backward reads: so the gradient uses the pre-update value under
-torch.compile too. Without ``update``, and under torch.distributed (whose all-reduce of the batch MSE
-runs between the pass and the update), the functional ``fastvae::balanced_mse`` returns the loss and
-the sum of squared errors and the update runs after it.
+With ``update`` (the training default) the op ``fastvae::balanced_mse_update_`` computes the loss and
+updates the running estimate in place in the same pass (``mutates``), and returns the ``gamma^2`` it
+used, which the backward reads: so the gradient uses the pre-update value under torch.compile too.
+Without ``update``, and under torch.distributed (whose all-reduce of the batch MSE runs between the pass
+and the update), the functional ``fastvae::balanced_mse`` returns the loss and the sum of squared errors
+and the update runs after it. Both share one backward formula (``_backward``).
 """
 from __future__ import annotations
 
@@ -16,39 +16,20 @@ from torch import Tensor, nn
 
 from .. import backend, reference
 from ..reference.balanced_mse import UPDATE_RULES
-from . import _cpu, _eager
+from . import engine
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_running_estimate
-from ._layout import as_rows, from_memory_order, memory_order, samples_in_memory_order
+from ._layout import pair_rows, sample_rows, samples_in_memory_order, unrows
+from ._op import Op
 
 try:
     from ..kernels import balanced_mse as kernels_balanced_mse
-except Exception as error:  # noqa: BLE001 - no Triton, or one the kernels cannot use: the CPU engine runs the op
+except Exception as error:  # noqa: BLE001 - no Triton, or one the kernels cannot use: the engine runs the op
     kernels_balanced_mse = backend.kernels_unavailable(error)
 
-
-# ---------------------------------------------------------------------------------------- dispatch
-def _rows(x: Tensor) -> Tensor:
-    """``(N, *)`` as ``(N, prod(*))``."""
-    return as_rows(x, x[0].numel() if x.dim() > 1 else 1)
+__all__ = ["balanced_mse", "BalancedMSE"]
 
 
-def _pair_rows(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor, list[int] | None]:
-    """``(x_hat, x)`` as ``(N, M)`` rows for the kernels, and the column order used. Every reduction
-    sums over a sample's elements in any order, so when both share their strides (channels_last
-    images) they are read in memory order, in place; else row-major (copied when no view exists)."""
-    if x_hat.dim() > 2 and x_hat.stride() == x.stride():
-        order = memory_order(x_hat)
-        rows_hat, rows_x = samples_in_memory_order(x_hat, order), samples_in_memory_order(x, order)
-        if rows_hat is not None and rows_x is not None:
-            return rows_hat, rows_x, order
-    return _rows(x_hat), _rows(x), None
-
-
-def _unrows(flat: Tensor, like: Tensor, order: list[int] | None) -> Tensor:
-    """A kernel's contiguous ``(N, M)`` result in ``like``'s shape (and memory format, with an ``order``)."""
-    return from_memory_order(flat, like, order) if order is not None else flat.view(like.shape)
-
-
+# ----------------------------------------------------------------------------------- declarations
 def _loss_shape(x: Tensor, reduction: str) -> torch.Size:
     if reduction == "none":
         return x.shape
@@ -61,64 +42,40 @@ def _accumulation(x_hat: Tensor, x: Tensor) -> torch.dtype:
     return reference.accumulation_dtype(torch.promote_types(x_hat.dtype, x.dtype))
 
 
-@torch.library.custom_op("fastvae::balanced_mse", mutates_args=())
-def _balanced_mse_op(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, full: bool) -> tuple[Tensor, Tensor]:
+def _engine(x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, full: bool) -> tuple[Tensor, Tensor]:
     """``(loss, sum((x_hat - x)^2))`` with variance ``gamma2``; the sum is not differentiable."""
-    if backend.decide(x_hat) == "torch":
-        return _cpu.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
-    rows_hat, rows_x, order = _pair_rows(x_hat, x)
+    return engine.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
+
+
+def _kernel(x_hat, x, gamma2, reduction, full):
+    rows_hat, rows_x, order = pair_rows(x_hat, x)
     loss, sse, _ = kernels_balanced_mse.forward(rows_hat, rows_x, gamma2, reduction, full)
-    loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
+    loss = unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
     return loss, sse.view(())
 
 
-@torch.library.custom_op("fastvae::balanced_mse_update_", mutates_args=("running_mse",))
-def _balanced_mse_update_op(
-    x_hat: Tensor, x: Tensor, running_mse: Tensor, reduction: str, full: bool, momentum: float, rule: str
-) -> tuple[Tensor, Tensor]:
+def _engine_update(x_hat: Tensor, x: Tensor, running_mse: Tensor, reduction: str, full: bool, momentum: float,
+                   rule: str) -> tuple[Tensor, Tensor]:
     """``(loss, gamma2)``: the loss with ``gamma2`` = ``running_mse`` as it was (returned, one element,
-    for the backward), then ``running_mse`` updated in place by ``rule``. On Triton, the kernel's last
-    program does the update: no ATen op runs around the launch."""
-    if backend.decide(x_hat) == "torch":
-        gamma2 = running_mse.detach().clone()
-        loss, sse = _cpu.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
-        _cpu.update_running_mse(running_mse, sse / x_hat.numel(), momentum=momentum, rule=rule)
-        return loss, gamma2
-    rows_hat, rows_x, order = _pair_rows(x_hat, x)
+    for the backward), then ``running_mse`` updated in place by ``rule``."""
+    gamma2 = running_mse.detach().clone()
+    loss, sse = engine.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=full)
+    engine.update_running_mse(running_mse, sse / x_hat.numel(), momentum=momentum, rule=rule)
+    return loss, gamma2
+
+
+def _kernel_update(x_hat, x, running_mse, reduction, full, momentum, rule):
+    """The kernel's last program does the update: no ATen op runs around the launch."""
+    rows_hat, rows_x, order = pair_rows(x_hat, x)
     loss, _, gamma2 = kernels_balanced_mse.forward(rows_hat, rows_x, running_mse, reduction, full, rule, momentum)
-    loss = _unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
+    loss = unrows(loss, x_hat, order) if reduction == "none" else loss.view(_loss_shape(x_hat, reduction))
     return loss, gamma2.view(running_mse.shape)
-
-
-@torch.library.custom_op("fastvae::balanced_mse_backward", mutates_args=())
-def _balanced_mse_backward_op(
-    grad: Tensor, x_hat: Tensor, x: Tensor, gamma2: Tensor, reduction: str, need_x_hat: bool, need_x: bool,
-    backend_name: str,
-) -> tuple[Tensor, Tensor]:
-    """``(d/dx_hat, d/dx)`` on ``backend_name`` (its forward's); a gradient not needed comes back as an empty tensor."""
-    if backend_name == "torch":
-        grad_x_hat, grad_x = _cpu.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
-    else:
-        rows_hat, rows_x, order = _pair_rows(x_hat, x)
-        if reduction != "none":
-            grad_rows = grad.reshape(-1)
-        elif order is not None:  # the upstream gradient's columns in the same order as the inputs'
-            grad_rows = samples_in_memory_order(grad, order)
-            grad_rows = grad_rows if grad_rows is not None else grad.permute(0, *order).reshape(grad.shape[0], -1)
-        else:
-            grad_rows = _rows(grad)
-        grad_x_hat, grad_x = kernels_balanced_mse.backward(
-            grad_rows, rows_hat, rows_x, gamma2, reduction, need_x_hat, need_x
-        )
-        grad_x_hat = _unrows(grad_x_hat, x_hat, order) if need_x_hat else grad_x_hat
-        grad_x = _unrows(grad_x, x, order) if need_x else grad_x
-    return (grad_x_hat if need_x_hat else x_hat.new_empty(0)), (grad_x if need_x else x.new_empty(0))
 
 
 def _like_input(t: Tensor, x_hat: Tensor, x: Tensor) -> Tensor:
     """An empty tensor of ``t``'s shape and dtype in the memory format that the ops return for it."""
-    order = _pair_rows(x_hat, x)[2]
-    return _unrows(t.new_empty((t.shape[0], t[0].numel() if t.dim() > 1 else 1)), t, order)
+    order = pair_rows(x_hat, x)[2]
+    return unrows(t.new_empty((t.shape[0], t[0].numel() if t.dim() > 1 else 1)), t, order)
 
 
 def _fake_loss(x_hat: Tensor, x: Tensor, reduction: str) -> Tensor:
@@ -127,65 +84,68 @@ def _fake_loss(x_hat: Tensor, x: Tensor, reduction: str) -> Tensor:
     return x_hat.new_empty(_loss_shape(x_hat, reduction), dtype=_accumulation(x_hat, x))
 
 
-@_balanced_mse_op.register_fake
-def _(x_hat, x, gamma2, reduction, full):
+def _fake(x_hat, x, gamma2, reduction, full):
     return _fake_loss(x_hat, x, reduction), x_hat.new_empty((), dtype=_accumulation(x_hat, x))
 
 
-@_balanced_mse_update_op.register_fake
-def _(x_hat, x, running_mse, reduction, full, momentum, rule):
+def _fake_update(x_hat, x, running_mse, reduction, full, momentum, rule):
     return _fake_loss(x_hat, x, reduction), running_mse.new_empty(running_mse.shape)
 
 
-@_balanced_mse_backward_op.register_fake
-def _(grad, x_hat, x, gamma2, reduction, need_x_hat, need_x, backend_name):
-    return ((_like_input(x_hat, x_hat, x) if need_x_hat else x_hat.new_empty(0)),
-            (_like_input(x, x_hat, x) if need_x else x.new_empty(0)))
+def _engine_backward(grad, _grad_stat, x_hat, x, gamma2, reduction, *params_and_needs):
+    """``d/dx_hat = g (x_hat - x) / gamma^2``, ``d/dx = -d/dx_hat`` (``gamma2``: the variance the forward used)."""
+    need_x = params_and_needs[-1][1]
+    return engine.balanced_mse_backward(grad, x_hat, x, gamma2, reduction, need_x=need_x)
 
 
-def _setup(ctx, inputs, output):
-    x_hat, x, gamma2, reduction, _ = inputs
-    ctx.save_for_backward(x_hat, x, gamma2)
-    ctx.reduction = reduction
-    # setup_context runs right after the forward, under the same backend state: the forward's decision
-    ctx.backend = backend.decide(x_hat)
-    ctx.mark_non_differentiable(output[1])
+def _kernel_backward(grad, _grad_stat, x_hat, x, gamma2, reduction, *params_and_needs):
+    need_x_hat, need_x = params_and_needs[-1]
+    rows_hat, rows_x, order = pair_rows(x_hat, x)
+    if reduction != "none":
+        grad_rows = grad.reshape(-1)
+    elif order is not None:  # the upstream gradient's columns in the same order as the inputs'
+        grad_rows = samples_in_memory_order(grad, order)
+        grad_rows = grad_rows if grad_rows is not None else grad.permute(0, *order).reshape(grad.shape[0], -1)
+    else:
+        grad_rows = sample_rows(grad)
+    grad_x_hat, grad_x = kernels_balanced_mse.backward(grad_rows, rows_hat, rows_x, gamma2, reduction, need_x_hat,
+                                                       need_x)
+    return (unrows(grad_x_hat, x_hat, order) if need_x_hat else None), (unrows(grad_x, x, order) if need_x else None)
 
 
-def _grad(ctx, grad_loss, _grad_sse):
-    x_hat, x, gamma2 = ctx.saved_tensors
-    need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x,
-                                                   ctx.backend)
-    return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None
+def _backward_fake(grad, _grad_stat, x_hat, x, gamma2, reduction, *params_and_needs):
+    return _like_input(x_hat, x_hat, x), _like_input(x, x_hat, x)
 
 
-_balanced_mse_op.register_autograd(_grad, setup_context=_setup)
+def _examples(n: int, d: int, device: torch.device) -> list[tuple]:
+    x_hat = torch.rand(n, 1, 3, d, device=device).requires_grad_()
+    x = torch.rand(n, 1, 3, d, device=device)
+    cl_hat = torch.rand(n, 3, 2, d, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    cl = torch.rand(n, 3, 2, d, device=device).contiguous(memory_format=torch.channels_last)
+    gamma2 = torch.full((), 0.3, device=device)
+    return [(x_hat, x, gamma2, "batchmean", True), (x_hat, x.clone().requires_grad_(), gamma2, "none", False),
+            (cl_hat, cl, gamma2, "per_sample", True)]
 
 
-class _BalancedMSEUpdate(torch.autograd.Function):
-    """Autograd of ``fastvae::balanced_mse_update_`` (torch.library refuses a formula for a mutating op):
-    the backward uses the ``gamma2`` that the op returned, the value before its update, in eager and
-    under torch.compile alike."""
+def _examples_update(n: int, d: int, device: torch.device) -> list[tuple]:
+    return [(x_hat, x, torch.full((), 0.3, device=device), reduction, full, momentum, rule)
+            for (x_hat, x, _, reduction, full), momentum, rule in zip(_examples(n, d, device), (0.7, 0.95, 0.5),
+                                                                       UPDATE_RULES + ("ema",))]
 
-    @staticmethod
-    def forward(ctx, x_hat, x, running_mse, reduction, full, momentum, rule, backend_name):
-        loss, gamma2 = torch.ops.fastvae.balanced_mse_update_(x_hat, x, running_mse, reduction, full, momentum, rule)
-        ctx.save_for_backward(x_hat, x, gamma2)
-        ctx.reduction, ctx.backend = reduction, backend_name
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x_hat, x, gamma2 = ctx.saved_tensors
-        need_x_hat, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x_hat, grad_x = _balanced_mse_backward_op(grad_loss, x_hat, x, gamma2, ctx.reduction, need_x_hat, need_x,
-                                                       ctx.backend)
-        return (grad_x_hat if need_x_hat else None), (grad_x if need_x else None), None, None, None, None, None, None
+_BACKWARD = dict(saves=("x_hat", "x", "gamma2"), differentiable=("x_hat", "x"), engine_backward=_engine_backward,
+                 kernel_backward=_kernel_backward, backward_fake=_backward_fake)
+BALANCED_MSE = Op("balanced_mse", _engine, _fake, kernel=_kernel, outputs=("loss", "sse"), non_differentiable=("sse",),
+                  examples=_examples, bench=("bench.cases.balanced_mse",), aot="bench.aot.balanced_mse", **_BACKWARD)
+"""``(loss, sse)``; the sum of squared errors is not differentiable."""
+BALANCED_MSE_UPDATE = Op("balanced_mse_update_", _engine_update, _fake_update, kernel=_kernel_update,
+                         outputs=("loss", "gamma2"), non_differentiable=("gamma2",), mutates=("running_mse",),
+                         examples=_examples_update, aot="bench.aot.balanced_mse", **_BACKWARD)
+"""``(loss, gamma2)``, ``running_mse`` updated in place; the backward reads the returned ``gamma2`` (an output
+here, an input of ``balanced_mse``: the same formula)."""
 
 
 # ------------------------------------------------------------------------------------- public API
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -249,14 +209,12 @@ def balanced_mse(
     check_finite(op, x_hat=x_hat, x=x, running_mse=running_mse)
     if update and not _distributed():
         # the update happens inside the op (the kernel's last program on Triton)
-        return (_eager.route("balanced_mse_update_", x_hat, x) or _BalancedMSEUpdate.apply)(
-            x_hat, x, running_mse, reduction, full, float(momentum), rule, backend.decide(x_hat))
+        return BALANCED_MSE_UPDATE(x_hat, x, running_mse, reduction, full, float(momentum), rule)[0]
     # the loss and its backward use gamma^2 as it was before this call's in-place update
     gamma2 = running_mse.detach().clone() if update else running_mse.detach()
-    loss, sse = (_eager.route("balanced_mse", x_hat, x) or torch.ops.fastvae.balanced_mse)(
-        x_hat, x, gamma2, reduction, full)
+    loss, sse = BALANCED_MSE(x_hat, x, gamma2, reduction, full)
     if update:
-        _cpu.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
+        engine.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
     return loss
 
 

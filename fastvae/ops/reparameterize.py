@@ -1,10 +1,15 @@
 """Reparameterized sampling and the closed-form KL divergence: ``reparameterize_kl``, ``reparameterize``,
-``kl_divergence``.
+``kl_divergence``, all three on one custom op, ``fastvae::reparameterize_kl``.
 
-Registered as the custom ops ``fastvae::reparameterize_kl``, ``fastvae::reparameterize`` and
-``fastvae::kl_divergence`` (one backward op serves all three). The noise is Philox with the seed
-as a one-element int64 tensor: the backward recomputes it, and only ``mu``, ``logvar`` and the seed
+The op takes an optional seed and an optional reduction and returns ``(z, kl)``, an output not asked for
+as an empty tensor; its backward is ``fastvae::reparameterize_kl_backward``. The noise is Philox with the
+seed as a one-element int64 tensor: the backward recomputes it, and only ``mu``, ``logvar`` and the seed
 are saved for backward.
+
+The custom op takes the latents in their own shape and strides with ``event_dims`` (the trailing dims of
+one sample). The kernels read them in place (the halves of chunk(2, dim=1) of a contiguous or channels_last
+encoder output included) and write z, the elementwise KL and the gradients in mu's memory format
+(``torch.empty_like(mu)``), which the fake states too.
 """
 from __future__ import annotations
 
@@ -14,48 +19,69 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from . import _cpu, _eager
+from . import engine
 from ._checks import (
     REDUCTIONS, check_choice, check_event_dims, check_finite, check_float_tensor, check_logvar_clamp, check_same_layout,
     seed_tensor,
 )
+from ._layout import in_format
+from ._op import Op
 
 try:
     from ..kernels import reparameterize as kernels_reparameterize
-except Exception as error:  # noqa: BLE001 - no Triton, or one the kernels cannot use: the CPU engine runs the op
+except Exception as error:  # noqa: BLE001 - no Triton, or one the kernels cannot use: the engine runs the op
     kernels_reparameterize = backend.kernels_unavailable(error)
 
-Clamp = Optional[list[float]]
+__all__ = ["reparameterize_kl", "reparameterize", "kl_divergence"]
 
 
-# ---------------------------------------------------------------------------------------- dispatch
-# The custom ops take the latents in their own shape and strides with ``event_dims`` (the trailing dims of
-# one sample). The kernels read them in place (the halves of chunk(2, dim=1) of a contiguous or
-# channels_last encoder output included) and write z, the elementwise KL and the gradients in mu's
-# memory format (``torch.empty_like(mu)``), which the fake implementations state too.
-def _sample_shape(mu: Tensor, event_dims: int) -> torch.Size:
-    return mu.shape[: mu.dim() - event_dims]
+# ------------------------------------------------------------------------------------ declaration
+def _engine(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str],
+            logvar_clamp: Optional[list[float]] = None, event_dims: int = 1) -> tuple[Tensor, Tensor]:
+    z, kl = engine.reparameterize_kl(mu, logvar, seed, reduction, logvar_clamp, event_dims)
+    return _present(z, mu), _present(kl, mu)
 
 
-def _forward(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str], logvar_clamp: Clamp = None,
-             event_dims: int = 1):
-    """``(z, kl)``, either None when not asked for (no seed, no reduction)."""
-    if backend.decide(mu) == "torch":
-        return _cpu.reparameterize_kl_events(mu, logvar, seed, reduction, logvar_clamp, event_dims)
+def _kernel(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1):
     if kernels_reparameterize.reads_in_place(event_dims, mu, logvar):
-        return kernels_reparameterize.forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
-    # strides the kernel cannot index (more than 3 sample or 2 event dims after merging): contiguous copies
-    z, kl = kernels_reparameterize.forward(mu.contiguous(), logvar.contiguous(), seed, reduction, logvar_clamp,
-                                           event_dims)
-    return (None if z is None else _cpu.in_format(z, mu)), (_cpu.in_format(kl, mu) if reduction == "none" else kl)
+        z, kl = kernels_reparameterize.forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
+    else:  # strides the kernel cannot index (more than 3 sample or 2 event dims after merging): contiguous copies
+        z, kl = kernels_reparameterize.forward(mu.contiguous(), logvar.contiguous(), seed, reduction, logvar_clamp,
+                                               event_dims)
+        z = None if z is None else in_format(z, mu)
+        kl = in_format(kl, mu) if reduction == "none" else kl
+    return _present(z, mu), _present(kl, mu)
 
 
-def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor],
-              reduction: str, backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1):
-    """The gradients on ``backend_name`` (the backend that the forward ran on), in mu's memory format."""
-    if backend_name == "torch":
-        return _cpu.reparameterize_kl_events_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp,
-                                                      event_dims)
+def _present(t: Optional[Tensor], mu: Tensor) -> Tensor:
+    """An output not asked for (no seed: no ``z``; no reduction: no KL) as an empty tensor."""
+    return t if t is not None else mu.new_empty(0)
+
+
+def _fake(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1):
+    z = torch.empty_like(mu) if seed is not None else mu.new_empty(0)
+    if reduction is None:
+        return z, mu.new_empty(0)
+    if reduction == "none":
+        return z, torch.empty_like(mu)
+    shape = mu.shape[: mu.dim() - event_dims] if reduction == "per_sample" else ()
+    return z, mu.new_empty(shape, dtype=reference.accumulation_dtype(mu.dtype))
+
+
+def _flowing(grad_z, grad_kl, seed, reduction):
+    """The gradients that flow: none into an output that was not computed."""
+    return (grad_z if seed is not None else None), (grad_kl if reduction is not None else None)
+
+
+def _engine_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims, needs):
+    grad_z, grad_kl = _flowing(grad_z, grad_kl, seed, reduction)
+    return engine.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction or "none", logvar_clamp,
+                                             event_dims)
+
+
+def _kernel_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims, needs):
+    grad_z, grad_kl = _flowing(grad_z, grad_kl, seed, reduction)
+    reduction = reduction or "none"
     operands = [t for t in (mu, logvar, grad_z, grad_kl if reduction == "none" else None) if t is not None]
     if kernels_reparameterize.reads_in_place(event_dims, *operands):
         return kernels_reparameterize.backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims)
@@ -63,119 +89,29 @@ def _backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, l
     grad_kl = None if grad_kl is None else grad_kl.contiguous()
     grad_mu, grad_logvar = kernels_reparameterize.backward(grad_z, grad_kl, mu.contiguous(), logvar.contiguous(), seed,
                                                            reduction, logvar_clamp, event_dims)
-    return _cpu.in_format(grad_mu, mu), _cpu.in_format(grad_logvar, mu)
+    return in_format(grad_mu, mu), in_format(grad_logvar, mu)
 
 
-def _kl_shape(mu: Tensor, reduction: str, event_dims: int = 1) -> torch.Size:
-    if reduction == "none":
-        return mu.shape
-    if reduction == "per_sample":
-        return _sample_shape(mu, event_dims)
-    return torch.Size()
+def _examples(n: int, d: int, device: torch.device) -> list[tuple]:
+    h = torch.randn(n, 2 * d, device=device, dtype=torch.float64)
+    mu, logvar = (half.float().requires_grad_() for half in h.chunk(2, dim=-1))  # strided views
+    seed = torch.tensor([7], device=device)
+    lat = torch.randn(2, 3, 4, 5, device=device).requires_grad_()
+    return [(mu, logvar, seed, "batchmean", [-0.7, 0.4], 1), (mu, logvar, seed, None, None, 1),
+            (mu, logvar, None, "none", [-0.2, 0.3], 1), (lat, lat.flip(1).detach() * 0.5, seed, "per_sample", None, 3)]
 
 
-def _kl_like(mu: Tensor, reduction: str, event_dims: int = 1) -> Tensor:
-    if reduction == "none":
-        return torch.empty_like(mu)
-    return mu.new_empty(_kl_shape(mu, reduction, event_dims), dtype=reference.accumulation_dtype(mu.dtype))
-
-
-# ------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastvae::reparameterize_kl", mutates_args=())
-def _reparameterize_kl_op(mu: Tensor, logvar: Tensor, seed: Tensor, reduction: str, logvar_clamp: Clamp = None,
-                          event_dims: int = 1) -> tuple[Tensor, Tensor]:
-    return _forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
-
-
-@torch.library.custom_op("fastvae::reparameterize", mutates_args=())
-def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor, logvar_clamp: Clamp = None,
-                       event_dims: int = 1) -> Tensor:
-    return _forward(mu, logvar, seed, None, logvar_clamp, event_dims)[0]
-
-
-@torch.library.custom_op("fastvae::kl_divergence", mutates_args=())
-def _kl_divergence_op(mu: Tensor, logvar: Tensor, reduction: str, logvar_clamp: Clamp = None,
-                      event_dims: int = 1) -> Tensor:
-    return _forward(mu, logvar, None, reduction, logvar_clamp, event_dims)[1]
-
-
-@torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
-def _backward_op(
-    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Optional[Tensor],
-    reduction: str, backend_name: str, logvar_clamp: Clamp = None, event_dims: int = 1,
-) -> tuple[Tensor, Tensor]:
-    return _backward(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp, event_dims)
-
-
-@_reparameterize_kl_op.register_fake
-def _(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1):
-    return torch.empty_like(mu), _kl_like(mu, reduction, event_dims)
-
-
-@_reparameterize_op.register_fake
-def _(mu, logvar, seed, logvar_clamp=None, event_dims=1):
-    return torch.empty_like(mu)
-
-
-@_kl_divergence_op.register_fake
-def _(mu, logvar, reduction, logvar_clamp=None, event_dims=1):
-    return _kl_like(mu, reduction, event_dims)
-
-
-@_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, seed, reduction, backend_name, logvar_clamp=None, event_dims=1):
-    return torch.empty_like(mu), torch.empty_like(mu)
-
-
-def _setup_reparameterize_kl(ctx, inputs, output):
-    mu, logvar, seed, reduction, logvar_clamp, event_dims = inputs
-    ctx.save_for_backward(mu, logvar, seed)
-    ctx.reduction, ctx.logvar_clamp, ctx.event_dims = reduction, logvar_clamp, event_dims
-    ctx.backend = backend.decide(mu)  # runs right after the forward, in its backend state
-
-
-def _setup_reparameterize(ctx, inputs, output):
-    mu, logvar, seed, logvar_clamp, event_dims = inputs
-    ctx.save_for_backward(mu, logvar, seed)
-    ctx.logvar_clamp, ctx.event_dims = logvar_clamp, event_dims
-    ctx.backend = backend.decide(mu)
-
-
-def _setup_kl_divergence(ctx, inputs, output):
-    mu, logvar, reduction, logvar_clamp, event_dims = inputs
-    ctx.save_for_backward(mu, logvar)
-    ctx.reduction, ctx.logvar_clamp, ctx.event_dims = reduction, logvar_clamp, event_dims
-    ctx.backend = backend.decide(mu)
-
-
-def _reparameterize_kl_grad(ctx, grad_z, grad_kl):
-    mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, grad_kl, mu, logvar, seed, ctx.reduction, ctx.backend, ctx.logvar_clamp,
-                                        ctx.event_dims)
-    return grad_mu, grad_logvar, None, None, None, None
-
-
-def _reparameterize_grad(ctx, grad_z):
-    mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(grad_z, None, mu, logvar, seed, "none", ctx.backend, ctx.logvar_clamp,
-                                        ctx.event_dims)
-    return grad_mu, grad_logvar, None, None, None
-
-
-def _kl_divergence_grad(ctx, grad_kl):
-    mu, logvar = ctx.saved_tensors
-    grad_mu, grad_logvar = _backward_op(None, grad_kl, mu, logvar, None, ctx.reduction, ctx.backend, ctx.logvar_clamp,
-                                        ctx.event_dims)
-    return grad_mu, grad_logvar, None, None, None
-
-
-_reparameterize_kl_op.register_autograd(_reparameterize_kl_grad, setup_context=_setup_reparameterize_kl)
-_reparameterize_op.register_autograd(_reparameterize_grad, setup_context=_setup_reparameterize)
-_kl_divergence_op.register_autograd(_kl_divergence_grad, setup_context=_setup_kl_divergence)
+REPARAMETERIZE_KL = Op(
+    "reparameterize_kl", _engine, _fake, _engine_backward, outputs=("z", "kl"), saves=("mu", "logvar", "seed"),
+    differentiable=("mu", "logvar"),
+    kernel=_kernel, kernel_backward=_kernel_backward,
+    examples=_examples, bench=("bench.cases.reparameterize_kl", "bench.cases.latent_posterior"),
+    aot="bench.aot.reparameterize",
+)
 
 
 # ------------------------------------------------------------------------------------- public API
-def _check_latents(op: str, mu: Tensor, logvar: Tensor, event_dims: int, logvar_clamp) -> Clamp:
+def _check_latents(op: str, mu: Tensor, logvar: Tensor, event_dims: int, logvar_clamp) -> Optional[list[float]]:
     check_float_tensor(op, "mu", mu)
     check_float_tensor(op, "logvar", logvar)
     check_same_layout(op, ("mu", "logvar"), mu, logvar)
@@ -229,9 +165,7 @@ def reparameterize_kl(
     op = "reparameterize_kl"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    seed = seed_tensor(op, seed, mu.device)
-    route = _eager.route("reparameterize_kl", mu, logvar) or torch.ops.fastvae.reparameterize_kl
-    return route(mu, logvar, seed, reduction, clamp, event_dims)
+    return REPARAMETERIZE_KL(mu, logvar, seed_tensor(op, seed, mu.device), reduction, clamp, event_dims)
 
 
 def reparameterize(
@@ -242,9 +176,7 @@ def reparameterize(
     ``event_dims`` only decides the layout the kernel reads, never the values)."""
     op = "reparameterize"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
-    seed = seed_tensor(op, seed, mu.device)
-    return (_eager.route("reparameterize", mu, logvar) or torch.ops.fastvae.reparameterize)(
-        mu, logvar, seed, clamp, event_dims)
+    return REPARAMETERIZE_KL(mu, logvar, seed_tensor(op, seed, mu.device), None, clamp, event_dims)[0]
 
 
 def kl_divergence(
@@ -256,5 +188,4 @@ def kl_divergence(
     op = "kl_divergence"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
     check_choice(op, "reduction", reduction, REDUCTIONS)
-    route = _eager.route("kl_divergence", mu, logvar) or torch.ops.fastvae.kl_divergence
-    return route(mu, logvar, reduction, clamp, event_dims)
+    return REPARAMETERIZE_KL(mu, logvar, None, reduction, clamp, event_dims)[1]

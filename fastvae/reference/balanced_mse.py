@@ -10,6 +10,8 @@ from .reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 UPDATE_RULES = ("min-ema", "ema")
+__all__ = ["UPDATE_RULES", "balanced_mse_loss", "balanced_mse_forward", "update_running_mse", "balanced_mse",
+           "balanced_mse_backward", "balanced_loss"]
 
 
 def sample_dims(x: Tensor) -> tuple[int, ...]:

@@ -6,6 +6,9 @@ from torch import Tensor
 
 from .reduce import accumulation_dtype
 
+__all__ = ["RENORMALIZE_MODES", "moments", "renormalize", "renormalize_from_moments", "scalar_renormalization",
+           "variance_law", "moments_backward", "renormalize_backward", "variance_law_backward"]
+
 
 def _rows(z: Tensor, dim: int) -> Tensor:
     """``z`` with ``dim`` moved to the front and the rest flattened: ``(N, F)``."""

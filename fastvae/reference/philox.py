@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+__all__ = ["philox_uint32", "philox_randn"]
+
 M32 = 0xFFFFFFFF
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+__all__ = ["REDUCTIONS", "accumulation_dtype", "reduce_loss", "expand_reduced_grad"]
+
 REDUCTIONS = ("none", "per_sample", "batchmean", "sum")
 """The reductions of a loss (``reduce_loss``): elementwise, one value per sample, the mean over samples, the total."""
 

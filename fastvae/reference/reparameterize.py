@@ -1,4 +1,4 @@
-"""Spec of ``reparameterize_kl``, ``reparameterize`` and ``kl_divergence`` over latents ``(..., D)``."""
+"""Spec of ``reparameterize_kl``, ``reparameterize`` and ``kl_divergence`` over latents ``(..., E_1, ..., E_k)``."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +7,8 @@ from torch import Tensor
 from .philox import philox_randn
 from .reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
 
+__all__ = ["reparameterize", "kl_divergence", "reparameterize_kl", "reparameterize_kl_backward", "clamp_logvar",
+           "clamp_logvar_grad"]
 LATENT_DIMS = (-1,)
 
 
@@ -17,22 +19,29 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, seed: Tensor | int) -> Tensor:
     return (mu.to(acc) + torch.exp(logvar.to(acc) / 2) * eps).to(mu.dtype)
 
 
-def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean") -> Tensor:
-    """``KL(N(mu, exp(logvar)) || N(0, 1)) = 0.5 * (mu^2 + exp(logvar) - logvar - 1)`` per element of ``(..., D)``.
+def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean", event_dims: int = 1) -> Tensor:
+    """``KL(N(mu, exp(logvar)) || N(0, 1)) = 0.5 * (mu^2 + exp(logvar) - logvar - 1)`` per element.
 
-    Reductions: ``none`` (shape of mu), ``per_sample`` (sum over D: shape ``(...)``), ``batchmean``
-    (total / number of samples ``numel / D``), ``sum``.
+    Reductions: ``none`` (shape of mu), ``per_sample`` (sum over the last ``event_dims`` dims: shape
+    ``mu.shape[:-event_dims]``), ``batchmean`` (total / number of samples), ``sum``.
     """
     acc = accumulation_dtype(mu.dtype)
     mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
     kl = 0.5 * (mu_acc * mu_acc + torch.exp(logvar_acc) - logvar_acc - 1)
-    return reduce_loss(kl, reduction, LATENT_DIMS, mu.dtype)
+    return reduce_loss(kl, reduction, tuple(range(-event_dims, 0)), mu.dtype)
 
 
-def reparameterize_kl(mu: Tensor, logvar: Tensor, *, seed: Tensor | int,
-                      reduction: str = "batchmean") -> tuple[Tensor, Tensor]:
-    """``(reparameterize(mu, logvar, seed=seed), kl_divergence(mu, logvar, reduction=reduction))``."""
-    return reparameterize(mu, logvar, seed=seed), kl_divergence(mu, logvar, reduction=reduction)
+def reparameterize_kl(
+    mu: Tensor, logvar: Tensor, *, seed: Tensor | int, reduction: str = "batchmean", event_dims: int = 1,
+    logvar_clamp: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(reparameterize(mu, lv, seed=seed), kl_divergence(mu, lv, reduction=reduction, event_dims=event_dims))``
+    with ``lv = clamp_logvar(logvar, logvar_clamp)`` (``torch.clamp``, its gradient included): the last
+    ``event_dims`` dims form one sample (torch.distributions' ``Independent`` convention). Differentiable by
+    autograd."""
+    logvar = clamp_logvar(logvar, logvar_clamp)
+    return (reparameterize(mu, logvar, seed=seed),
+            kl_divergence(mu, logvar, reduction=reduction, event_dims=event_dims))
 
 
 def reparameterize_kl_backward(
@@ -71,23 +80,3 @@ def clamp_logvar_grad(grad_logvar: Tensor, logvar: Tensor, logvar_clamp: tuple[f
         return grad_logvar
     inside = (logvar >= logvar_clamp[0]) & (logvar <= logvar_clamp[1])
     return torch.where(inside, grad_logvar, torch.zeros_like(grad_logvar))
-
-
-def event_reparameterize_kl(
-    mu: Tensor, logvar: Tensor, *, seed: Tensor | int, reduction: str = "batchmean", event_dims: int = 1,
-    logvar_clamp: tuple[float, float] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``reparameterize_kl`` with the last ``event_dims`` dims forming one sample (torch.distributions'
-    ``Independent`` convention) and ``logvar`` clamped first (``torch.clamp``, its gradient included):
-
-    ``z = mu + exp(lv / 2) * philox_randn(seed, mu.shape)``, ``kl = 0.5 * (mu^2 + exp(lv) - lv - 1)``
-    with ``lv = clamp(logvar)``; ``per_sample`` sums over the event dims (shape ``mu.shape[:-event_dims]``),
-    ``batchmean`` divides the total by ``prod(mu.shape[:-event_dims])``. Differentiable by autograd.
-    """
-    logvar = clamp_logvar(logvar, logvar_clamp)
-    acc = accumulation_dtype(mu.dtype)
-    mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
-    eps = philox_randn(seed, mu.shape, mu.device).to(acc)
-    z = (mu_acc + torch.exp(logvar_acc / 2) * eps).to(mu.dtype)
-    kl = 0.5 * (mu_acc * mu_acc + torch.exp(logvar_acc) - logvar_acc - 1)
-    return z, reduce_loss(kl, reduction, tuple(range(-event_dims, 0)), mu.dtype)

@@ -1,7 +1,7 @@
-"""The CPU engine's compiled loops (numba): the noise of ``tl.randn``, and ``reparameterize_kl`` in one pass
+"""The engine's compiled loops for the CPU (numba): the noise of ``tl.randn``, and ``reparameterize_kl`` in one pass
 forward and one pass backward.
 
-Imported only through ``_cpu_philox.compiled()``, which falls back to PyTorch ops when numba is missing or
+Imported only through ``philox.compiled()``, which falls back to PyTorch ops when numba is missing or
 fails. Every loop is written so that LLVM vectorizes it (16 float32 lanes with AVX-512): no calls inside, only
 arithmetic and selects, and few arrays per loop. That is why ``log``, ``cos`` and ``exp`` are written out here
 (Cephes' float32 range reductions and polynomials): numba's ``math.log`` is a scalar libm call, and no loop
@@ -25,7 +25,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from ..reference.philox import INT32_TO_UNIFORM, KEY_A, KEY_B, M32, MIN_UNIFORM, ROUND_A, ROUND_B, ROUNDS
+from ...reference.philox import INT32_TO_UNIFORM, KEY_A, KEY_B, M32, MIN_UNIFORM, ROUND_A, ROUND_B, ROUNDS
 
 
 def _jit(function=None, **options):

@@ -1,10 +1,10 @@
-"""The CPU engine: what the custom ops run on tensors that do not go to the Triton kernels.
+"""The engine's plain PyTorch: what the ops run on tensors that do not go to the Triton kernels, on any device.
 
-Each function has the signature of its spec in ``fastvae.reference`` and returns the same values (the
-tests compare them), computed with as few passes over memory and ATen dispatches as plain PyTorch
-allows: in-place chains, ``addcmul``, statistics folded into per-dimension scale and shift, the noise
-from ``_cpu_philox`` (the same Philox stream as the kernels, compiled with numba when installed).
-The backward recomputes the noise from the seed; nothing of the input's size is saved.
+Each function returns the values of its spec in ``fastvae.reference`` (the tests compare them), computed with
+as few passes over memory and ATen dispatches as plain PyTorch allows: in-place chains, ``addcmul``, statistics
+folded into per-dimension scale and shift, the noise from ``philox`` (the Philox stream of the kernels). On
+CPU tensors with float32 accumulation ``reparameterize_kl`` runs ``loops``' one pass instead. The backward
+recomputes the noise from the seed; nothing of the input's size is saved.
 """
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..reference.balanced_mse import HALF_LOG_2PI, sample_dims
-from ..reference.reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
-from . import _cpu_philox
+from ...reference.balanced_mse import HALF_LOG_2PI, sample_dims
+from ...reference.reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
+from ...reference.reparameterize import clamp_logvar, clamp_logvar_grad
+from .._layout import in_format
+from . import philox
 
 
 # ----------------------------------------------------------------------------- reparameterize_kl
 def _noise(seed: Tensor, mu: Tensor, acc: torch.dtype) -> Tensor:
-    eps = _cpu_philox.philox_randn(seed, mu.shape, mu.device)
+    eps = philox.philox_randn(seed, mu.shape, mu.device)
     return eps if acc == torch.float32 else eps.to(acc)
 
 
@@ -37,7 +39,7 @@ def _reduce_kl(terms: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     return reduce_loss(terms, reduction, (-1,), dtype).mul_(0.5)
 
 
-def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None
+def reparameterize_kl_rows(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None
                       ) -> tuple[Tensor | None, Tensor | None]:
     """``(z, kl)`` of ``reference.reparameterize_kl``, either None when not asked for (no seed, no
     reduction): ``std = exp(logvar / 2)`` once, ``z = addcmul(mu, std, eps)``, ``exp(logvar) = std^2``."""
@@ -52,17 +54,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
     return z, _reduce_kl(_kl_terms(mu_acc, logvar_acc, std.mul_(std)), reduction, mu.dtype)
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, *, seed: Tensor) -> Tensor:
-    """``z = mu + exp(logvar / 2) * eps``: ``eps`` from the seed, then one ``exp`` and one ``addcmul``."""
-    return reparameterize_kl(mu, logvar, seed, None)[0]
-
-
-def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean") -> Tensor:
-    """``0.5 * (mu^2 + exp(logvar) - logvar - 1)``, reduced; the ``0.5`` after the reduction."""
-    return reparameterize_kl(mu, logvar, None, reduction)[1]
-
-
-def reparameterize_kl_backward(
+def reparameterize_kl_rows_backward(
     grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str
 ) -> tuple[Tensor, Tensor]:
     """``d/dmu = g_z + g_kl mu``, ``d/dlogvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2`` with
@@ -204,19 +196,6 @@ def renormalize_backward(grad: Tensor, z: Tensor, mean: Tensor, var: Tensor, tar
     return out.addcmul_(centered, -scale * rstd * rstd * mean_gc).to(z.dtype)
 
 
-def clamp_logvar(logvar: Tensor, logvar_clamp) -> Tensor:
-    """``torch.clamp(logvar, lo, hi)`` for ``logvar_clamp = (lo, hi)``; ``logvar`` itself for None."""
-    return logvar if logvar_clamp is None else torch.clamp(logvar, logvar_clamp[0], logvar_clamp[1])
-
-
-def clamp_logvar_grad(grad_logvar: Tensor, logvar: Tensor, logvar_clamp) -> Tensor:
-    """torch.clamp's gradient: ``grad_logvar`` where ``lo <= logvar <= hi``, zero elsewhere."""
-    if logvar_clamp is None:
-        return grad_logvar
-    inside = (logvar >= logvar_clamp[0]) & (logvar <= logvar_clamp[1])
-    return torch.where(inside, grad_logvar, torch.zeros_like(grad_logvar))
-
-
 def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: float, rule: str) -> Tensor:
     """``reference.update_running_mse`` in place (``ema``: ``r = m r + (1 - m) batch_mse``; ``min-ema``:
     ``r = min(r, ema)``), except that a non-finite ``batch_mse`` (the loss reports it) leaves ``r`` as it was
@@ -230,29 +209,18 @@ def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: floa
     return running_mse
 
 
-def in_format(result: Tensor, like: Tensor) -> Tensor:
-    """``result`` (``like``'s shape) with the strides of ``torch.empty_like(like)``: itself when it has
-    them, else a copy (the ops return z and the gradients in mu's memory format)."""
-    if like.is_contiguous() and result.is_contiguous():
-        return result
-    target = torch.empty_like(like, dtype=result.dtype)
-    if result.stride() == target.stride():
-        return result
-    return target.copy_(result)
-
-
-def reparameterize_kl_events(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
+def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
                              event_dims: int) -> tuple[Tensor | None, Tensor | None]:
     """``reparameterize_kl`` on latents whose last ``event_dims`` dims form one sample, ``logvar`` clamped
     first: ``z`` and the elementwise KL in mu's memory format, a ``per_sample`` KL of shape
-    ``mu.shape[:-event_dims]``. Float32 accumulation with numba: ``_cpu_numba``'s one pass; otherwise the
+    ``mu.shape[:-event_dims]``. Float32 accumulation with numba: ``loops``'s one pass; otherwise the
     engine above on ``(samples, event elements)`` rows (a copy where no view exists)."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    kernels = _loops_for(mu)
-    if kernels is not None:
-        z, kl = _fused_forward(kernels, mu, logvar, seed, reduction, logvar_clamp, E)
+    loops = _loops_for(mu)
+    if loops is not None:
+        z, kl = _fused_forward(loops, mu, logvar, seed, reduction, logvar_clamp, E)
     else:
-        z, kl = reparameterize_kl(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed,
+        z, kl = reparameterize_kl_rows(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed,
                                   reduction)
     if z is not None:
         z = in_format(z.view(mu.shape), mu)
@@ -265,17 +233,17 @@ def reparameterize_kl_events(mu: Tensor, logvar: Tensor, seed: Tensor | None, re
     return z, kl
 
 
-def reparameterize_kl_events_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
                                       seed: Tensor | None, reduction: str, logvar_clamp, event_dims: int):
-    """The gradients of ``reparameterize_kl_events`` with torch.clamp's rule, in mu's memory format."""
+    """The gradients of ``reparameterize_kl`` with torch.clamp's rule, in mu's memory format."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    kernels = _loops_for(mu)
-    if kernels is not None:
-        grad_mu, grad_logvar = _fused_backward(kernels, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E)
+    loops = _loops_for(mu)
+    if loops is not None:
+        grad_mu, grad_logvar = _fused_backward(loops, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E)
     else:
         g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
         lv = logvar.reshape(-1, E)
-        grad_mu, grad_logvar = reparameterize_kl_backward(
+        grad_mu, grad_logvar = reparameterize_kl_rows_backward(
             None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
             seed, reduction,
         )
@@ -283,19 +251,19 @@ def reparameterize_kl_events_backward(grad_z: Tensor | None, grad_kl: Tensor | N
     return in_format(grad_mu.view(mu.shape), mu), in_format(grad_logvar.view(mu.shape), mu)
 
 
-# ------------------------------------------------------------- reparameterize_kl through _cpu_numba
+# ------------------------------------------------------------- reparameterize_kl through loops
 _NONE = np.empty((0, 0), np.float32)  # an output the loop is told to skip
 _ZERO_GRAD = np.zeros((1, 1), np.float32)  # a gradient that does not flow in, read as 0 (never written)
 
 
 def _loops_for(mu: Tensor):
-    """``_cpu_numba`` when its loops serve these latents (non-empty, on the CPU, float32 accumulation), else None."""
+    """``loops`` when its loops serve these latents (non-empty, on the CPU, float32 accumulation), else None."""
     if mu.device.type != "cpu" or accumulation_dtype(mu.dtype) != torch.float32 or mu.numel() == 0:
         return None
-    return _cpu_philox.compiled()
+    return philox.compiled()
 
 
-def _rows(t: Tensor, E: int) -> np.ndarray:
+def _float32_rows(t: Tensor, E: int) -> np.ndarray:
     """``t`` as a C-contiguous float32 ``(rows, E)`` array (a copy only where needed)."""
     if t.dtype == torch.float32 and t.is_contiguous():
         return t.detach().numpy().reshape(-1, E)
@@ -311,12 +279,12 @@ def _clamp_args(logvar_clamp) -> tuple[bool, np.float32, np.float32]:
     return True, np.float32(logvar_clamp[0]), np.float32(logvar_clamp[1])
 
 
-def _fused_forward(kernels, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
+def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
                    E: int) -> tuple[Tensor | None, Tensor | None]:
     """``(z, kl)`` as ``reparameterize_kl`` returns them on ``(rows, E)``, from ``reparameterize_kl_rows``;
     rows split over threads (each row's KL is summed whole, and the rows' sums added in order after, so the
     split changes no bit)."""
-    mu_rows, logvar_rows = _rows(mu, E), _rows(logvar, E)
+    mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
     rows = mu_rows.shape[0]
     z = torch.empty((rows, E), dtype=torch.float32) if seed is not None else None
     terms = torch.empty((rows, E), dtype=torch.float32) if reduction == "none" else None
@@ -325,7 +293,7 @@ def _fused_forward(kernels, mu: Tensor, logvar: Tensor, seed: Tensor | None, red
     terms_np = _NONE if terms is None else terms.numpy()
     seed_value = 0 if seed is None else seed.item()
     clamp, lo, hi = _clamp_args(logvar_clamp)
-    _cpu_philox.split(lambda a, b: kernels.reparameterize_kl_rows(
+    philox.split(lambda a, b: loops.reparameterize_kl_rows(
         mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, z is not None, z_np, terms is not None, terms_np,
         sums.size > 0, sums), rows, rows * E)
     z = None if z is None else z.to(mu.dtype)
@@ -336,22 +304,22 @@ def _fused_forward(kernels, mu: Tensor, logvar: Tensor, seed: Tensor | None, red
     if reduction == "per_sample":
         return z, torch.from_numpy(sums).to(torch.float32)
     kl = torch.empty(1, dtype=torch.float32)
-    kernels.scaled_total(sums, 1.0 / rows if reduction == "batchmean" else 1.0, kl.numpy())
+    loops.scaled_total(sums, 1.0 / rows if reduction == "batchmean" else 1.0, kl.numpy())
     return z, kl
 
 
-def _fused_backward(kernels, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
                     seed: Tensor | None, reduction: str, logvar_clamp, E: int) -> tuple[Tensor, Tensor]:
     """``(d mu, d logvar)`` on ``(rows, E)`` from ``reparameterize_kl_rows_backward``."""
-    mu_rows, logvar_rows = _rows(mu, E), _rows(logvar, E)
+    mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
     rows = mu_rows.shape[0]
-    g_z = _ZERO_GRAD if grad_z is None else _rows(grad_z, E)
+    g_z = _ZERO_GRAD if grad_z is None else _float32_rows(grad_z, E)
     if grad_kl is None:
         g_kl = _ZERO_GRAD  # d mu = g_z + 0 mu: the loop's one formula
     elif reduction == "none":
-        g_kl = _rows(grad_kl, E)
+        g_kl = _float32_rows(grad_kl, E)
     elif reduction == "per_sample":
-        g_kl = _rows(grad_kl, 1)
+        g_kl = _float32_rows(grad_kl, 1)
     else:  # one gradient for every element: a number, divided here for batchmean
         g_kl = np.full((1, 1), float(grad_kl) / (rows if reduction == "batchmean" else 1), np.float32)
     grad_mu = torch.empty((rows, E), dtype=torch.float32)
@@ -359,7 +327,7 @@ def _fused_backward(kernels, grad_z: Tensor | None, grad_kl: Tensor | None, mu: 
     grad_mu_np, grad_logvar_np = grad_mu.numpy(), grad_logvar.numpy()
     seed_value = 0 if grad_z is None else seed.item()
     clamp, lo, hi = _clamp_args(logvar_clamp)
-    _cpu_philox.split(lambda a, b: kernels.reparameterize_kl_rows_backward(
+    philox.split(lambda a, b: loops.reparameterize_kl_rows_backward(
         g_z, g_kl, mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, grad_z is not None, grad_kl is not None,
         grad_mu_np, grad_logvar_np), rows, rows * E)
     return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)

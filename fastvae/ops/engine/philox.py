@@ -1,6 +1,6 @@
 """The Philox stream of ``tl.randn`` for the CPU engine: ``fastvae.reference.philox_randn``, fast.
 
-With numba (a dependency of fastvae) the noise comes from ``_cpu_numba``'s compiled loop:
+With numba (a dependency of fastvae) the noise comes from ``loops``'s compiled loop:
 the spec's Philox words and float32 uniforms bit for bit, Box-Muller's ``log``, ``cos`` and ``sqrt`` in
 vectorized float32 polynomials (within 4 ulp of the spec's float32 ``torch.log``/``torch.cos``), about 2 ns an
 element on one core, less than ``torch.randn``. Without numba (or on a device other than the CPU, or when
@@ -22,38 +22,38 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..reference.philox import INT32_TO_UNIFORM, KEY_A, KEY_B, M32, MIN_UNIFORM, ROUND_A, ROUND_B, ROUNDS
+from ...reference.philox import INT32_TO_UNIFORM, KEY_A, KEY_B, M32, MIN_UNIFORM, ROUND_A, ROUND_B, ROUNDS
 
 _TWO_PI = 2 * math.pi
 
 
 # ------------------------------------------------------------------------------------ numba loops
-def _probe(kernels: ModuleType) -> None:
+def _probe(loops: ModuleType) -> None:
     """Compile every loop once (numba caches the machine code on disk) on a tiny input."""
-    kernels.normal_loop(1, 0, 1, np.empty(1, np.float32))
+    loops.normal_loop(1, 0, 1, np.empty(1, np.float32))
     row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
-    kernels.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums)
-    kernels.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
+    loops.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums)
+    loops.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
                                             row.copy())
-    kernels.scaled_total(sums, 1.0, np.empty(1, np.float32))
+    loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
 
 
 @functools.lru_cache(maxsize=1)
 def compiled() -> Optional[ModuleType]:
-    """The compiled loops (the module ``_cpu_numba``, every loop probed once), or None without numba or when
+    """The compiled loops (the module ``loops``, every loop probed once), or None without numba or when
     it fails (one warning: the engine then runs on PyTorch ops)."""
     try:
         import numba  # noqa: F401
     except ImportError:
         return None
     try:
-        from . import _cpu_numba
-        _probe(_cpu_numba)
+        from . import loops
+        _probe(loops)
     except Exception as error:  # a broken numba install must not break the ops
         warnings.warn(f"fastvae: numba failed to compile the CPU loops ({error!r}); using PyTorch ops")
         return None
-    return _cpu_numba
+    return loops
 
 
 def numba_available() -> bool:
@@ -91,12 +91,12 @@ def split(loop: Callable[[int, int], None], units: int, elements: int) -> None:
 def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
     """``fastvae.reference.philox_randn(seed, shape, device)``, fast on the CPU (see the module's docstring)."""
     device = device if isinstance(device, torch.device) else torch.device(device)
-    kernels = compiled() if device.type == "cpu" and seed.device.type == "cpu" else None
+    compiled_loops = compiled() if device.type == "cpu" and seed.device.type == "cpu" else None
     n = math.prod(shape)
-    if kernels is not None:
+    if compiled_loops is not None:
         eps = torch.empty(n, dtype=torch.float32)
         out, seed_value = eps.numpy(), seed.item()
-        split(lambda a, b: kernels.normal_loop(seed_value, a, b, out), n, n)
+        split(lambda a, b: compiled_loops.normal_loop(seed_value, a, b, out), n, n)
         return eps.view(shape)
     u0, u1 = _torch_uniforms(seed, n, device)
     return u0.log_().mul_(-2.0).sqrt_().mul_(u1.cos_()).view(shape)

@@ -1,0 +1,220 @@
+"""One declaration per fused op, and everything built from it: the custom op, its fake, its autograd and the
+eager fast path, registered in ``ALL``.
+
+An op module declares its op once, as an ``Op``: the engine forward (plain PyTorch and the numba loops, whose
+annotated signature is the op's schema), the kernel forward (the Triton launchers; same arguments), the fake
+(output shapes), the engine and kernel backward, which tensors the backward needs (``saves``) and which
+inputs get gradients (``differentiable``). From it ``Op`` builds
+
+- the custom op ``fastvae::<name>``, which runs the engine or the kernel as ``fastvae.backend`` decides,
+  and its fake;
+- the backward custom op ``fastvae::<name>_backward(grad_<output>..., <saved>..., <arguments>..., needs,
+  backend_name)``, which runs the backward on the backend its forward used;
+- the autograd of the custom op (``register_autograd``; for an op that mutates an argument, which
+  torch.library refuses a formula, an ``autograd.Function`` around it);
+- the eager fast path: an ``autograd.Function`` whose forward is the engine forward and whose backward is the
+  engine backward, with the same ``setup_context`` and the same backward code as the custom op's; only the
+  dispatch around them differs. A custom op costs ~125 us per forward+backward on the CPU in torch.library's
+  machinery, more than the whole computation at ``(128, 16)``; the fast path costs a few microseconds.
+
+``op(*arguments)`` takes the fast path in plain eager mode on plain CPU tensors that run the engine
+(``applies``), and the custom op everywhere else: under ``torch.compile`` and ``torch.jit.trace``, a
+dispatch or function mode, tensor subclasses and functorch transforms, the Triton backend, every device but
+the CPU. Without grad the fast path calls the engine directly.
+
+The declaration also names what the tooling iterates: ``examples`` (arguments for the tests and ``fastvae
+demo``, with non-default floats), ``bench`` (the modules holding its benchmark ``CASE``) and ``aot`` (the
+module holding its ``AOT_SPECS``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .. import backend
+
+ALL: dict[str, "Op"] = {}
+"""Every declared op by name, in the order declared: what the package faces, the bench, the AOT harness,
+``fastvae demo`` and the tests iterate."""
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_cpu(t: Tensor) -> bool:
+    return type(t) in _PLAIN and t.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def applies(first: Tensor, *others: Tensor) -> bool:
+    """Whether a call on these tensors takes the eager fast path now: eager (not compiling or tracing, no
+    dispatch or function mode), plain CPU tensors (no FakeTensor, subclass or functorch wrapper) and the
+    engine as the backend."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._get_tracing_state()  # torch.jit.trace records the custom op, not the engine's ATen ops
+        and _get_current_dispatch_mode() is None
+        and not torch._C._is_torch_function_mode_enabled()
+        and _plain_cpu(first) and all(_plain_cpu(t) for t in others)
+        and backend.decide(first) == "torch"
+    )
+
+
+def _is_tensor(annotation) -> bool:
+    return annotation in (Tensor, Optional[Tensor])
+
+
+@dataclasses.dataclass(eq=False)
+class Op:
+    """A fused op, declared once.
+
+    ``engine(*args)`` and ``kernel(*args)`` return the outputs (a tuple when ``outputs`` names several);
+    ``fake(*args)`` returns empty tensors of their shapes, dtypes and strides. ``engine_backward`` and
+    ``kernel_backward`` take ``(grad_<output>..., <saves>..., <non-tensor arguments>..., needs)`` (a gradient
+    None where it does not flow; ``needs``: a bool per ``differentiable`` input) and return a gradient per
+    ``differentiable`` input (any tensor where not needed). ``backward_fake`` (default: ``empty_like`` of each
+    input) gives their shapes. ``saves`` names inputs and outputs; ``non_differentiable`` outputs. ``kernel``
+    None: the op runs its engine on every backend.
+    """
+
+    name: str
+    engine: Callable
+    fake: Callable
+    engine_backward: Callable
+    outputs: tuple[str, ...]
+    saves: tuple[str, ...]
+    differentiable: tuple[str, ...]
+    kernel: Optional[Callable] = None
+    kernel_backward: Optional[Callable] = None
+    backward_fake: Optional[Callable] = None
+    non_differentiable: tuple[str, ...] = ()
+    mutates: tuple[str, ...] = ()
+    examples: Optional[Callable[[int, int, torch.device], list[tuple]]] = None
+    bench: tuple[str, ...] = ()
+    aot: Optional[str] = None
+
+    def __post_init__(self):
+        if self.name in ALL:
+            raise ValueError(f"fastvae op {self.name!r} is declared twice")
+        hints = typing.get_type_hints(self.engine)
+        parameters = list(inspect.signature(self.engine).parameters.values())
+        self.arguments = tuple(p.name for p in parameters)
+        self._tensor_positions = tuple(i for i, p in enumerate(parameters) if _is_tensor(hints[p.name]))
+        self._param_positions = tuple(i for i, p in enumerate(parameters) if not _is_tensor(hints[p.name]))
+        self._grad_positions = tuple(self.arguments.index(n) for n in self.differentiable)
+        self._saved_from = tuple((n in self.outputs, (self.outputs if n in self.outputs else self.arguments).index(n))
+                                 for n in self.saves)
+        self._non_differentiable = tuple(self.outputs.index(n) for n in self.non_differentiable)
+        self.custom = torch.library.custom_op(f"fastvae::{self.name}", self._forward, mutates_args=self.mutates,
+                                              schema=torch.library.infer_schema(self.engine,
+                                                                                mutates_args=self.mutates))
+        self.custom.register_fake(self.fake)
+        self.custom_backward = torch.library.custom_op(f"fastvae::{self.name.rstrip('_')}_backward", self._backward,
+                                                       mutates_args=(), schema=self._backward_schema(hints))
+        self.custom_backward.register_fake(self._fake_backward)
+        if self.mutates:  # torch.library refuses a formula for a mutating op: an autograd.Function around it
+            self._through_custom = self._function("Custom", self.custom, self.custom_backward)
+        else:
+            self.custom.register_autograd(self._grad_through_custom, setup_context=self._setup)
+            self._through_custom = self.custom
+        self._eager = self._function("", self.engine, self._engine_backward)
+        ALL[self.name] = self
+
+    # -------------------------------------------------------------------------------- the two paths
+    def __call__(self, *args):
+        """The op on ``args`` (the engine's positional arguments): the eager fast path where it
+        ``applies``, the custom op elsewhere."""
+        tensors = [args[i] for i in self._tensor_positions if args[i] is not None]
+        if applies(*tensors):
+            if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
+                return self._eager.apply(*args)
+            return self.engine(*args)
+        return self._through_custom.apply(*args) if self.mutates else self.custom(*args)
+
+    def _forward(self, *args):
+        if backend.decide(args[0]) == "torch" or self.kernel is None:
+            return self.engine(*args)
+        return self.kernel(*args)
+
+    def _backward(self, *args):
+        *args, needs, backend_name = args
+        run = self.engine_backward if backend_name == "torch" or self.kernel_backward is None else self.kernel_backward
+        return self._complete(run(*args, needs), args, needs)
+
+    def _engine_backward(self, *args):
+        *args, needs, _ = args
+        return self.engine_backward(*args, needs)  # gradients not needed are dropped by _grad
+
+    def _fake_backward(self, *args):
+        *args, needs, _ = args
+        if self.backward_fake is not None:
+            return self._complete(self.backward_fake(*args, needs), args, needs)
+        saved = dict(zip(self.saves, args[len(self.outputs):]))
+        return self._complete([torch.empty_like(saved[n]) for n in self.differentiable], args, needs)
+
+    def _complete(self, grads, args: list, needs: list[bool]):
+        """The backward op's outputs: a gradient per ``differentiable`` input, an empty tensor where not needed."""
+        grads = grads if isinstance(grads, (tuple, list)) else (grads,)
+        saved = dict(zip(self.saves, args[len(self.outputs):]))
+        grads = tuple(g if need else saved[n].new_empty(0) for g, need, n in zip(grads, needs, self.differentiable))
+        return grads if len(grads) > 1 else grads[0]
+
+    # ----------------------------------------------------------------------------------- autograd
+    def _setup(self, ctx, inputs, output):
+        """Save what the backward needs; runs right after the forward, in its backend state."""
+        outputs = output if isinstance(output, tuple) else (output,)
+        ctx.save_for_backward(*((outputs if is_output else inputs)[i] for is_output, i in self._saved_from))
+        ctx.params = tuple(inputs[i] for i in self._param_positions)
+        ctx.backend = backend.decide(inputs[0])
+        if self._non_differentiable:
+            ctx.mark_non_differentiable(*(outputs[i] for i in self._non_differentiable))
+
+    def _grad(self, ctx, grads, backward_op):
+        needs = [ctx.needs_input_grad[i] for i in self._grad_positions]
+        result = [None] * len(self.arguments)
+        if not any(needs):
+            return tuple(result)
+        grads = [None if i in self._non_differentiable else g for i, g in enumerate(grads)]
+        computed = backward_op(*grads, *ctx.saved_tensors, *ctx.params, needs, ctx.backend)
+        computed = computed if isinstance(computed, (tuple, list)) else (computed,)
+        for position, grad, need in zip(self._grad_positions, computed, needs):
+            result[position] = grad if need else None
+        return tuple(result)
+
+    def _grad_through_custom(self, ctx, *grads):
+        return self._grad(ctx, grads, self.custom_backward)
+
+    def _function(self, kind: str, forward: Callable, backward_op: Callable) -> type:
+        """An ``autograd.Function`` that runs ``forward`` and, backward, ``backward_op``, with ``_setup``."""
+        op = self
+        return type(f"_{_camel(self.name)}{kind}", (torch.autograd.Function,), {
+            "forward": staticmethod(lambda *args: forward(*args)),
+            "setup_context": staticmethod(lambda ctx, inputs, output: op._setup(ctx, inputs, output)),
+            "backward": staticmethod(lambda ctx, *grads: op._grad(ctx, grads, backward_op)),
+        })
+
+    def _backward_schema(self, hints: dict) -> str:
+        """``(Tensor? grad_<output>..., Tensor? <saved>..., <non-tensor arguments>..., bool[] needs,
+        str backend_name) -> (Tensor, ...)``, from the forward's schema."""
+        forward = torch.library.infer_schema(self.engine, mutates_args=self.mutates)
+        declared = _schema_arguments(forward)
+        arguments = ([f"Tensor? grad_{n}" for n in self.outputs] + [f"Tensor? {n}" for n in self.saves]
+                     + [declared[self.arguments[i]].split("=")[0] for i in self._param_positions]
+                     + ["bool[] needs", "str backend_name"])
+        n = len(self.differentiable)
+        returns = "Tensor" if n == 1 else "(" + ", ".join(["Tensor"] * n) + ")"
+        return f"({', '.join(arguments)}) -> {returns}"
+
+
+def _schema_arguments(schema: str) -> dict[str, str]:
+    """``{name: "Type name[=default]"}`` of an inferred schema ``(Type name, ...) -> ...``."""
+    inside = schema[schema.index("(") + 1: schema.rindex(") ->")]
+    return {part.split()[1].split("=")[0]: part for part in inside.split(", ") if part}
+
+
+def _camel(name: str) -> str:
+    return "".join(word.capitalize() for word in name.strip("_").split("_"))
