@@ -183,9 +183,9 @@ def test_opcheck(backend):
                 torch.ops.fastvae.balanced_mse_update_.default,
                 (x_hat.detach(), x, gamma2.clone(), reduction, True, 0.9, "min-ema"),
             )
-        torch.library.opcheck(
+        torch.library.opcheck(  # (grad_loss, grad_sse, x_hat, x, gamma2, reduction, full, needs, backend_name)
             torch.ops.fastvae.balanced_mse_backward.default,
-            (torch.randn(4), x_hat.detach(), x, gamma2, "per_sample", True, False, backend),
+            (torch.randn(4), None, x_hat.detach(), x, gamma2, "per_sample", True, [True, False], backend),
         )
 
 

@@ -1,4 +1,4 @@
-"""The CPU engine (``fastvae.ops._cpu``, ``_cpu_philox``) against the spec (``fastvae.reference``)."""
+"""The engine (``fastvae.ops.engine``: formulas, loops, the Philox stream) against the spec (``fastvae.reference``)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastvae import reference
-from fastvae.ops import _cpu, _cpu_philox
+from fastvae.ops import engine
+from fastvae.ops.engine import formulas, philox as _philox
 from fastvae.ops._checks import REDUCTIONS
 
 from helpers import DTYPES, RTOL, RTOL_NOISE
@@ -28,10 +29,10 @@ def _close(actual, expected, dtype, scale=None, noise=False):
 def noise_engine(request, monkeypatch):
     """Both ways the engine runs: the numba loops and PyTorch ops."""
     if request.param == "numba":
-        if not _cpu_philox.numba_available():
+        if not _philox.numba_available():
             pytest.skip("numba is not installed")  # the torch parameter still runs
     else:
-        monkeypatch.setattr(_cpu_philox, "compiled", lambda: None)
+        monkeypatch.setattr(_philox, "compiled", lambda: None)
     return request.param
 
 
@@ -50,7 +51,7 @@ def test_noise_is_the_spec(noise_engine, n, seed):
     """PyTorch ops: the spec's bits. numba: the same words and uniforms, Box-Muller in float32 polynomials
     within 4 ulp of the spec's float32 log, sqrt and cos (measured: 3 ulp at most over 2**20 draws)."""
     s = torch.tensor([seed])
-    eps, want = _cpu_philox.philox_randn(s, (n,), torch.device("cpu")), reference.philox_randn(s, (n,))
+    eps, want = _philox.philox_randn(s, (n,), torch.device("cpu")), reference.philox_randn(s, (n,))
     if noise_engine == "torch":
         assert torch.equal(eps, want)
     else:
@@ -58,24 +59,24 @@ def test_noise_is_the_spec(noise_engine, n, seed):
 
 
 def test_compiled_noise_stays_within_4_ulp_over_a_million_draws():
-    if not _cpu_philox.numba_available():
+    if not _philox.numba_available():
         pytest.skip("numba is not installed")
     s = torch.tensor([20261126])
-    eps, want = _cpu_philox.philox_randn(s, (1 << 20,), torch.device("cpu")), reference.philox_randn(s, (1 << 20,))
+    eps, want = _philox.philox_randn(s, (1 << 20,), torch.device("cpu")), reference.philox_randn(s, (1 << 20,))
     assert _within_ulps(eps, want, 4)
     assert float((eps == want).double().mean()) > 0.5  # most draws round to the spec's very bits
 
 
 def test_noise_split_over_threads_is_the_same_stream(monkeypatch):
-    if not _cpu_philox.numba_available():
+    if not _philox.numba_available():
         pytest.skip("numba is not installed")
     s = torch.tensor([99])
-    one_thread = _cpu_philox.philox_randn(s, (1001,), torch.device("cpu"))
-    monkeypatch.setattr(_cpu_philox, "PARALLEL_MIN", 16)
+    one_thread = _philox.philox_randn(s, (1001,), torch.device("cpu"))
+    monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        eps = _cpu_philox.philox_randn(s, (1001,), torch.device("cpu"))
+        eps = _philox.philox_randn(s, (1001,), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(eps, one_thread)
@@ -92,9 +93,9 @@ def _latents(dtype):
 def test_reparameterize_kl_matches_the_spec(noise_engine, dtype, reduction):
     mu, logvar = _latents(dtype)
     seed = torch.tensor([1234])
-    z = _cpu.reparameterize(mu, logvar, seed=seed)
-    kl = _cpu.kl_divergence(mu, logvar, reduction=reduction)
-    z_both, kl_both = _cpu.reparameterize_kl(mu, logvar, seed, reduction)
+    z = engine.reparameterize_kl_rows(mu, logvar, seed, None)[0]
+    kl = engine.reparameterize_kl_rows(mu, logvar, None, reduction)[1]
+    z_both, kl_both = engine.reparameterize_kl_rows(mu, logvar, seed, reduction)
     z_ref, kl_ref = reference.reparameterize_kl(mu, logvar, seed=seed, reduction=reduction)
     assert torch.equal(z_both, z)
     _close(kl_both, kl_ref, dtype)
@@ -105,7 +106,7 @@ def test_reparameterize_kl_matches_the_spec(noise_engine, dtype, reduction):
     for grad_z, grad_kl in ((torch.randn(mu.shape, dtype=dtype), torch.randn(kl_shape).to(kl_ref.dtype)),
                             (None, torch.randn(kl_shape).to(kl_ref.dtype)), (torch.randn(mu.shape, dtype=dtype), None),
                             (None, None)):
-        got = _cpu.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
+        got = engine.reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
         want = reference.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction)
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and g.shape == w.shape
@@ -117,13 +118,13 @@ def test_reparameterize_kl_matches_the_spec(noise_engine, dtype, reduction):
 def test_balanced_mse_matches_the_spec(dtype, reduction):
     x_hat, x = torch.rand(2, 8, 3, 5, dtype=torch.float64).to(dtype).unbind(0)
     gamma2 = torch.tensor(0.03)
-    loss, sse = _cpu.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=True)
+    loss, sse = engine.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=True)
     loss_ref, sse_ref = reference.balanced_mse_forward(x_hat, x, gamma2, reduction=reduction, full=True)
     assert loss.dtype == loss_ref.dtype and loss.shape == loss_ref.shape
     _close(loss, loss_ref, dtype)
     _close(sse, sse_ref, dtype)
     grad = torch.randn(loss_ref.shape).to(loss_ref.dtype)
-    for got, want in zip(_cpu.balanced_mse_backward(grad, x_hat, x, gamma2, reduction),
+    for got, want in zip(engine.balanced_mse_backward(grad, x_hat, x, gamma2, reduction),
                          reference.balanced_mse_backward(grad, x_hat, x, gamma2, reduction)):
         _close(got, want, dtype)
 
@@ -132,23 +133,23 @@ def test_balanced_mse_matches_the_spec(dtype, reduction):
 @pytest.mark.parametrize("dim", [0, 1])
 def test_moments_and_renormalize_match_the_spec(dtype, dim):
     z = (torch.randn(40, 6, 3, dtype=torch.float64) * 0.1 + 3.0).to(dtype)
-    for got, want in zip(_cpu.moments(z, dim, 1), reference.moments(z, dim, 1)):
+    for got, want in zip(engine.moments(z, dim, 1), reference.moments(z, dim, 1)):
         _close(got, want, dtype)
     mean, var = reference.moments(z, dim)
     g_mean, g_var = torch.randn(mean.shape), torch.randn(var.shape)
-    _close(_cpu.moments_backward(g_mean, g_var, z, mean, dim, 1),
+    _close(engine.moments_backward(g_mean, g_var, z, mean, dim, 1),
            reference.moments_backward(g_mean, g_var, z, mean, dim, 1), dtype)
-    _close(_cpu.moments_backward(None, g_var, z, mean, dim),
+    _close(engine.moments_backward(None, g_var, z, mean, dim),
            reference.moments_backward(None, g_var, z, mean, dim), dtype)
-    _close(_cpu.moments_backward(g_mean, None, z, mean, dim),
+    _close(engine.moments_backward(g_mean, None, z, mean, dim),
            reference.moments_backward(g_mean, None, z, mean, dim), dtype)
     target_mean, target_var = torch.randn(mean.shape), torch.rand(var.shape) + 0.5
     grad = torch.randn(z.shape, dtype=torch.float64).to(dtype)
     for mode in reference.RENORMALIZE_MODES:
-        got = _cpu.renormalize_from_moments(z, mean, var, target_mean, target_var, dim=dim, mode=mode)
+        got = engine.renormalize_from_moments(z, mean, var, target_mean, target_var, dim=dim, mode=mode)
         want = reference.renormalize_from_moments(z, mean, var, target_mean, target_var, dim=dim, mode=mode)
         _close(got, want, dtype)
-        got = _cpu.renormalize_backward(grad, z, mean, var, target_var, dim=dim, mode=mode)
+        got = engine.renormalize_backward(grad, z, mean, var, target_var, dim=dim, mode=mode)
         want = reference.renormalize_backward(grad, z, mean, var, target_var, dim=dim, mode=mode)
         _close(got, want, dtype)
 
@@ -156,11 +157,11 @@ def test_moments_and_renormalize_match_the_spec(dtype, dim):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_variance_law_matches_the_spec(dtype):
     mu, logvar = _latents(dtype)
-    for got, want in zip(_cpu.variance_law(mu, logvar), reference.variance_law(mu, logvar)):
+    for got, want in zip(engine.variance_law(mu, logvar), reference.variance_law(mu, logvar)):
         _close(got, want, dtype)
     mean, _ = reference.variance_law(mu, logvar)
     g_mean, g_var = torch.randn(mean.shape), torch.randn(mean.shape)
-    for got, want in zip(_cpu.variance_law_backward(g_mean, g_var, mu, logvar, mean),
+    for got, want in zip(engine.variance_law_backward(g_mean, g_var, mu, logvar, mean),
                          reference.variance_law_backward(g_mean, g_var, mu, logvar, mean)):
         _close(got, want, dtype)
 
@@ -169,10 +170,10 @@ def test_ops_run_the_engine_on_cpu_tensors(monkeypatch):
     """Without numba the custom ops call the engine's PyTorch ops (not the spec) for CPU tensors."""
     import fastvae
 
-    monkeypatch.setattr(_cpu_philox, "compiled", lambda: None)
+    monkeypatch.setattr(_philox, "compiled", lambda: None)
     calls = []
-    real = _cpu.reparameterize_kl
-    monkeypatch.setattr(_cpu, "reparameterize_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = formulas.reparameterize_kl_rows
+    monkeypatch.setattr(formulas, "reparameterize_kl_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     with fastvae.use_backend("torch"):
         fastvae.reparameterize(torch.zeros(2, 3), torch.zeros(2, 3), seed=1)
     assert calls == [1]
@@ -184,23 +185,23 @@ def test_a_failing_numba_falls_back_to_torch_with_a_warning(monkeypatch):
     def broken(kernels):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(_cpu_philox, "_probe", broken)
-    _cpu_philox.compiled.cache_clear()
+    monkeypatch.setattr(_philox, "_probe", broken)
+    _philox.compiled.cache_clear()
     try:
         with pytest.warns(UserWarning, match="numba failed"):
-            assert _cpu_philox.compiled() is None
+            assert _philox.compiled() is None
         s = torch.tensor([3])
-        assert torch.equal(_cpu_philox.philox_randn(s, (10,), torch.device("cpu")), reference.philox_randn(s, (10,)))
+        assert torch.equal(_philox.philox_randn(s, (10,), torch.device("cpu")), reference.philox_randn(s, (10,)))
         mu = torch.randn(4, 5)
-        z, _ = _cpu.reparameterize_kl_events(mu, mu, s, "sum", None, 1)
-        assert torch.equal(z, _cpu.reparameterize_kl(mu, mu, s, "sum")[0])  # the engine's PyTorch ops
+        z, _ = engine.reparameterize_kl(mu, mu, s, "sum", None, 1)
+        assert torch.equal(z, engine.reparameterize_kl_rows(mu, mu, s, "sum")[0])  # the engine's PyTorch ops
     finally:
-        _cpu_philox.compiled.cache_clear()
+        _philox.compiled.cache_clear()
 
 
 # ------------------------------------------------------------- reparameterize_kl in _cpu_numba's loops
 def _compiled_or_skip():
-    if not _cpu_philox.numba_available():
+    if not _philox.numba_available():
         pytest.skip("numba is not installed")
 
 
@@ -224,7 +225,7 @@ def _event_latents(layout: str, dtype):
 def _spec_grads(mu, logvar, seed, reduction, clamp, event_dims, grad_z, grad_kl):
     """The gradients of the float64 spec by autograd, for the outputs that get a gradient."""
     mu64, lv64 = mu.double().requires_grad_(), logvar.double().requires_grad_()
-    z, kl = reference.event_reparameterize_kl(mu64, lv64, seed=seed, reduction=reduction, event_dims=event_dims,
+    z, kl = reference.reparameterize_kl(mu64, lv64, seed=seed, reduction=reduction, event_dims=event_dims,
                                               logvar_clamp=clamp)
     outputs = [(z, grad_z), (kl, grad_kl)]
     outs, grads = zip(*[(o, g.double()) for o, g in outputs if g is not None])
@@ -241,8 +242,8 @@ def test_compiled_reparameterize_kl_matches_the_spec(dtype, reduction, layout, c
     _compiled_or_skip()
     mu, logvar, event_dims = _event_latents(layout, dtype)
     seed = torch.tensor([2**40 + 3])
-    z, kl = _cpu.reparameterize_kl_events(mu, logvar, seed, reduction, clamp, event_dims)
-    z_ref, kl_ref = reference.event_reparameterize_kl(mu.double(), logvar.double(), seed=seed, reduction=reduction,
+    z, kl = engine.reparameterize_kl(mu, logvar, seed, reduction, clamp, event_dims)
+    z_ref, kl_ref = reference.reparameterize_kl(mu.double(), logvar.double(), seed=seed, reduction=reduction,
                                                       event_dims=event_dims, logvar_clamp=clamp)
     assert z.dtype == mu.dtype and z.stride() == torch.empty_like(mu).stride()
     assert kl.shape == kl_ref.shape and kl.dtype == (mu.dtype if reduction == "none" else torch.float32)
@@ -252,7 +253,7 @@ def test_compiled_reparameterize_kl_matches_the_spec(dtype, reduction, layout, c
     grad_z = torch.randn(mu.shape, generator=g).to(dtype)
     grad_kl = torch.randn(kl.shape, generator=g).to(kl.dtype)
     for g_z, g_kl in ((grad_z, grad_kl), (None, grad_kl), (grad_z, None)):
-        got = _cpu.reparameterize_kl_events_backward(g_z, g_kl, mu, logvar, seed, reduction, clamp, event_dims)
+        got = engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, reduction, clamp, event_dims)
         want = _spec_grads(mu, logvar, seed, reduction, clamp, event_dims, g_z, g_kl)
         for a, w in zip(got, want):
             assert a.dtype == mu.dtype and a.stride() == torch.empty_like(mu).stride()
@@ -264,8 +265,8 @@ def test_compiled_reparameterize_kl_keeps_infinities_and_nans_as_the_spec():
     mu = torch.tensor([[0.0, 1.0, -1.0, 3e38, 0.0, 0.0, float("nan"), 0.0, 2.0]])
     logvar = torch.tensor([[88.0, -88.0, 100.0, 0.0, float("inf"), -float("inf"), 0.0, float("nan"), -200.0]])
     seed = torch.tensor([5])
-    z, kl = _cpu.reparameterize_kl_events(mu, logvar, seed, "none", None, 1)
-    z_ref, kl_ref = reference.event_reparameterize_kl(mu, logvar, seed=seed, reduction="none")
+    z, kl = engine.reparameterize_kl(mu, logvar, seed, "none", None, 1)
+    z_ref, kl_ref = reference.reparameterize_kl(mu, logvar, seed=seed, reduction="none")
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
 
@@ -276,12 +277,12 @@ def test_compiled_reparameterize_kl_split_over_threads_changes_no_bit(monkeypatc
     seed, g_z, g_kl = torch.tensor([8]), torch.randn(37, 11), torch.tensor(0.7)
 
     def run():
-        forward = _cpu.reparameterize_kl_events(mu, logvar, seed, "batchmean", (-2.0, 2.0), 1)
-        return forward + _cpu.reparameterize_kl_events_backward(g_z, g_kl, mu, logvar, seed, "batchmean",
+        forward = engine.reparameterize_kl(mu, logvar, seed, "batchmean", (-2.0, 2.0), 1)
+        return forward + engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, "batchmean",
                                                                 (-2.0, 2.0), 1)
 
     one_thread = run()
-    monkeypatch.setattr(_cpu_philox, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -297,8 +298,8 @@ def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):
 
     calls = []
     for name in ("_fused_forward", "_fused_backward"):
-        real = getattr(_cpu, name)
-        monkeypatch.setattr(_cpu, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        real = getattr(formulas, name)
+        monkeypatch.setattr(formulas, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     mu = torch.randn(4, 3, requires_grad=True)
     with fastvae.use_backend("torch"):
         z, kl = fastvae.reparameterize_kl(mu, torch.zeros(4, 3), seed=1)
@@ -309,21 +310,21 @@ def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):
 def test_latents_off_the_cpu_never_reach_the_compiled_loops():
     """The engine also serves the ``torch`` backend on other devices; the numba loops read CPU memory only."""
     mu, seed = torch.empty(4, 3, device="meta"), torch.tensor([1], device="meta")
-    z, kl = _cpu.reparameterize_kl_events(mu, mu, seed, "batchmean", None, 1)
-    grads = _cpu.reparameterize_kl_events_backward(mu, torch.empty((), device="meta"), mu, mu, seed, "batchmean",
+    z, kl = engine.reparameterize_kl(mu, mu, seed, "batchmean", None, 1)
+    grads = engine.reparameterize_kl_backward(mu, torch.empty((), device="meta"), mu, mu, seed, "batchmean",
                                                    None, 1)
     assert {t.device.type for t in (z, kl, *grads)} == {"meta"} and z.shape == (4, 3)
 
 
 _FORK_SCRIPT = """
 import os, torch
-from fastvae.ops import _cpu_philox
+from fastvae.ops.engine import philox as _philox
 torch.set_num_threads(2)
 seed = torch.tensor([1])
-parent = _cpu_philox.philox_randn(seed, (1 << 18,), torch.device("cpu"))  # on the parent's thread pool
+parent = _philox.philox_randn(seed, (1 << 18,), torch.device("cpu"))  # on the parent's thread pool
 pid = os.fork()
 if pid == 0:
-    child = _cpu_philox.philox_randn(seed, (1 << 18,), torch.device("cpu"))
+    child = _philox.philox_randn(seed, (1 << 18,), torch.device("cpu"))
     os._exit(0 if torch.equal(parent, child) else 3)
 raise SystemExit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """

@@ -442,15 +442,19 @@ def test_opcheck(backend):
         (torch.ops.fastvae.moments.default, (z, 1, 1)),
         (torch.ops.fastvae.variance_law.default, (mu, logvar)),
         (torch.ops.fastvae.moments_backward.default,
-         (torch.randn(5, 4), torch.randn(5, 4), z.detach(), mean, None, 1, 1, backend)),
-        (torch.ops.fastvae.moments_backward.default,
-         (None, torch.randn(4), mu.detach(), mean[0], logvar.detach(), None, 0, backend)),
+         (torch.randn(5, 4), torch.randn(5, 4), z.detach(), mean, 1, 1, [True], backend)),
+        (torch.ops.fastvae.variance_law_backward.default,
+         (None, torch.randn(4), mu.detach(), logvar.detach(), mean[0], [True, True], backend)),
+        (torch.ops.fastvae.variance_law_backward.default,
+         (None, torch.randn(4), mu.detach(), logvar.detach(), mean[0], [True, False], backend)),
         (torch.ops.fastvae.renormalize.default, (z, None, target_var, 0.5, 0.0, 1, "per_dim", 1e-6)),
         (torch.ops.fastvae.renormalize.default, (z, None, None, 0.0, 2.0, 1, "scalar", 1e-6)),
+        (torch.ops.fastvae.renormalize_backward.default,  # (grads of the 4 outputs, saved, arguments, needs)
+         (torch.randn(5, 3, 4), None, None, None, z.detach(), mean, var, var.new_empty(0), target_var, 0.5, 0.0, 1,
+          "per_dim", 1e-6, [True], backend)),
         (torch.ops.fastvae.renormalize_backward.default,
-         (torch.randn(5, 3, 4), z.detach(), mean, var, var.new_empty(0), target_var, 0.0, 1, "per_dim", 1e-6, backend)),
-        (torch.ops.fastvae.renormalize_backward.default,
-         (torch.randn(5, 3, 4), z.detach(), mean, var, scalars, target_var, 0.0, 1, "scalar", 1e-6, backend)),
+         (torch.randn(5, 3, 4), None, None, None, z.detach(), mean, var, scalars, target_var, 0.0, 0.0, 1, "scalar",
+          1e-6, [True], backend)),
     ]
     with fastvae.use_backend(backend):
         for op, args in cases:

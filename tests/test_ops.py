@@ -211,7 +211,7 @@ def test_a_sixth_op_needs_only_its_declaration(toy_op):
     torch.library.opcheck(getattr(torch.ops.fastvae, name).default, (x, 1.5))
     # the eager fast path: a lean autograd.Function, the same values as the custom op
     y, s = toy_op(x, 1.5)
-    assert any(n.startswith(f"_Toy") and n.endswith("Backward") for n in _backward_names([y])), _backward_names([y])
+    assert any(n.startswith("_Toy") and n.endswith("Backward") for n in _backward_names([y])), _backward_names([y])
     grad_fast = torch.autograd.grad(y.sum() + s, x)[0]
     y_custom, s_custom = toy_op.custom(x, 1.5)
     grad_custom = torch.autograd.grad(y_custom.sum() + s_custom, x)[0]

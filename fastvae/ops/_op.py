@@ -109,6 +109,7 @@ class Op:
         self._saved_from = tuple((n in self.outputs, (self.outputs if n in self.outputs else self.arguments).index(n))
                                  for n in self.saves)
         self._non_differentiable = tuple(self.outputs.index(n) for n in self.non_differentiable)
+        self._setup, self._grad = self._autograd()
         self.custom = torch.library.custom_op(f"fastvae::{self.name}", self._forward, mutates_args=self.mutates,
                                               schema=torch.library.infer_schema(self.engine,
                                                                                 mutates_args=self.mutates))
@@ -116,10 +117,14 @@ class Op:
         self.custom_backward = torch.library.custom_op(f"fastvae::{self.name.rstrip('_')}_backward", self._backward,
                                                        mutates_args=(), schema=self._backward_schema(hints))
         self.custom_backward.register_fake(self._fake_backward)
+        # the operators themselves (what torch.compile traces inside an autograd.Function)
+        self._forward_op = getattr(torch.ops.fastvae, self.name).default
+        self._backward_op = getattr(torch.ops.fastvae, self.custom_backward._qualname.split("::")[1]).default
         if self.mutates:  # torch.library refuses a formula for a mutating op: an autograd.Function around it
-            self._through_custom = self._function("Custom", self.custom, self.custom_backward)
+            self._through_custom = self._function("Custom", self._forward_op, self._backward_op)
         else:
-            self.custom.register_autograd(self._grad_through_custom, setup_context=self._setup)
+            backward_op, grad = self._backward_op, self._grad
+            self.custom.register_autograd(lambda ctx, *grads: grad(ctx, grads, backward_op), setup_context=self._setup)
             self._through_custom = self.custom
         self._eager = self._function("", self.engine, self._engine_backward)
         ALL[self.name] = self
@@ -164,38 +169,44 @@ class Op:
         return grads if len(grads) > 1 else grads[0]
 
     # ----------------------------------------------------------------------------------- autograd
-    def _setup(self, ctx, inputs, output):
-        """Save what the backward needs; runs right after the forward, in its backend state."""
-        outputs = output if isinstance(output, tuple) else (output,)
-        ctx.save_for_backward(*((outputs if is_output else inputs)[i] for is_output, i in self._saved_from))
-        ctx.params = tuple(inputs[i] for i in self._param_positions)
-        ctx.backend = backend.decide(inputs[0])
-        if self._non_differentiable:
-            ctx.mark_non_differentiable(*(outputs[i] for i in self._non_differentiable))
-
-    def _grad(self, ctx, grads, backward_op):
-        needs = [ctx.needs_input_grad[i] for i in self._grad_positions]
-        result = [None] * len(self.arguments)
-        if not any(needs):
-            return tuple(result)
-        grads = [None if i in self._non_differentiable else g for i, g in enumerate(grads)]
-        computed = backward_op(*grads, *ctx.saved_tensors, *ctx.params, needs, ctx.backend)
-        computed = computed if isinstance(computed, (tuple, list)) else (computed,)
-        for position, grad, need in zip(self._grad_positions, computed, needs):
-            result[position] = grad if need else None
-        return tuple(result)
-
-    def _grad_through_custom(self, ctx, *grads):
-        return self._grad(ctx, grads, self.custom_backward)
-
     def _function(self, kind: str, forward: Callable, backward_op: Callable) -> type:
-        """An ``autograd.Function`` that runs ``forward`` and, backward, ``backward_op``, with ``_setup``."""
-        op = self
+        """An ``autograd.Function`` that runs ``forward`` and, backward, ``backward_op``, with ``_setup``
+        and ``_grad`` (closures over plain tuples only: torch.compile traces them)."""
+        setup, grad = self._setup, self._grad
         return type(f"_{_camel(self.name)}{kind}", (torch.autograd.Function,), {
             "forward": staticmethod(lambda *args: forward(*args)),
-            "setup_context": staticmethod(lambda ctx, inputs, output: op._setup(ctx, inputs, output)),
-            "backward": staticmethod(lambda ctx, *grads: op._grad(ctx, grads, backward_op)),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(lambda ctx, *grads: grad(ctx, grads, backward_op)),
         })
+
+    def _autograd(self):
+        """``(setup_context, grad)``: what is saved after the forward, and the backward from it, shared by
+        the custom op's autograd and the eager fast path."""
+        saved_from, param_positions = self._saved_from, self._param_positions
+        non_differentiable, grad_positions, n_args = self._non_differentiable, self._grad_positions, len(self.arguments)
+
+        def setup(ctx, inputs, output):
+            """Save what the backward needs; runs right after the forward, in its backend state."""
+            outputs = output if isinstance(output, tuple) else (output,)
+            ctx.save_for_backward(*((outputs if is_output else inputs)[i] for is_output, i in saved_from))
+            ctx.params = tuple(inputs[i] for i in param_positions)
+            ctx.backend = backend.decide(inputs[0])
+            if non_differentiable:
+                ctx.mark_non_differentiable(*(outputs[i] for i in non_differentiable))
+
+        def grad(ctx, grads, backward_op):
+            needs = [ctx.needs_input_grad[i] for i in grad_positions]
+            result = [None] * n_args
+            if not any(needs):
+                return tuple(result)
+            grads = [None if i in non_differentiable else g for i, g in enumerate(grads)]
+            computed = backward_op(*grads, *ctx.saved_tensors, *ctx.params, needs, ctx.backend)
+            computed = computed if isinstance(computed, (tuple, list)) else (computed,)
+            for position, gradient, need in zip(grad_positions, computed, needs):
+                result[position] = gradient if need else None
+            return tuple(result)
+
+        return setup, grad
 
     def _backward_schema(self, hints: dict) -> str:
         """``(Tensor? grad_<output>..., Tensor? <saved>..., <non-tensor arguments>..., bool[] needs,
