@@ -2,11 +2,11 @@
 
 `kernels/` holds the Triton kernels alone; it is installed as the subpackage `fastvae.kernels`
 through `package_dir`, so the library imports it as `fastvae.kernels` and can live without it
-(no Triton on the machine) by running every op on its CPU engine (fastvae/ops/_cpu.py).
+(no Triton on the machine) by running every op on its engine (fastvae/ops/engine/).
 """
 from setuptools import setup
 
-# the CPU engine's compiled loops (fastvae/ops/_cpu_numba.py): without numba reparameterize_kl falls back to
+# the engine's compiled loops (fastvae/ops/engine/loops.py): without numba reparameterize_kl falls back to
 # PyTorch ops many times slower than eager, so every install gets it; the ``cpu`` extra stays for old commands
 CPU = ["numba>=0.59"]
 TEST = ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scipy>=1.10", "ruff>=0.6"]

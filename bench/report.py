@@ -222,12 +222,13 @@ def machine(device: str) -> str:
 
 
 _CPU_NOTE = (
-    "**What the CPU columns measure.** `fused` on CPU is fastvae's public op: in eager mode it runs the CPU engine "
-    "`fastvae/ops/_cpu.py` through a small `torch.autograd.Function` (`fastvae/ops/_eager.py`; under torch.compile "
-    "the registered custom op), with a hand-written backward (the Triton kernels run on CUDA; on CPU they only "
+    "**What the CPU columns measure.** `fused` on CPU is fastvae's public op: in eager mode it runs the engine "
+    "`fastvae/ops/engine/` through a small `torch.autograd.Function` built from the op's declaration "
+    "(`fastvae/ops/_op.py`; under torch.compile the registered custom op), with a hand-written backward "
+    "(the Triton kernels run on CUDA; on CPU they only "
     "run in Triton's interpreter, which is no speed path). So on CPU the fused column is input checks + the "
     "engine + a backward that saved only the inputs and recomputes the noise; for `reparameterize_kl` the engine "
-    "is one numba-compiled loop forward and one backward (`fastvae/ops/_cpu_numba.py`) that draw Triton's Philox "
+    "is one numba-compiled loop forward and one backward (`fastvae/ops/engine/loops.py`) that draw Triton's Philox "
     "stream (the same words and uniforms, Box-Muller within 4 ulp: the same `z` for a seed on CPU and GPU to "
     "float32 rounding), where the eager composition calls `torch.randn_like` once and keeps the noise for "
     "backward. "

@@ -148,8 +148,7 @@ class ModelRow:
 def _fused_side(op: str, launches: list[Launch], specs: dict[tuple[str, str], aot.Spec],
                 kernels: dict[tuple[str, str], int], elements: int, element_size: int) -> Side | None:
     """Launches and bytes of the fused ``op``: ATen ops as counted, each ``fastvae::`` custom op as the
-    kernels of its spec. A custom op of another op's name counts as ``op``'s own spec for that pass
-    (``variance_law`` runs ``moments_backward`` with HAS_LOGVAR, compiled as variance_law's backward spec).
+    kernels of its spec for the pass (a ``*_backward`` op: the backward).
     None when there is no such spec."""
     total_launches, total_bytes, triton_launches = 0, 0, 0
     for launch in launches:

@@ -57,3 +57,13 @@ def tiny_digits_vae(latent: int = 4, seed: int = 0):
 
     torch.manual_seed(seed)
     return DenseVAE((1, 8, 8), latent_dim=latent, hidden=(32,)).eval()
+
+
+def backward_names(outputs) -> set[str]:
+    """The class names of every node of the autograd graph behind ``outputs``."""
+    names, stack = set(), [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        names.add(type(node).__name__)
+        stack += [n for n, _ in node.next_functions if n is not None and type(n).__name__ not in names]
+    return names

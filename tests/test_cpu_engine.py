@@ -299,7 +299,8 @@ def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):
     calls = []
     for name in ("_fused_forward", "_fused_backward"):
         real = getattr(formulas, name)
-        monkeypatch.setattr(formulas, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(formulas, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     mu = torch.randn(4, 3, requires_grad=True)
     with fastvae.use_backend("torch"):
         z, kl = fastvae.reparameterize_kl(mu, torch.zeros(4, 3), seed=1)

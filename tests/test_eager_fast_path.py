@@ -9,7 +9,7 @@ import fastvae
 from fastvae.ops import _op
 from fastvae.ops._checks import REDUCTIONS
 
-from helpers import DTYPES
+from helpers import DTYPES, backward_names
 
 
 def _latents(dtype):
@@ -68,15 +68,6 @@ def _run(fn, inputs):
     return outputs, grads, saved
 
 
-def _backward_names(outputs) -> set[str]:
-    names, stack = set(), [o.grad_fn for o in outputs if o.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        names.add(type(node).__name__)
-        stack += [n for n, _ in node.next_functions if n is not None and type(n).__name__ not in names]
-    return names
-
-
 @pytest.fixture
 def custom_ops_only(monkeypatch):
     """Turns the fast path off: every call goes through torch.ops.fastvae."""
@@ -106,7 +97,7 @@ def test_fast_path_is_bit_identical_to_the_custom_ops(dtype, monkeypatch):
 def test_with_the_fast_path_off_the_graph_holds_the_custom_op(custom_ops_only):
     mu, logvar = _latents(torch.float32)
     z, _ = fastvae.reparameterize_kl(mu, logvar, seed=1)
-    assert any(n.startswith("GeneratedBackwardFor_fastvae_reparameterize_kl") for n in _backward_names([z]))
+    assert any(n.startswith("GeneratedBackwardFor_fastvae_reparameterize_kl") for n in backward_names([z]))
 
 
 @pytest.mark.parametrize("name", ["reparameterize_kl", "balanced_mse_update", "moments", "renormalize", "variance_law"])
@@ -119,7 +110,7 @@ def test_each_op_builds_its_lean_function(name):
         "renormalize": lambda: (fastvae.renormalize(mu),),
         "variance_law": lambda: fastvae.variance_law(mu, logvar),
     }[name]()
-    names = _backward_names(outputs)
+    names = backward_names(outputs)
     assert not any(n.startswith("GeneratedBackwardFor") for n in names), names
     assert any(n.startswith("_") and n.endswith("Backward") for n in names), names
 

@@ -76,7 +76,7 @@ class Op:
     ``fake(*args)`` returns empty tensors of their shapes, dtypes and strides. ``engine_backward`` and
     ``kernel_backward`` take ``(grad_<output>..., <saves>..., <non-tensor arguments>..., needs)`` (a gradient
     None where it does not flow; ``needs``: a bool per ``differentiable`` input) and return a gradient per
-    ``differentiable`` input (any tensor where not needed). ``backward_fake`` (default: ``empty_like`` of each
+    ``differentiable`` input (None or anything where not needed). ``backward_fake`` (default: ``empty_like`` of each
     input) gives their shapes. ``saves`` names inputs and outputs; ``non_differentiable`` outputs. ``kernel``
     None: the op runs its engine on every backend.
     """
@@ -121,7 +121,7 @@ class Op:
         self._forward_op = getattr(torch.ops.fastvae, self.name).default
         self._backward_op = getattr(torch.ops.fastvae, self.custom_backward._qualname.split("::")[1]).default
         if self.mutates:  # torch.library refuses a formula for a mutating op: an autograd.Function around it
-            self._through_custom = self._function("Custom", self._forward_op, self._backward_op)
+            self._through_custom = self._function("Custom", self._forward_op, self._backward_op).apply
         else:
             backward_op, grad = self._backward_op, self._grad
             self.custom.register_autograd(lambda ctx, *grads: grad(ctx, grads, backward_op), setup_context=self._setup)
@@ -138,7 +138,7 @@ class Op:
             if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
                 return self._eager.apply(*args)
             return self.engine(*args)
-        return self._through_custom.apply(*args) if self.mutates else self.custom(*args)
+        return self._through_custom(*args)
 
     def _forward(self, *args):
         if backend.decide(args[0]) == "torch" or self.kernel is None:
@@ -191,15 +191,16 @@ class Op:
             ctx.save_for_backward(*((outputs if is_output else inputs)[i] for is_output, i in saved_from))
             ctx.params = tuple(inputs[i] for i in param_positions)
             ctx.backend = backend.decide(inputs[0])
+            ctx.set_materialize_grads(False)  # an output that is not used gets None, not a zero fill (a launch)
             if non_differentiable:
                 ctx.mark_non_differentiable(*(outputs[i] for i in non_differentiable))
 
         def grad(ctx, grads, backward_op):
             needs = [ctx.needs_input_grad[i] for i in grad_positions]
             result = [None] * n_args
-            if not any(needs):
-                return tuple(result)
             grads = [None if i in non_differentiable else g for i, g in enumerate(grads)]
+            if not any(needs) or all(g is None for g in grads):  # no gradient flows in: none flows out
+                return tuple(result)
             computed = backward_op(*grads, *ctx.saved_tensors, *ctx.params, needs, ctx.backend)
             computed = computed if isinstance(computed, (tuple, list)) else (computed,)
             for position, gradient, need in zip(grad_positions, computed, needs):
