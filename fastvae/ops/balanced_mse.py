@@ -6,7 +6,7 @@ updates the running estimate in place in the same pass (``mutates``), and return
 used, which the backward reads: so the gradient uses the pre-update value under torch.compile too.
 Without ``update``, and under torch.distributed (whose all-reduce of the batch MSE runs between the pass
 and the update), the functional ``fastvae::balanced_mse`` returns the loss and the sum of squared errors
-and the update runs after it. Both share one backward formula (``_backward``).
+and the update runs after it. Both declare the same backward (``_engine_backward``, ``_kernel_backward``).
 """
 from __future__ import annotations
 
