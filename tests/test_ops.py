@@ -184,6 +184,8 @@ def toy_op(tmp_path, monkeypatch):
     for file, text in (("toy.py", _TOY_OP), ("bench_case.py", _TOY_BENCH), ("aot_specs.py", _TOY_AOT)):
         (root / file).write_text(textwrap.dedent(text.format(name=name, package=package)))
     monkeypatch.syspath_prepend(str(tmp_path))
+    import bench.cases  # noqa: F401 - its OPS (which other tests iterate) are computed before the toy exists
+
     module = __import__(f"{package}.toy", fromlist=["TOY"])
     try:
         yield module.TOY
