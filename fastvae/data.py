@@ -230,10 +230,12 @@ def _torchvision_download(name: str, root: Path, download: bool) -> str | None:
     """Download ``name`` with torchvision into ``root``; None on success, else why it did not happen."""
     if not download:
         return "download=False"
-    try:
-        import torchvision.datasets as tvd
-    except Exception:
-        return "torchvision is not installed"
+    from .train.grid import torchvision_status
+
+    torchvision, status = torchvision_status()
+    if torchvision is None:
+        return status
+    import torchvision.datasets as tvd
     try:
         if name == "celeba":
             tvd.CelebA(str(root), split="all", download=True)
@@ -326,8 +328,14 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         images, labels = _load_digits(split)
     elif str(name).endswith((".npy", ".npz")):
         images, labels = _load_file(Path(name), split)
+    elif str(name).startswith(FOLDER_PREFIX):
+        if split == "test":
+            raise ValueError(f"{name} is one folder of images and so has no test split")
+        folder = ImageFolder(str(name)[len(FOLDER_PREFIX):])
+        images, labels = torch.stack([folder[i] for i in range(len(folder))]).numpy(), None
     else:
-        raise ValueError(f"load_dataset: name must be one of {DATASETS}, 'auto' or a .npy/.npz file, got {name!r}")
+        raise ValueError(f"load_dataset: name must be one of {DATASETS}, 'auto', a .npy/.npz file or folder:PATH, got "
+                         f"{name!r}")
     images = as_images(np.ascontiguousarray(images), name=f"{name} images", keep_uint8=keep_uint8)
     return images.to(device), _labels(labels, images.shape[0]).to(device)
 

@@ -423,3 +423,35 @@ def test_tensorboard_asked_for_but_absent_is_a_one_line_error(tmp_path, fashion,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "TensorBoard does not import" in err and "--no-tensorboard" in err
     fit(_tiny(), fashion[0][:64], _config(tmp_path / "quiet", tensorboard=None, epochs=1))  # unset: when installed
+
+
+def test_commands_on_a_folder_with_ema_and_two_stage_on_the_limit(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fastvae.train.grid import image_grid
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)):
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{folder}", "--epochs", "1", "--batch-size", "16", "--latent", "4",
+                 "--hidden", "16", "--ema", "0.9", "--out", str(run), "--no-progress", "--no-tensorboard"]) == 0
+    state = load_checkpoint(run)
+    assert state["config"]["dataset"] == f"folder:{folder}" and state["step"] == 3 and "ema" in state
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    with torch.no_grad():
+        averaged = fastvae.load(run)[0].sample(4, generator=torch.Generator().manual_seed(0))
+        trained = fastvae.load(run, ema=False)[0].sample(4, generator=torch.Generator().manual_seed(0))
+    image_grid(averaged, tmp_path / "ema.png")
+    image_grid(trained, tmp_path / "trained.png")
+    drawn = (tmp_path / "s.png").read_bytes()
+    assert drawn == (tmp_path / "ema.png").read_bytes() != (tmp_path / "trained.png").read_bytes()
+
+    limited = tmp_path / "limited"
+    assert main(["train", "--dataset", "digits", "--limit", "300", "--epochs", "1", "--batch-size", "100",
+                 "--latent", "4", "--out", str(limited), "--no-progress", "--no-tensorboard"]) == 0
+    capsys.readouterr()
+    assert main(["two-stage", str(limited), "--epochs", "1", "--n", "100", "--hidden", "16", "--no-progress"]) == 0
+    assert "on 300 codes" in capsys.readouterr().out
