@@ -386,12 +386,13 @@ class ImageFolder(torch.utils.data.Dataset):
         return self.transform(x) if self.transform is not None else x
 
 
-_BATCH_KEYS = ("pixel_values", "images", "image", "x", "input")  # diffusers' scripts use pixel_values
+_BATCH_KEYS = ("pixel_values", "images", "image", "data", "x", "input")  # diffusers: pixel_values; pythae: data
 
 
 def batch_samples(batch) -> Tensor:
     """The samples of one batch as a loader gives it: a tensor, the first entry of an ``(images, labels, ...)``
-    tuple or list, or a dict's ``pixel_values``/``images``/``image``/``x``/``input``."""
+    tuple or list, or a dict's ``pixel_values`` (diffusers), ``images``, ``image``, ``data`` (pythae), ``x`` or
+    ``input``."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):

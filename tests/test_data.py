@@ -127,10 +127,15 @@ def torchvision_status(monkeypatch):
 
     from fastvae.train import grid
 
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    def torchvision_modules():
+        return [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]
+
+    for name in torchvision_modules():
         monkeypatch.delitem(sys.modules, name)
     grid.torchvision_status.cache_clear()
     yield grid.torchvision_status
+    for name in torchvision_modules():  # the fakes imported here must not reach later tests (torchmetrics imports it)
+        del sys.modules[name]
     grid.torchvision_status.cache_clear()
 
 

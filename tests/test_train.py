@@ -316,9 +316,13 @@ def test_fit_over_a_dataset_or_dataloader_gives_the_weights_of_the_tensor_path(t
     loader = DataLoader(TensorDataset(x, torch.zeros(200)), batch_size=48, sampler=_EpochSampler(200, 0),
                         generator=torch.Generator())  # its own generator: torch's default one feeds the noise
     fit(_tiny(), loader, _config(tmp_path / "loader", **config), test_data=[x_test])
+    from pythae.data.datasets import BaseDataset  # items are dicts: {"data": x, "labels": y}
+
+    fit(_tiny(), BaseDataset(x, torch.zeros(200)), _config(tmp_path / "pythae", **config), test_data=x_test)
     expected = _weights(tmp_path / "tensor")
     assert _weights(tmp_path / "dataset") == expected
     assert _weights(tmp_path / "loader") == expected
+    assert _weights(tmp_path / "pythae") == expected
     rows = [json.loads(line) for line in (tmp_path / "tensor" / "metrics.jsonl").read_text().splitlines()]
     for name in ("dataset", "loader"):
         other = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

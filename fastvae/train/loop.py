@@ -134,7 +134,9 @@ class _Run:
         self.images = images.to(device) if self.stream is None else None
         self.test_stream = test_images if isinstance(test_images, BatchStream) else None
         self.test_images = test_images.to(device) if isinstance(test_images, Tensor) else None
-        self.channels_last = device.type == "cuda" and len(getattr(model, "input_shape", (0, 0, 0))) == 3
+        image_like = (images.dim() == 4 if self.stream is None
+                      else self.input_shape is not None and len(self.input_shape) == 3)
+        self.channels_last = device.type == "cuda" and image_like
         self.model = model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -511,7 +513,7 @@ def _require_tensorboard() -> None:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except Exception as error:  # not installed (ModuleNotFoundError), or installed but broken
         raise ValueError(f"tensorboard=True (--tensorboard) but TensorBoard does not import ({error}); "
-                           "pip install tensorboard, or train with --no-tensorboard") from None
+                         "pip install tensorboard, or train with --no-tensorboard") from None
 
 
 def _as_data(data, name: str, config: TrainConfig, rank: int, world: int, *, train: bool):
