@@ -1,6 +1,9 @@
-"""``python -m bench.readme``: README's generated blocks: performance tables, accuracy, machine code, layout.
+"""``python -m bench.readme``: the generated blocks of README and its docs pages: performance tables, accuracy,
+machine code, layout.
 
-The tables sit between ``<!-- bench:cpu:begin -->`` and ``<!-- bench:cpu:end -->`` in README.md:
+Each block sits in one page of ``PAGES`` (README.md and the docs/ pages it links); ``render_all`` writes afresh
+every block a page holds. The tables sit between ``<!-- bench:cpu:begin -->`` and ``<!-- bench:cpu:end -->``
+(docs/performance.md):
 the training loop (``cpu_loop.csv``) and, per op and mode, fused time over eager time from
 ``cpu.csv``: the geometric mean over the sizes and the largest ratio of any size. The layout tree sits
 between ``<!-- layout:begin -->`` and ``<!-- layout:end -->``: every package and module of ``fastvae/``,
@@ -8,7 +11,8 @@ between ``<!-- layout:begin -->`` and ``<!-- layout:end -->``: every package and
 predicted speedups come from ``static.md`` (``<!-- bench:static:begin/end -->``), the largest kernel errors
 per dtype from ``accuracy.md`` (``<!-- bench:accuracy:begin/end -->``), bf16 against fp32 in ``fastvae train``
 from ``precision.json`` (``<!-- bench:precision:begin/end -->``). ``--check`` writes nothing and
-exits 1 when README differs from what the results files and the modules say (the test suite runs it).
+exits 1 when a page differs from what the results files and the modules say, or a block is in no page (the test
+suite runs it).
 """
 from __future__ import annotations
 
@@ -26,6 +30,10 @@ from .report import geomean, read_csv
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PERFORMANCE, OPS_PAGE, LAYOUT = DOCS / "performance.md", DOCS / "ops.md", DOCS / "layout.md"
+#: the pages that hold generated blocks (README links each docs page)
+PAGES = (README, OPS_PAGE, PERFORMANCE, LAYOUT)
 BEGIN, END = "<!-- bench:cpu:begin -->", "<!-- bench:cpu:end -->"
 LAYOUT_BEGIN, LAYOUT_END = "<!-- layout:begin -->", "<!-- layout:end -->"
 STATIC_BEGIN, STATIC_END = "<!-- bench:static:begin -->", "<!-- bench:static:end -->"
@@ -35,7 +43,7 @@ PRECISION_BEGIN, PRECISION_END = "<!-- bench:precision:begin -->", "<!-- bench:p
 _TREES = ("fastvae", "kernels", "bench")
 _FOLDERS = {
     "bench/results": "measured numbers (csv, json, md, png); README's tables are generated from them",
-    "docs": "science.md and its figures, written by `python -m fastvae.science_table`",
+    "docs": "the pages README links (training, ops, performance, layout) and science.md with its figures",
 }
 _LOOP_NAMES = {
     "fastvae": "fastvae `fit` (as `fastvae train`: precision auto)",
@@ -208,13 +216,25 @@ def render(readme: str, generated: str, begin: str = BEGIN, end: str = END) -> s
     return pattern.sub(lambda _: generated, readme)
 
 
-def render_all(readme: str, results: Path = RESULTS, root: Path = ROOT) -> str:
-    """README with both generated blocks written afresh."""
-    readme = render(readme, block(results))
-    readme = render(readme, static_block(results), STATIC_BEGIN, STATIC_END)
-    readme = render(readme, accuracy_block(results), ACCURACY_BEGIN, ACCURACY_END)
-    readme = render(readme, precision_block(results), PRECISION_BEGIN, PRECISION_END)
-    return render(readme, layout_block(root), LAYOUT_BEGIN, LAYOUT_END)
+def _blocks(results: Path, root: Path):
+    """``(begin, end, make)`` of every generated block; ``make()`` writes it."""
+    return ((BEGIN, END, lambda: block(results)), (STATIC_BEGIN, STATIC_END, lambda: static_block(results)),
+            (ACCURACY_BEGIN, ACCURACY_END, lambda: accuracy_block(results)),
+            (PRECISION_BEGIN, PRECISION_END, lambda: precision_block(results)),
+            (LAYOUT_BEGIN, LAYOUT_END, lambda: layout_block(root)))
+
+
+def render_all(page: str, results: Path = RESULTS, root: Path = ROOT) -> str:
+    """A page with every generated block it holds written afresh."""
+    for begin, end, make in _blocks(results, root):
+        if begin in page:
+            page = render(page, make(), begin, end)
+    return page
+
+
+def missing_blocks(pages: dict[Path, str]) -> list[str]:
+    """The blocks that no page holds."""
+    return [begin for begin, _, _ in _blocks(RESULTS, ROOT) if not any(begin in text for text in pages.values())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,16 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when README's generated blocks differ from the results files and modules")
     args = parser.parse_args(argv)
-    current = README.read_text()
-    updated = render_all(current)
+    current = {page: page.read_text() for page in PAGES}
+    missing = missing_blocks(current)
+    if missing:
+        print(f"no page of {[str(p.relative_to(ROOT)) for p in PAGES]} holds {', '.join(missing)}")
+        return 1
+    updated = {page: render_all(text) for page, text in current.items()}
+    stale = [str(page.relative_to(ROOT)) for page in PAGES if updated[page] != current[page]]
     if args.check:
-        if updated != current:
-            print("README.md's generated blocks (performance tables, layout) differ from bench/results/ and the "
-                  "modules: run python -m bench.readme")
+        if stale:
+            print(f"the generated blocks of {', '.join(stale)} (performance tables, layout) differ from "
+                  "bench/results/ and the modules: run python -m bench.readme")
             return 1
         return 0
-    README.write_text(updated)
-    print(f"wrote {README}")
+    for page in PAGES:
+        if updated[page] != current[page]:
+            page.write_text(updated[page])
+            print(f"wrote {page}")
     return 0
 
 

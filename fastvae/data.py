@@ -20,8 +20,15 @@ Names (``DATASETS``) and where they are looked for, in order:
   (divided by 255) or float in ``[0, 1]``. An ``.npz`` holds the images under ``images``/``x``/``x_train``
   (and optionally ``x_test``/``images_test`` for the test split, ``labels``/``y``/``y_train``/``y_test``).
 
+- ``folder:PATH``: the images of a folder (``ImageFolder``), read from disk as they are needed (streamed).
+
 ``ROOT`` is ``root``, else ``$FASTVAE_DATA``, else ``./data``. A dataset found nowhere raises
-``DatasetNotFoundError`` listing the places looked in and how to get it.
+``DatasetNotFoundError`` listing the places looked in and how to get it. ``load_dataset(..., keep_uint8=True)``
+keeps uint8 images as uint8 (a quarter of the memory); ``to_float`` converts each batch, bit-identically to the
+float path.
+
+Data that does not fit in memory, or needs augmentation, reaches ``fit`` as a ``torch.utils.data.Dataset``, a
+``DataLoader`` or any re-iterable of batches with a ``len()``: ``BatchStream`` is fit's view of them.
 """
 from __future__ import annotations
 
@@ -34,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "as_images", "default_root", "resolve_dataset",
-           "fashion_mnist_available"]
+__all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "as_images", "to_float", "default_root",
+           "resolve_dataset", "fashion_mnist_available", "ImageFolder", "BatchStream", "batch_samples", "FOLDER_PREFIX"]
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "digits")
 SPLITS = ("train", "test")
@@ -57,11 +64,12 @@ def default_root() -> Path:
 # --------------------------------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------------------------------
-def as_images(array, *, name: str = "images") -> Tensor:
+def as_images(array, *, name: str = "images", keep_uint8: bool = False) -> Tensor:
     """``(N, C, H, W)`` float32 in ``[0, 1]`` from a numpy array or tensor of images.
 
     Accepted: ``(N, H, W)`` (one channel), ``(N, H, W, C)`` with ``C`` in (1, 3, 4) (channels last), or
-    ``(N, C, H, W)``; uint8 values are divided by 255, float values must already lie in ``[0, 1]``.
+    ``(N, C, H, W)``; uint8 values are divided by 255 (kept as uint8 ``(N, C, H, W)`` when ``keep_uint8``:
+    ``to_float`` then converts each batch), float values must already lie in ``[0, 1]``.
     """
     x = torch.as_tensor(array) if not isinstance(array, Tensor) else array
     if x.dtype == torch.bool or x.dtype.is_complex or not (x.dtype == torch.uint8 or x.dtype.is_floating_point):
@@ -76,7 +84,7 @@ def as_images(array, *, name: str = "images") -> Tensor:
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if x.dtype == torch.uint8:
-        return x.contiguous().float().div_(255.0)
+        return x.contiguous() if keep_uint8 else to_float(x.contiguous())
     x = x.float().contiguous()
     finite = torch.isfinite(x).flatten(1).all(dim=1)
     if not bool(finite.all()):
@@ -86,6 +94,12 @@ def as_images(array, *, name: str = "images") -> Tensor:
     if not (0.0 <= lo and hi <= 1.0):
         raise ValueError(f"{name}: float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     return x
+
+
+def to_float(images: Tensor) -> Tensor:
+    """Images as float32 in ``[0, 1]``: uint8 divided by 255 (the one conversion every path uses, so a uint8
+    batch converted on the device has the bits of the float dataset's batch); floating images as they are."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
 
 
 def _labels(array, n: int) -> Tensor:
@@ -216,10 +230,12 @@ def _torchvision_download(name: str, root: Path, download: bool) -> str | None:
     """Download ``name`` with torchvision into ``root``; None on success, else why it did not happen."""
     if not download:
         return "download=False"
-    try:
-        import torchvision.datasets as tvd
-    except Exception:
-        return "torchvision is not installed"
+    from .train.grid import torchvision_status
+
+    torchvision, status = torchvision_status()
+    if torchvision is None:
+        return status
+    import torchvision.datasets as tvd
     try:
         if name == "celeba":
             tvd.CelebA(str(root), split="all", download=True)
@@ -281,7 +297,7 @@ def resolve_dataset(name: str, root: str | Path | None = None) -> str:
 
 
 def load_dataset(name: str, root: str | Path | None = None, split: str = "train", device: str | torch.device = "cpu",
-                 *, download: bool = True) -> tuple[Tensor, Tensor]:
+                 *, download: bool = True, keep_uint8: bool = False) -> tuple[Tensor, Tensor]:
     """``(images, labels)`` of dataset ``name`` (see the module docstring) on ``device``.
 
     Args:
@@ -290,9 +306,11 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         split: ``train`` or ``test``.
         device: where the tensors go.
         download: let torchvision download a dataset that is not found (needs torchvision and a network).
+        keep_uint8: images stored as uint8 stay uint8 (``fit`` converts each batch with ``to_float``).
 
     Returns:
-        ``images`` float32 ``(N, C, H, W)`` in ``[0, 1]`` and ``labels`` int64 ``(N,)`` (-1 when unknown).
+        ``images`` float32 ``(N, C, H, W)`` in ``[0, 1]`` (uint8 with ``keep_uint8`` where the source is uint8)
+        and ``labels`` int64 ``(N,)`` (-1 when unknown).
     """
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"load_dataset: name must be a dataset name or a file path, got {type(name).__name__}")
@@ -310,7 +328,160 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         images, labels = _load_digits(split)
     elif str(name).endswith((".npy", ".npz")):
         images, labels = _load_file(Path(name), split)
+    elif str(name).startswith(FOLDER_PREFIX):
+        if split == "test":
+            raise ValueError(f"{name} is one folder of images and so has no test split")
+        folder = ImageFolder(str(name)[len(FOLDER_PREFIX):])
+        images, labels = torch.stack([folder[i] for i in range(len(folder))]).numpy(), None
     else:
-        raise ValueError(f"load_dataset: name must be one of {DATASETS}, 'auto' or a .npy/.npz file, got {name!r}")
-    images = as_images(np.ascontiguousarray(images), name=f"{name} images")
+        raise ValueError(f"load_dataset: name must be one of {DATASETS}, 'auto', a .npy/.npz file or folder:PATH, got "
+                         f"{name!r}")
+    images = as_images(np.ascontiguousarray(images), name=f"{name} images", keep_uint8=keep_uint8)
     return images.to(device), _labels(labels, images.shape[0]).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streamed data: a folder of images, and fit's view of any Dataset, DataLoader or iterable of batches
+# --------------------------------------------------------------------------------------------------
+FOLDER_PREFIX = "folder:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """The images under ``root`` (recursively, sorted by path), each read when asked for as a uint8 ``(C, H, W)``
+    tensor: ``C = 1`` when the first image is grayscale, else 3 (RGB). All must have the first one's size;
+    ``transform`` (a function of that tensor) runs on each, e.g. a crop or a flip."""
+
+    def __init__(self, root: str | Path, transform=None):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(f"image folder {str(self.root)!r} does not exist")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise DatasetNotFoundError(f"image folder {str(self.root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.transform = transform
+        from PIL import Image
+
+        with Image.open(self.files[0]) as first:
+            self.mode = "L" if first.mode in ("1", "L", "I", "I;16") else "RGB"
+            self.size = first.size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                if image.size != self.size:
+                    raise ValueError(f"{path}: {image.size[0]}x{image.size[1]} pixels, but {self.files[0].name} "
+                                     f"has {self.size[0]}x{self.size[1]}; resize the folder's images to one size")
+                pixels = np.asarray(image.convert(self.mode))
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{path}: not a readable image ({error})") from None
+        x = torch.from_numpy(pixels.copy())
+        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
+        return self.transform(x) if self.transform is not None else x
+
+
+_BATCH_KEYS = ("pixel_values", "images", "image", "data", "x", "input")  # diffusers: pixel_values; pythae: data
+
+
+def batch_samples(batch) -> Tensor:
+    """The samples of one batch as a loader gives it: a tensor, the first entry of an ``(images, labels, ...)``
+    tuple or list, or a dict's ``pixel_values`` (diffusers), ``images``, ``image``, ``data`` (pythae), ``x`` or
+    ``input``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        key = next((k for k in _BATCH_KEYS if isinstance(batch.get(k), Tensor)), None)
+        if key is not None:
+            return batch[key]
+        raise TypeError(f"fit: a batch dict needs its images under one of {_BATCH_KEYS}, got keys {sorted(batch)}")
+    raise TypeError(f"fit: a batch must be a tensor, an (images, labels) pair or a dict, got {type(batch).__name__}")
+
+
+class BatchStream:
+    """``fit``'s view of data that is not one in-memory tensor: each epoch's batches of samples.
+
+    A map-style ``Dataset`` is batched here (``batch_size``, ``drop_last``, ``num_workers``) in the order
+    ``order(n, epoch)`` gives (``fit``: the seeded permutation of the tensor path, this rank's share), so it trains
+    on the batches the same data as one tensor would. A ``DataLoader`` or any other re-iterable of batches (with a
+    ``len()``: the steps per epoch) is used as it comes: its order, its sampler (a ``DistributedSampler`` under
+    torchrun) and its workers are the caller's.
+    """
+
+    def __init__(self, data, *, batch_size: int, drop_last: bool = False, order=None, limit: int = 0,
+                 num_workers: int = 0, name: str = "data"):
+        from torch.utils.data import DataLoader, IterableDataset, Subset
+
+        self.name = name
+        self.sampler = None
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, IterableDataset):
+            if limit:
+                data = Subset(data, range(min(limit, len(data))))
+            self.dataset = data
+            if order is not None:
+                self.sampler = _EpochOrder(len(data), order)
+            # its own generator: a DataLoader draws a base seed per pass, which must not move torch's default generator
+            # (the reparameterization noise draws from it)
+            self.loader = DataLoader(data, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
+                                     num_workers=num_workers, generator=torch.Generator())
+        else:
+            if limit:
+                raise ValueError(f"fit: limit applies to tensors and Datasets; take the first batches of the {name} "
+                                 "loader yourself")
+            if iter(data) is data:
+                raise TypeError(f"fit: {name} is a one-shot iterator; pass something fit can iterate once per epoch "
+                                "(a DataLoader, a list of batches, a Dataset)")
+            self.dataset, self.loader = None, data
+        try:
+            self.batches_per_epoch = len(self.loader)
+        except TypeError:
+            raise TypeError(f"fit: {name} ({type(data).__name__}) must have a len() (its batches per epoch)") from None
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"fit: {name} gives no batches")
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Epoch ``epoch``'s batches (sample tensors, where the loader made them) from batch ``start`` on."""
+        if self.sampler is not None:
+            self.sampler.epoch, self.sampler.start = epoch, start * self.loader.batch_size
+            start = 0
+        for b, batch in enumerate(self.loader):
+            if b >= start:
+                yield batch_samples(batch)
+
+    def dataset_sample(self) -> Tensor | None:
+        """The first sample of a Dataset (None for a loader, which is not read before training)."""
+        return batch_samples(self.dataset[0]) if self.dataset is not None else None
+
+    def head(self, n: int) -> Tensor:
+        """The first ``n`` samples (in the dataset's own order for a Dataset, the loader's first batches
+        otherwise), as one tensor: what evaluation and the grids read when there is no test data."""
+        if self.dataset is not None:
+            return torch.stack([batch_samples(self.dataset[i]) for i in range(min(n, len(self.dataset)))])
+        taken, count = [], 0
+        for batch in self.epoch(0):
+            taken.append(batch[:n - count])
+            count += taken[-1].shape[0]
+            if count >= n:
+                break
+        return torch.cat(taken)
+
+
+class _EpochOrder(torch.utils.data.Sampler):
+    """The indices ``order(n, epoch)`` from position ``start`` on; ``epoch`` and ``start`` set before each pass."""
+
+    def __init__(self, n: int, order):
+        self.n, self.order, self.epoch, self.start = n, order, 0, 0
+        self.length = len(order(n, 0))
+
+    def __iter__(self):
+        return iter(self.order(self.n, self.epoch)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.length

@@ -115,12 +115,15 @@ def _numpy(x):
 class FeatureExtractor:
     """Images ``(N, C, H, W)`` (or ``(N, C*H*W)`` when ``image_shape`` is known) in ``[0, 1]`` -> features ``(N, F)``.
 
-    ``name`` says which network produced the features; every FID report prints it.
+    ``name`` says which network produced the features; every FID report prints it. ``metric`` is what the
+    distance is called where it is printed: ``FID`` for Inception features (comparable with published FIDs),
+    ``classifier-FID`` for any other network (comparable only with numbers of the same network).
     """
 
     def __init__(self, name: str, network: nn.Module, image_shape: tuple[int, ...] | None,
-                 transform: Callable[[Tensor], Tensor] | None = None):
+                 transform: Callable[[Tensor], Tensor] | None = None, *, metric: str = "classifier-FID"):
         self.name = name
+        self.metric = metric
         self.network = network.eval()
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.transform = transform
@@ -383,7 +386,7 @@ def load_inception_extractor(device: str | torch.device = "cpu") -> FeatureExtra
             return self.inception(x.clamp(0, 1))[0]
 
     name = f"Inception-v3 pool3 (2048-d, pytorch-fid weights {path.name})"
-    return FeatureExtractor(name, _Pool(net).to(device), None)
+    return FeatureExtractor(name, _Pool(net).to(device), None, metric="FID")
 
 
 def get_extractor(

@@ -22,8 +22,11 @@ def load_checkpoint(run_dir: str | Path, *, map_location: str | torch.device = "
     return load_run_checkpoint(run_dir, map_location=map_location)
 
 
-def load(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
+def load(run_dir: str | Path, *, device: str | torch.device = "cpu", ema: bool = True) -> tuple[nn.Module, TrainConfig]:
     """The trained model of a run folder, on ``device`` and in eval mode, and the run's ``TrainConfig``.
+
+    A run trained with ``ema`` (``--ema DECAY``) comes back with its averaged weights (what ``fastvae sample``,
+    ``analyze`` and ``fid`` use); ``ema=False`` gives the trained weights themselves.
 
     Example::
 
@@ -40,5 +43,5 @@ def load(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn
         raise ValueError(f"{run_dir}: the checkpoint's model has no spec (not a fastvae.models model); rebuild it "
                          "and call model.load_state_dict(fastvae.run.load_checkpoint(run_dir)['model'])")
     model = build_model(**spec)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["ema"] if ema and "ema" in state else state["model"])
     return model.to(device).eval(), TrainConfig.from_dict(state["config"])

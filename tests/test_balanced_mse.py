@@ -310,7 +310,7 @@ def test_update_adds_no_aten_op_around_the_kernel():
         (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(0.0), {}, ValueError, "positive"),
         (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(-1.0), {}, ValueError, "positive"),
         (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(float("nan")), {}, ValueError, "positive"),
-        (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(1.0), {"reduction": "mean"}, ValueError, "reduction"),
+        (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(1.0), {"reduction": "avg"}, ValueError, "reduction"),
         (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(1.0), {"rule": "max"}, ValueError, "rule"),
         (torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor(1.0), {"momentum": 1.5}, ValueError, "momentum"),
     ],

@@ -75,8 +75,9 @@ def test_bench_is_python_m_bench_only_and_nothing_edits_sys_path():
 
 
 def test_readme_tables_are_generated_from_the_results_files():
-    """README's performance tables are what ``python -m bench.readme`` writes from bench/results/."""
-    current = readme.README.read_text()
+    """README's performance tables (in docs/performance.md, which README links) are what ``python -m bench.readme``
+    writes from bench/results/."""
+    current = readme.PERFORMANCE.read_text()
     assert readme.render(current, readme.block()) == current, "run python -m bench.readme"
     assert readme.main(["--check"]) == 0
 
@@ -92,7 +93,7 @@ def test_readme_check_fails_when_a_number_drifts(tmp_path):
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    current = readme.README.read_text()
+    current = readme.PERFORMANCE.read_text()
     assert readme.render(current, readme.block(tmp_path)) != current
 
 

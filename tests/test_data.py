@@ -108,3 +108,113 @@ def test_as_images_and_bad_arguments():
         load_dataset("imagenet")
     with pytest.raises(TypeError, match="name"):
         load_dataset(3)
+
+
+# ------------------------------------------------------------------------- torchvision: used where it imports
+def _fake_torchvision(root, init: str, utils: str = "") -> None:
+    package = root / "torchvision"
+    package.mkdir()
+    (package / "__init__.py").write_text(init)
+    (package / "utils.py").write_text(utils)
+    info = root / "torchvision-0.99.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.99.0\n")
+
+
+@pytest.fixture
+def torchvision_status(monkeypatch):
+    import sys
+
+    from fastvae.train import grid
+
+    def torchvision_modules():
+        return [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]
+
+    for name in torchvision_modules():
+        monkeypatch.delitem(sys.modules, name)
+    grid.torchvision_status.cache_clear()
+    yield grid.torchvision_status
+    for name in torchvision_modules():  # the fakes imported here must not reach later tests (torchmetrics imports it)
+        del sys.modules[name]
+    grid.torchvision_status.cache_clear()
+
+
+def test_torchvision_not_installed_is_said_so(torchvision_status, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails, and no such package is found
+    module, message = torchvision_status()
+    assert module is None and message == "torchvision is not installed"
+    assert data._torchvision_download("mnist", tmp_path, True) == "torchvision is not installed"
+
+
+def test_torchvision_installed_but_broken_says_why(torchvision_status, monkeypatch, tmp_path):
+    _fake_torchvision(tmp_path, 'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module, message = torchvision_status()
+    assert module is None and "not installed" not in message and "\n" not in message
+    assert "torchvision 0.99.0 is installed but does not import" in message
+    assert "RuntimeError: operator torchvision::nms does not exist" in message and torch.__version__ in message
+    with pytest.raises(DatasetNotFoundError, match="installed but does not import"):
+        load_dataset("cifar10", root=tmp_path / "empty", download=True)
+
+
+def test_image_grid_uses_make_grid_where_torchvision_imports(torchvision_status, monkeypatch, tmp_path):
+    from PIL import Image
+
+    from fastvae.train.grid import image_grid
+
+    images = torch.rand(5, 1, 8, 8)
+    fallback = np.asarray(Image.open(image_grid(images, tmp_path / "pil.png", nrow=3)))
+    torchvision_status.cache_clear()  # the status is read once per process; here torchvision arrives
+    (tmp_path / "tv").mkdir()
+    _fake_torchvision(tmp_path / "tv", "__version__ = '0.99.0'\nfrom . import utils\n", (
+        "import torch\n"
+        "def make_grid(x, nrow=8, padding=2, pad_value=0.0):\n"
+        "    n, c, h, w = x.shape\n"
+        "    rows = -(-n // nrow)\n"
+        "    grid = torch.full((3, padding + rows * (h + padding), padding + nrow * (w + padding)), pad_value)\n"
+        "    for i in range(n):\n"
+        "        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)\n"
+        "        grid[:, top:top + h, left:left + w] = x[i].expand(3, h, w)\n"
+        "    CALLS.append((n, nrow, padding, pad_value))\n"
+        "    return grid\n"
+        "CALLS = []\n"))
+    monkeypatch.syspath_prepend(str(tmp_path / "tv"))
+    module, message = torchvision_status()
+    assert module is not None and message == "torchvision 0.99.0"
+    calls = module.utils.CALLS
+    drawn = np.asarray(Image.open(image_grid(images, tmp_path / "tv.png", nrow=3)))
+    assert calls == [(5, 3, 2, 1.0)]
+    assert np.array_equal(drawn, fallback)  # one channel stays one channel, the same pixels
+
+
+# ------------------------------------------------------------------------- streamed data
+def test_image_folder_streams_uint8_images(tmp_path):
+    from PIL import Image
+
+    from fastvae.data import BatchStream, ImageFolder
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    (tmp_path / "sub").mkdir()
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / ("sub" if i % 2 else ".") / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    folder = ImageFolder(tmp_path)
+    assert len(folder) == 5 and folder[0].dtype == torch.uint8 and folder[0].shape == (3, 6, 7)
+    by_name = {p.name: folder[i] for i, p in enumerate(folder.files)}
+    for i in range(5):
+        assert torch.equal(by_name[f"{i}.png"], torch.from_numpy(pixels[i]).permute(2, 0, 1))
+    stream = BatchStream(folder, batch_size=2, order=lambda n, epoch: torch.arange(n).flip(0))
+    assert stream.batches_per_epoch == 3
+    batches = list(stream.epoch(0))
+    assert [b.shape[0] for b in batches] == [2, 2, 1] and torch.equal(batches[0][0], folder[4])
+    assert [b.shape[0] for b in stream.epoch(0, start=1)] == [2, 1]
+    images, _ = load_dataset(f"folder:{tmp_path}")
+    assert images.shape == (5, 3, 6, 7) and images.dtype == torch.float32
+    Image.fromarray(pixels[0][:3]).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="small.png: 7x3 pixels"):
+        [ImageFolder(tmp_path)[i] for i in range(6)]
+    (tmp_path / "sub" / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="holds no images"):
+        ImageFolder(tmp_path / "sub" / "empty")

@@ -193,3 +193,118 @@ def test_video_latents_as_diffusers(backend, monkeypatch):
         torch.testing.assert_close(z, sample, rtol=0, atol=0)
         torch.testing.assert_close(kl, ours.kl(), rtol=0, atol=0)
         torch.testing.assert_close(ours.nll(sample, dims=[1, 2, 3, 4]), theirs.nll(sample, dims=[1, 2, 3, 4]))
+
+
+# ------------------------------------------------------------------------- diffusers' conventions
+class _PhiloxTorch:
+    """``torch`` as diffusers' ``randn_tensor`` sees it, with ``torch.randn(shape, generator=g)`` drawing fastvae's
+    Philox noise from ``g``: diffusers' own handling of generator lists then decides which generator feeds which
+    batch item."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return reference.philox_randn(seed_from_generator(generator), tuple(shape)).to(device=device, dtype=dtype)
+
+
+def test_diffusers_positional_signature():
+    h = _parameters(torch.float32, shape=(2, 4, 3, 3))
+    theirs = diffusers_vae.DiagonalGaussianDistribution(h, True)
+    ours = fastvae.DiagonalGaussian(h, True)
+    assert ours.deterministic and ours.dim == 1
+    for name in ("mean", "logvar", "std", "var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(ours.sample(), theirs.sample(), rtol=0, atol=0)
+    assert not fastvae.DiagonalGaussian(h, False).deterministic
+    rows = fastvae.DiagonalGaussian(h.permute(0, 2, 3, 1), dim=-1)
+    torch.testing.assert_close(rows.mean, h.permute(0, 2, 3, 1)[..., :2], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="dim is keyword-only"):
+        fastvae.DiagonalGaussian(h, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_list_of_generators_one_per_batch_item(backend, monkeypatch):
+    monkeypatch.setattr(diffusers.utils.torch_utils, "torch", _PhiloxTorch())
+    h = _parameters(torch.float32, shape=(3, 8, 3, 5))
+    theirs = diffusers_vae.DiagonalGaussianDistribution(h)
+    with use_backend(backend):
+        ours = fastvae.DiagonalGaussian(h)
+        sample = ours.sample([torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+        for i, s in enumerate((5, 6, 7)):  # item i depends on generator i alone
+            alone = fastvae.DiagonalGaussian(h[i:i + 1]).sample(torch.Generator().manual_seed(s))
+            torch.testing.assert_close(sample[i:i + 1], alone, rtol=0, atol=0)
+        expected = theirs.sample([torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+        torch.testing.assert_close(sample, expected, rtol=1e-6, atol=1e-6)
+        one = ours.sample([torch.Generator().manual_seed(5)])  # a list of one is one generator, as in diffusers
+        torch.testing.assert_close(one, theirs.sample([torch.Generator().manual_seed(5)]), rtol=1e-6, atol=1e-6)
+        z, kl = ours.sample_kl([torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+        torch.testing.assert_close(z, sample, rtol=0, atol=0)
+        torch.testing.assert_close(kl, ours.kl(), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+            ours.sample([torch.Generator(), torch.Generator()])
+        with pytest.raises(TypeError, match="list of them"):
+            ours.sample([torch.Generator(), 3, torch.Generator()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_gives_empty_outputs_as_diffusers(backend):
+    h = torch.randn(0, 8, 3, 5)
+    theirs = diffusers_vae.DiagonalGaussianDistribution(h)
+    with use_backend(backend):
+        ours = fastvae.DiagonalGaussian(h)
+        for got, expected in ((ours.sample(), theirs.sample()), (ours.kl(), theirs.kl()),
+                              (ours.sample_kl()[0], theirs.sample()), (ours.sample_kl()[1], theirs.kl()),
+                              (ours.nll(ours.mean), theirs.nll(theirs.mean)),
+                              (ours.kl(fastvae.DiagonalGaussian(h)), theirs.kl(theirs))):
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+
+
+def test_one_line_errors_for_parameters_it_cannot_take():
+    cases = [
+        (lambda: fastvae.DiagonalGaussian(torch.randn(4, 6)).kl(), ValueError, "4 or more dims"),
+        (lambda: fastvae.DiagonalGaussian(torch.randn(4, 6)).sample_kl(), ValueError, "4 or more dims"),
+        (lambda: fastvae.DiagonalGaussian(torch.randn(4, 6, 2)).nll(torch.randn(4, 3, 2)), ValueError, "do not all"),
+        (lambda: fastvae.DiagonalGaussian(torch.ones(2, 4, 3, 3, dtype=torch.int64)), TypeError, "floating"),
+        (lambda: fastvae.DiagonalGaussian(torch.randn(2, 4, 3, 3), dim=4), ValueError, "dim must be an int in"),
+        (lambda: fastvae.DiagonalGaussian(torch.randn(4)), ValueError, "even size|dim must"),
+    ]
+    for make, error, match in cases:
+        with pytest.raises(error, match=match) as info:
+            make()
+        assert "\n" not in str(info.value)
+    # the 2-D posterior itself works: sample() and the ops' per-sample KL
+    posterior = fastvae.DiagonalGaussian(torch.randn(4, 6))
+    assert posterior.sample(torch.Generator().manual_seed(0)).shape == (4, 3)
+
+
+def _one_step(model, images, make_posterior, sample):
+    """One Adam step of MSE + 1e-3 KL with the posterior ``make_posterior(parameters)``; loss and gradients."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer.zero_grad()
+    posterior = make_posterior(model.quant_conv(model.encoder(images)))
+    z = sample(posterior)
+    loss = F.mse_loss(model.decode(z).sample, images) + 1e-3 * posterior.kl().mean()
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autoencoder_kl_trains_a_step_with_generator_lists_and_deterministic(backend, monkeypatch):
+    monkeypatch.setattr(diffusers.utils.torch_utils, "torch", _PhiloxTorch())
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    model = tiny_autoencoder_kl()
+    generators = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    for deterministic in (False, True):
+        results = []
+        for make in (diffusers_vae.DiagonalGaussianDistribution, fastvae.DiagonalGaussian):
+            with use_backend(backend):
+                results.append(_one_step(copy.deepcopy(model), images, lambda p: make(p, deterministic),
+                                         lambda posterior: posterior.sample(generators())))
+        (loss_a, grads_a), (loss_b, grads_b) = results
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+        assert grads_a.keys() == grads_b.keys()
+        for name, grad in grads_a.items():
+            torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)

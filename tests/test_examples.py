@@ -79,3 +79,35 @@ def test_posterior_cost():
     assert fused["ops"].count("fastvae::reparameterize_kl_backward") == 1
     assert fused["forward_ops"] < separate["forward_ops"] < diffusers["forward_ops"]
     assert fused["backward_ops"] < separate["backward_ops"] < diffusers["backward_ops"]
+
+
+def test_fit_dataloader(tmp_path, capsys):
+    example = _load("fit_dataloader")
+    metrics = example.main(["--epochs", "2", "--out", str(tmp_path / "run")])
+    assert all(math.isfinite(v) for v in metrics.values())
+    state = fastvae.run.load_checkpoint(tmp_path / "run")
+    assert "ema" in state and state["step"] == 2 * math.ceil(math.ceil(1500 / 64) / 2)
+    assert "EMA model: DenseVAE" in capsys.readouterr().out
+
+
+def test_readme_is_a_quick_start_with_the_internals_linked():
+    """README opens with a quick start of at most ~40 lines (install, train, sample, load, the ops, diffusers'
+    posterior), explains the loss value, and links the docs pages that hold the internals."""
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    lines = readme.splitlines()
+    start = lines.index("## Quick start")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    assert start < 8 and end - start <= 40
+    quick = "\n".join(lines[start:end])
+    for needed in ("pip install", "fastvae train", "fastvae sample", "fastvae.load(", "fastvae.reparameterize_kl(",
+                   "fastvae.fit(", "DiagonalGaussianDistribution = fastvae.DiagonalGaussian"):
+        assert needed in quick, needed
+    assert "## What the loss value means" in readme
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (EXAMPLES.parent / link).is_file(), link
+    for page in ("training", "ops", "performance", "layout", "science"):
+        assert f"](docs/{page}.md)" in readme, page
+    for internal in ("Philox", "PTX", "<!-- bench:", "registers"):
+        assert internal not in quick and internal not in readme.split("## More")[0], internal

@@ -163,8 +163,10 @@ def test_fid_commands_end_to_end(tmp_path, monkeypatch, capsys, one_thread):
     assert main(["fid", str(run), "--n", "200"]) == 0
     printed = capsys.readouterr().out
     assert "features: fastvae classifier" in printed and "fastvae two-stage" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("setting"))
+    assert header.split()[-1] == "classifier-FID" and "not with published (Inception) FIDs" in printed
     report = json.loads((run / "fid.json").read_text())
-    assert "classifier" in report["extractor"]
+    assert "classifier" in report["extractor"] and report["metric"] == "classifier-FID"
     assert list(report["settings"]) == ["real training images", "reconstructions (test)", "first-stage"]
 
     assert main(["two-stage", str(run), "--epochs", "1", "--n", "200", "--hidden", "16", "--no-progress"]) == 0

@@ -49,4 +49,4 @@ def test_the_layout_tree_follows_the_modules(tmp_path):
     assert after != before
     assert any(line.split() == ["step.py", "One", "step:", "forward,", "backward,", "update."]
                for line in after.splitlines())
-    assert readme.render_all(readme.README.read_text()) == readme.README.read_text(), "run python -m bench.readme"
+    assert readme.render_all(readme.LAYOUT.read_text()) == readme.LAYOUT.read_text(), "run python -m bench.readme"

@@ -151,7 +151,7 @@ def test_fit_rejects_bad_data(tmp_path, fashion):
     with pytest.raises(ValueError, match="model takes"):
         fit(_tiny(), torch.rand(10, 1, 8, 8), _config(tmp_path / "a"))
     with pytest.raises(TypeError, match="floating"):
-        fit(_tiny(), (x * 255).to(torch.uint8), _config(tmp_path / "b"))
+        fit(_tiny(), (x * 255).to(torch.int64), _config(tmp_path / "b"))
     with pytest.raises(TypeError, match="encode"):
         fit(torch.nn.Linear(3, 3), x, _config(tmp_path / "c"))
     with pytest.raises(FileNotFoundError, match="resume"):
@@ -281,3 +281,181 @@ def test_eval_mode_and_derive_seed():
     assert len({derive_seed(s, e) for s in range(4) for e in range(50)}) == 200
     assert torch.equal(epoch_permutation(100, 5, 3),
                        torch.randperm(100, generator=torch.Generator().manual_seed(derive_seed(5, 3))))
+
+
+# ---------------------------------------------------------------------------------------- data paths, EMA, accumulation
+def _weights(run):
+    from fastvae.train.checkpoint import weights_digest
+
+    return weights_digest(load_checkpoint(run)["model"])
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """A user's sampler that gives epoch k the order fastvae's tensor path uses in epoch k."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __iter__(self):
+        order = epoch_permutation(self.n, self.seed, self.epoch).tolist()
+        self.epoch += 1
+        return iter(order)
+
+    def __len__(self):
+        return self.n
+
+
+def test_fit_over_a_dataset_or_dataloader_gives_the_weights_of_the_tensor_path(tmp_path, fashion):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, x_test = fashion
+    x, x_test = x[:200], x_test[:100]
+    config = dict(epochs=2, batch_size=48, log_every=2, precision="fp32")  # auto would time a batch of the loader
+    fit(_tiny(), x, _config(tmp_path / "tensor", **config), test_data=x_test)
+    fit(_tiny(), TensorDataset(x), _config(tmp_path / "dataset", **config), test_data=TensorDataset(x_test))
+    loader = DataLoader(TensorDataset(x, torch.zeros(200)), batch_size=48, sampler=_EpochSampler(200, 0),
+                        generator=torch.Generator())  # its own generator: torch's default one feeds the noise
+    fit(_tiny(), loader, _config(tmp_path / "loader", **config), test_data=[x_test])
+    from pythae.data.datasets import BaseDataset  # items are dicts: {"data": x, "labels": y}
+
+    fit(_tiny(), BaseDataset(x, torch.zeros(200)), _config(tmp_path / "pythae", **config), test_data=x_test)
+    expected = _weights(tmp_path / "tensor")
+    assert _weights(tmp_path / "dataset") == expected
+    assert _weights(tmp_path / "loader") == expected
+    assert _weights(tmp_path / "pythae") == expected
+    rows = [json.loads(line) for line in (tmp_path / "tensor" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("dataset", "loader"):
+        other = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["loss"] for r in other] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    # a batch dict (diffusers' pixel_values), a transform hook, a one-shot iterator refused
+    batches = [{"pixel_values": x[i:i + 50]} for i in range(0, 200, 50)]
+    seen = []
+    fit(_tiny(), batches, _config(tmp_path / "dicts", epochs=1),
+        transform=lambda b: seen.append(b.shape[0]) or b.flip(-1))
+    assert seen == [50, 50, 50, 50]
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        fit(_tiny(), iter(batches), _config(tmp_path / "once"))
+    with pytest.raises(ValueError, match="model takes"):
+        fit(_tiny(), TensorDataset(torch.rand(10, 1, 8, 8)), _config(tmp_path / "shape"))
+
+
+def test_uint8_images_train_bit_identically_to_their_float_images(tmp_path, fashion):
+    from fastvae.data import as_images
+
+    x, x_test = fashion
+    as_uint8 = (x[:200] * 255).round().to(torch.uint8)
+    test_uint8 = (x_test[:100] * 255).round().to(torch.uint8)
+    fit(_tiny(), as_uint8, _config(tmp_path / "u8", epochs=1, precision="fp32"), test_data=test_uint8)
+    fit(_tiny(), as_images(as_uint8), _config(tmp_path / "f32", epochs=1, precision="fp32"),
+        test_data=as_images(test_uint8))
+    assert _weights(tmp_path / "u8") == _weights(tmp_path / "f32")
+    rows = {name: (tmp_path / name / "metrics.jsonl").read_text() for name in ("u8", "f32")}
+    strip = [[{k: v for k, v in json.loads(r).items() if "time" not in k and k != "samples_per_s"}
+              for r in text.splitlines()] for text in rows.values()]
+    assert strip[0] == strip[1]
+    images, _ = load_dataset("digits", keep_uint8=True)  # float sources stay float
+    assert images.dtype == torch.float32
+    assert load_dataset("fashion-mnist", download=False, keep_uint8=True)[0].dtype == torch.uint8
+
+
+def test_ema_is_averaged_saved_resumed_and_loaded(tmp_path, fashion):
+    x, _ = fashion
+    x = x[:256]
+    seen = []
+
+    def record(model, epoch_end, **_):
+        if not epoch_end:
+            seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+
+    model = _tiny()
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    fit(model, x, _config(tmp_path / "ema", ema=0.9, epochs=2, precision="fp32"), callbacks=[record])
+    expected = dict(start)
+    for weights in seen:
+        expected = {n: 0.9 * expected[n] + 0.1 * weights[n] for n in expected}
+    state = load_checkpoint(tmp_path / "ema")
+    for name, value in expected.items():
+        torch.testing.assert_close(state["ema"][name].double(), value, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(state["ema"][name], state["model"][name])
+    averaged, _ = fastvae.load(tmp_path / "ema")  # what sample, analyze and fid load
+    trained, _ = fastvae.load(tmp_path / "ema", ema=False)
+    for name, p in averaged.named_parameters():
+        assert torch.equal(p, state["ema"][name]) and torch.equal(dict(trained.named_parameters())[name],
+                                                                 state["model"][name])
+    # interrupted after 3 steps and resumed: the same average as the straight run
+    fit(_tiny(), x, _config(tmp_path / "part", ema=0.9, epochs=2, max_steps=3, precision="fp32"))
+    fit(_tiny(), x, _config(tmp_path / "part", ema=0.9, epochs=2, precision="fp32"), resume=True)
+    from fastvae.train.checkpoint import weights_digest
+
+    assert weights_digest(load_checkpoint(tmp_path / "part")["ema"]) == weights_digest(state["ema"])
+    with pytest.raises(ValueError, match="ema must be in"):
+        TrainConfig(ema=1.0)
+
+
+def test_grad_accumulation_is_the_step_of_the_larger_batch(tmp_path, fashion):
+    """Float64, a loss with no running state (balanced with momentum 1: gamma stays 1) and no sampling noise:
+    50 x 3 accumulated equals one batch of 150 (the last step: 50 + 12 samples, weighted 50/62 and 12/62) up to
+    the summation order of the gradients; not bit-identical (the big batch sums all per-sample gradients in one
+    reduction), within 1e-12."""
+    x, _ = fashion
+    x = x[:512].double()
+    config = dict(epochs=2, loss="balanced", gamma_momentum=1.0, sampling=False, precision="fp32")
+    runs = {}
+    for name, kw in (("big", dict(batch_size=150)), ("accumulated", dict(batch_size=50, grad_accumulation=3))):
+        model = _tiny().double()
+        result = fit(model, x, _config(tmp_path / name, **config, **kw))
+        runs[name] = (result.step, load_checkpoint(tmp_path / name)["model"])
+    assert runs["big"][0] == runs["accumulated"][0] == 8
+    for key, value in runs["big"][1].items():
+        torch.testing.assert_close(runs["accumulated"][1][key], value, rtol=1e-12, atol=1e-14, msg=key)
+    # drop_last drops the incomplete step, as the larger batch would
+    result = fit(_tiny().double(), x, _config(tmp_path / "drop", **config, batch_size=50, grad_accumulation=3,
+                                             drop_last=True))
+    assert result.step == 2 * (512 // 150)
+
+
+def test_tensorboard_asked_for_but_absent_is_a_one_line_error(tmp_path, fashion, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when it is not installed
+    with pytest.raises(ValueError, match="TensorBoard does not import"):
+        fit(_tiny(), fashion[0], _config(tmp_path / "tb", tensorboard=True))
+    assert not (tmp_path / "tb").exists()  # refused before the run folder was made
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "cli"), "--no-progress",
+              "--tensorboard"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "TensorBoard does not import" in err and "--no-tensorboard" in err
+    fit(_tiny(), fashion[0][:64], _config(tmp_path / "quiet", tensorboard=None, epochs=1))  # unset: when installed
+
+
+def test_commands_on_a_folder_with_ema_and_two_stage_on_the_limit(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fastvae.train.grid import image_grid
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)):
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", f"folder:{folder}", "--epochs", "1", "--batch-size", "16", "--latent", "4",
+                 "--hidden", "16", "--ema", "0.9", "--out", str(run), "--no-progress", "--no-tensorboard"]) == 0
+    state = load_checkpoint(run)
+    assert state["config"]["dataset"] == f"folder:{folder}" and state["step"] == 3 and "ema" in state
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    with torch.no_grad():
+        averaged = fastvae.load(run)[0].sample(4, generator=torch.Generator().manual_seed(0))
+        trained = fastvae.load(run, ema=False)[0].sample(4, generator=torch.Generator().manual_seed(0))
+    image_grid(averaged, tmp_path / "ema.png")
+    image_grid(trained, tmp_path / "trained.png")
+    drawn = (tmp_path / "s.png").read_bytes()
+    assert drawn == (tmp_path / "ema.png").read_bytes() != (tmp_path / "trained.png").read_bytes()
+
+    limited = tmp_path / "limited"
+    assert main(["train", "--dataset", "digits", "--limit", "300", "--epochs", "1", "--batch-size", "100",
+                 "--latent", "4", "--out", str(limited), "--no-progress", "--no-tensorboard"]) == 0
+    capsys.readouterr()
+    assert main(["two-stage", str(limited), "--epochs", "1", "--n", "100", "--hidden", "16", "--no-progress"]) == 0
+    assert "on 300 codes" in capsys.readouterr().out

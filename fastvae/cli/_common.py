@@ -24,7 +24,11 @@ def load_run(parser: argparse.ArgumentParser, run_dir: str, device: str):
 
 
 def run_data(config, split: str = "train"):
-    """``(images, labels)`` of the run's data set, ``split``, as ``config`` names it."""
+    """``(images, labels)`` of the run's data set, ``split``, as ``config`` names it: of the training split, the
+    first ``config.limit`` images when the run trained on those only (``--limit``)."""
     from fastvae.data import load_dataset
 
-    return load_dataset(config.dataset, config.data_root, split, download=config.download)
+    images, labels = load_dataset(config.dataset, config.data_root, split, download=config.download)
+    if split == "train" and config.limit:
+        images, labels = images[:config.limit], labels[:config.limit]
+    return images, labels

@@ -83,6 +83,9 @@ def run(args) -> int:
     train, _ = run_data(config, "train")
     test, _ = run_data(config, "test")
     print(f"fastvae fid: features: {extractor.name}")
+    if extractor.metric != "FID":
+        print(f"fastvae fid: {extractor.metric}: a Frechet distance on these features, comparable with other "
+              "classifier-FIDs of the same network, not with published (Inception) FIDs")
     print(f"fastvae fid: reference: {test.shape[0]} test images of {config.dataset}")
     reference = extractor(test)
 
@@ -107,9 +110,9 @@ def run(args) -> int:
     for name, images in candidates.items():
         rows[name] = {"n": images.shape[0], "fid": fid.fid_from_features(extractor(images), reference)}
     width = max(map(len, rows)) + 2
-    print(f"{'setting':<{width}} {'n':>6} {'FID':>9}")
+    print(f"{'setting':<{width}} {'n':>6} {extractor.metric:>14}")
     for name, row in rows.items():
-        print(f"{name:<{width}} {row['n']:>6} {row['fid']:9.3f}")
+        print(f"{name:<{width}} {row['n']:>6} {row['fid']:14.3f}")
     if second is None:
         print(f"(no second stage in {os.path.join(args.run_dir, two_stage.SUBDIR)}: run `fastvae two-stage "
               f"{args.run_dir}` "
@@ -122,7 +125,7 @@ def run(args) -> int:
     out = args.out or os.path.join(args.run_dir, "fid.json")
     with open(out, "w") as handle:
         json.dump({"run": os.path.abspath(args.run_dir), "source": provenance(args.run_dir),
-                   "extractor": extractor.name, "dataset": config.dataset,
+                   "extractor": extractor.name, "metric": extractor.metric, "dataset": config.dataset,
                    "reference": f"test split, {test.shape[0]} images", "seed": args.seed,
                    "active_variables": None if active is None else active[1], "settings": rows}, handle, indent=2)
         handle.write("\n")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from ..reference.reduce import MEAN
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_running_estimate
 from .balanced_mse import UPDATE_RULES, batch_mse
 
@@ -48,8 +49,8 @@ def balanced_loss(
             torch.distributed): ``min-ema``: ``r = min(r, m r + (1 - m) batch_loss)``; ``ema``:
             ``r = m r + (1 - m) batch_loss``, ``m = momentum``.
         reduction: ``none`` (shape of rec), ``per_sample`` (sum over all but dim 0: ``(N,)``),
-            ``batchmean`` (total / N, taming's ``sum / shape[0]``) or ``sum``; reduced losses are float32
-            for half inputs.
+            ``batchmean`` (total / N, taming's ``sum / shape[0]``), ``sum``, or torch's ``mean`` (total /
+            ``rec.numel()``); reduced losses are float32 for half inputs.
 
     Example::
 
@@ -60,7 +61,7 @@ def balanced_loss(
     op = "balanced_loss"
     check_float_tensor(op, "rec", rec)
     check_running_estimate(op, "running_loss", running_loss, rec.device)
-    check_choice(op, "reduction", reduction, REDUCTIONS)
+    check_choice(op, "reduction", reduction, REDUCTIONS + (MEAN,))
     check_choice(op, "rule", rule, UPDATE_RULES)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
@@ -69,11 +70,11 @@ def balanced_loss(
     # a copy: the backward uses r as it was before this call's in-place update
     r = running_loss.detach().to(acc, copy=True).reshape(())
     log_r = torch.log(r)
-    if reduction in ("batchmean", "sum"):
+    if reduction in ("batchmean", "sum", MEAN):
         total = rec.sum(dtype=acc)
         loss = total / r + rec.numel() * log_r
-        if reduction == "batchmean":
-            loss = loss / rec.shape[0]
+        if reduction != "sum":
+            loss = loss / (rec.shape[0] if reduction == "batchmean" else rec.numel())
     else:
         total = None
         loss = reference.reduce_loss(rec.to(acc) / r + log_r, reduction, tuple(range(1, rec.dim())), rec.dtype)
@@ -91,7 +92,7 @@ class BalancedLoss(nn.Module):
     def __init__(self, momentum: float = 0.99, rule: str = "min-ema", reduction: str = "batchmean", init: float = 1.0):
         super().__init__()
         check_choice("BalancedLoss", "rule", rule, UPDATE_RULES)
-        check_choice("BalancedLoss", "reduction", reduction, REDUCTIONS)
+        check_choice("BalancedLoss", "reduction", reduction, REDUCTIONS + (MEAN,))
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BalancedLoss: momentum must be in [0, 1], got {momentum}")
         if not init > 0:

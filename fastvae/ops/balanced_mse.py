@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import backend, reference
 from ..reference.balanced_mse import UPDATE_RULES
 from . import engine
+from ..reference.reduce import MEAN
 from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_running_estimate
 from ._layout import pair_rows, sample_rows, samples_in_memory_order, unrows
 from ._op import Op
@@ -187,7 +188,8 @@ def balanced_mse(
             ranks under torch.distributed): ``min-ema``: ``r = min(r, m r + (1 - m) batch_mse)``;
             ``ema``: ``r = m r + (1 - m) batch_mse``, with ``m = momentum``.
         reduction: ``none`` (shape of x), ``per_sample`` (sum over all but dim 0: ``(N,)``),
-            ``batchmean`` (total / N) or ``sum``; reduced losses are float32 for half inputs.
+            ``batchmean`` (total / N), ``sum``, or torch's ``mean`` (total / ``x.numel()``, as
+            ``GaussianNLLLoss(reduction="mean")``); reduced losses are float32 for half inputs.
 
     Example::
 
@@ -202,11 +204,14 @@ def balanced_mse(
     if x_hat.device != x.device:
         raise ValueError(f"{op}: x_hat and x must be on the same device, got {x_hat.device} and {x.device}")
     check_running_estimate(op, "running_mse", running_mse, x_hat.device)
-    check_choice(op, "reduction", reduction, REDUCTIONS)
+    check_choice(op, "reduction", reduction, REDUCTIONS + (MEAN,))
     check_choice(op, "rule", rule, UPDATE_RULES)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
     check_finite(op, x_hat=x_hat, x=x, running_mse=running_mse)
+    if reduction == MEAN:
+        return balanced_mse(x_hat, x, running_mse, momentum=momentum, rule=rule, update=update, reduction="sum",
+                            full=full) / x_hat.numel()
     if update and not _distributed():
         # the update happens inside the op (the kernel's last program on Triton)
         return BALANCED_MSE_UPDATE(x_hat, x, running_mse, reduction, full, float(momentum), rule)[0]
@@ -226,7 +231,7 @@ class BalancedMSE(nn.Module):
                  init: float = 1.0):
         super().__init__()
         check_choice("BalancedMSE", "rule", rule, UPDATE_RULES)
-        check_choice("BalancedMSE", "reduction", reduction, REDUCTIONS)
+        check_choice("BalancedMSE", "reduction", reduction, REDUCTIONS + (MEAN,))
         if not init > 0:
             raise ValueError(f"BalancedMSE: init must be positive, got {init}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:

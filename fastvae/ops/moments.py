@@ -92,8 +92,9 @@ def moments(z: Tensor, dim: int | tuple[int, ...] = 0, correction: int = 0) -> t
         z: ``(*, N, *)`` of float16, bfloat16, float32 or float64; any strides.
         dim: the dim reduced over (N samples), or a tuple of dims reduced together (as ``torch.var_mean``):
             per-channel statistics of a ``(B, C, H, W)`` latent are ``dim=(0, 2, 3)``.
-        correction: ``var`` divides by ``N - correction`` (0: population, 1: unbiased); must leave
-            ``N - correction > 0``.
+        correction: ``var`` divides by ``N - correction``; the default 0 is the population variance (the
+            ``Var(mu)`` of the stationary condition), unlike ``torch.var``'s default 1 (unbiased): pass
+            ``correction=1`` for torch.var's numbers. Must leave ``N - correction > 0``.
 
     Returns:
         ``(mean, var)``: tensors of ``z``'s shape without ``dim``, in the accumulation dtype.

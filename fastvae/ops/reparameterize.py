@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
+from ..reference.reduce import MEAN
 from . import engine
 from ._checks import (
     REDUCTIONS, check_choice, check_event_dims, check_finite, check_float_tensor, check_logvar_clamp, check_same_layout,
@@ -123,7 +124,7 @@ def _check_latents(op: str, mu: Tensor, logvar: Tensor, event_dims: int, logvar_
 
 def reparameterize_kl(
     mu: Tensor, logvar: Tensor, *, seed: int | Tensor | None = None, reduction: str = "batchmean",
-    event_dims: int = 1, logvar_clamp: tuple[float, float] | None = None,
+    event_dims: int = 1, logvar_clamp: tuple[float, float] | None = None, generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Sample ``z ~ N(mu, exp(logvar))`` by reparameterization and compute its KL to ``N(0, I)``, in one pass.
 
@@ -137,16 +138,19 @@ def reparameterize_kl(
             ``h.chunk(2, dim=1)`` for a latent-diffusion ``(B, 2C, H, W)`` encoder output.
         seed: Philox seed (int or one-element integer tensor). Element ``i`` of the flattened ``z``
             uses ``tl.randn(seed, i)``; the same seed gives the same ``z`` on every backend and for
-            every memory layout. ``None`` draws a seed from torch's generator for the device
-            (``torch.manual_seed`` reproduces it).
+            every memory layout. ``None`` draws a seed from ``generator``, else from torch's generator
+            for the device (``torch.manual_seed`` reproduces it).
         reduction: ``none`` (KL of ``mu``'s shape and dtype), ``per_sample`` (sum over the event dims:
-            shape ``mu.shape[:-event_dims]``), ``batchmean`` (total / ``prod(mu.shape[:-event_dims])``)
-            or ``sum``; reduced KL is float32 for half inputs.
+            shape ``mu.shape[:-event_dims]``), ``batchmean`` (total / ``prod(mu.shape[:-event_dims])``),
+            ``sum``, or torch's ``mean`` (total / ``mu.numel()``, as ``F.kl_div(reduction="mean")``);
+            reduced KL is float32 for half inputs.
         event_dims: the number of trailing dims that form one sample's latent (``k`` above;
             torch.distributions' ``Independent`` convention): 1 for ``(N, D)``, 3 for a ``(B, C, H, W)``
             latent, whose ``per_sample`` KL is diffusers' ``posterior.kl()``.
         logvar_clamp: ``(lo, hi)`` or None: ``logvar`` is clamped to ``[lo, hi]`` inside the op (diffusers
             uses ``(-30, 20)``), with torch.clamp's gradient (zero outside the range).
+        generator: a ``torch.Generator`` the seed is drawn from (advancing it), as torch's sampling
+            functions take one; the same generator state gives the same ``z``. Not with ``seed``.
 
     Returns:
         ``(z, kl)``: ``z`` of ``mu``'s shape, dtype and memory format (a channels_last ``mu`` gives a
@@ -164,28 +168,51 @@ def reparameterize_kl(
     """
     op = "reparameterize_kl"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
-    check_choice(op, "reduction", reduction, REDUCTIONS)
-    return REPARAMETERIZE_KL(mu, logvar, seed_tensor(op, seed, mu.device), reduction, clamp, event_dims)
+    check_choice(op, "reduction", reduction, REDUCTIONS + (MEAN,))
+    seed = _seed(op, seed, generator, mu.device)
+    if reduction == MEAN:
+        z, total = REPARAMETERIZE_KL(mu, logvar, seed, "sum", clamp, event_dims)
+        return z, total / mu.numel()
+    return REPARAMETERIZE_KL(mu, logvar, seed, reduction, clamp, event_dims)
 
 
 def reparameterize(
     mu: Tensor, logvar: Tensor, *, seed: int | Tensor | None = None, event_dims: int = 1,
-    logvar_clamp: tuple[float, float] | None = None,
+    logvar_clamp: tuple[float, float] | None = None, generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``z = mu + exp(logvar / 2) * eps``: the sample of ``reparameterize_kl`` alone (same seed, same ``z``;
-    ``event_dims`` only decides the layout the kernel reads, never the values)."""
+    """``z = mu + exp(logvar / 2) * eps``: the sample of ``reparameterize_kl`` alone (same seed or generator state,
+    same ``z``; ``event_dims`` only decides the layout the kernel reads, never the values)."""
     op = "reparameterize"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
-    return REPARAMETERIZE_KL(mu, logvar, seed_tensor(op, seed, mu.device), None, clamp, event_dims)[0]
+    return REPARAMETERIZE_KL(mu, logvar, _seed(op, seed, generator, mu.device), None, clamp, event_dims)[0]
 
 
 def kl_divergence(
     mu: Tensor, logvar: Tensor, *, reduction: str = "batchmean", event_dims: int = 1,
     logvar_clamp: tuple[float, float] | None = None,
 ) -> Tensor:
-    """``KL(N(mu, exp(logvar)) || N(0, I))``: the KL of ``reparameterize_kl`` alone, same reductions,
+    """``KL(N(mu, exp(logvar)) || N(0, I))``: the KL of ``reparameterize_kl`` alone, same reductions (``mean`` too),
     ``event_dims`` and ``logvar_clamp``."""
     op = "kl_divergence"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
-    check_choice(op, "reduction", reduction, REDUCTIONS)
+    check_choice(op, "reduction", reduction, REDUCTIONS + (MEAN,))
+    if reduction == MEAN:
+        return REPARAMETERIZE_KL(mu, logvar, None, "sum", clamp, event_dims)[1] / mu.numel()
     return REPARAMETERIZE_KL(mu, logvar, None, reduction, clamp, event_dims)[1]
+
+
+def seed_from_generator(generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+    """The Philox seed a ``generator=`` argument stands for: one int64 in ``[0, 2**62)`` drawn from ``generator``
+    (advancing it) on the generator's device, as a ``(1,)`` tensor on ``device``. The same state, the same seed."""
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device, dtype=torch.int64)
+    return seed.to(device)
+
+
+def _seed(op: str, seed, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    if generator is None:
+        return seed_tensor(op, seed, device)
+    if seed is not None:
+        raise ValueError(f"{op}: pass seed or generator, not both")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+    return seed_from_generator(generator, device)

@@ -16,6 +16,10 @@ __all__ = ["REDUCTIONS", "accumulation_dtype", "reduce_loss", "expand_reduced_gr
 REDUCTIONS = ("none", "per_sample", "batchmean", "sum")
 """The reductions of a loss (``reduce_loss``): elementwise, one value per sample, the mean over samples, the total."""
 
+MEAN = "mean"
+"""torch's ``reduction="mean"`` (``nn.MSELoss``, ``nn.GaussianNLLLoss``, ``F.kl_div``): the total over the number of
+elements. The public ops accept it beside ``REDUCTIONS`` and compute it as their ``sum`` divided by ``numel``."""
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for everything else."""

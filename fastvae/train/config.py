@@ -37,7 +37,8 @@ class TrainConfig:
     """Every option of a training run (each is also a ``fastvae train`` flag: ``--kl-weight`` for ``kl_weight``)."""
 
     # data
-    dataset: str = option("auto", "fashion-mnist, mnist, cifar10, celeba, digits, a .npy/.npz path, or auto", str)
+    dataset: str = option("auto", "fashion-mnist, mnist, cifar10, celeba, digits, a .npy/.npz path, folder:PATH (a "
+                          "folder of images, streamed from disk), or auto", str)
     data_root: Optional[str] = option(None, "data folder (default $FASTVAE_DATA or ./data)", str)
     download: bool = option(True, "let torchvision download a missing dataset (needs network)", bool)
     limit: int = option(0, "train on the first LIMIT images only (0: all)", int, minimum=0)
@@ -64,6 +65,11 @@ class TrainConfig:
     weight_decay: float = option(0.0, "Adam weight decay", float, minimum=0)
     grad_clip: float = option(0.0, "max gradient norm (0: no clipping)", float, minimum=0)
     drop_last: bool = option(False, "drop each epoch's last incomplete batch", bool)
+    grad_accumulation: int = option(1, "batches whose gradients add up to one optimizer step (an effective batch of "
+                                    "N x batch_size; the same step as that larger batch where the math allows)", int,
+                                    minimum=1)
+    ema: float = option(0.0, "decay of an exponential moving average of the weights, kept on the device and saved in "
+                        "the checkpoint; sample, analyze and fid use it (0: none; 0.999 is usual)", float, minimum=0)
     # machine
     device: str = option("auto", "auto: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu", str)
     precision: str = option("auto", "auto (the faster of fp32 and bf16 autocast, timed over real steps of this "
@@ -84,7 +90,8 @@ class TrainConfig:
     images_every: int = option(1, "epochs between sample and reconstruction grids (and always the last)", int,
                                minimum=1)
     progress: bool = option(True, "tqdm progress bar (only when stderr is a terminal)", bool)
-    tensorboard: bool = option(True, "also log to TensorBoard when it is installed", bool)
+    tensorboard: Optional[bool] = option(None, "also log to TensorBoard: --tensorboard needs it installed (an "
+                                         "error otherwise), --no-tensorboard never; unset: when installed", bool)
 
     def __post_init__(self):
         self.validate()
@@ -95,6 +102,8 @@ class TrainConfig:
             _check_field(f, getattr(self, f.name), self)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr}")
+        if self.ema >= 1:
+            raise ValueError(f"TrainConfig.ema must be in [0, 1), got {self.ema}")
         if self.gamma_momentum > 1:
             raise ValueError(f"TrainConfig.gamma_momentum must be in [0, 1], got {self.gamma_momentum}")
         if self.model in ("conv", "resnet") and self.hidden is not None and len(self.hidden) != 1:

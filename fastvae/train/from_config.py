@@ -36,8 +36,10 @@ def model_from_config(config: TrainConfig, input_shape) -> nn.Module:
 def resolved_dataset(config: TrainConfig) -> tuple[str, str | None]:
     """``(dataset, note)``: ``auto`` made concrete, a file path made absolute (so that the run folder can be
     read from anywhere); ``note`` says what ``auto`` chose and where it found it (None otherwise)."""
-    from ..data import fashion_mnist_folder, resolve_dataset
+    from ..data import FOLDER_PREFIX, fashion_mnist_folder, resolve_dataset
 
+    if config.dataset.startswith(FOLDER_PREFIX):
+        return FOLDER_PREFIX + str(Path(config.dataset[len(FOLDER_PREFIX):]).expanduser().resolve()), None
     name = resolve_dataset(config.dataset, config.data_root)
     if name.endswith((".npy", ".npz")):
         return str(Path(name).expanduser().resolve()), None
@@ -53,8 +55,10 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, callbacks:
           echo: Callable[[str], None] | None = None) -> tuple[nn.Module, TrainResult]:
     """Load ``config.dataset`` (train and, where there is one, test split), build ``config.model`` for it and
     ``fit``; returns ``(model, result)``. ``echo`` receives one line on what ``auto`` chose. Without
-    ``config.out`` the run goes to a new folder ``runs/DATASET-MODEL-TIME`` (``-2``, ``-3``, ... when taken)."""
-    from ..data import load_dataset
+    ``config.out`` the run goes to a new folder ``runs/DATASET-MODEL-TIME`` (``-2``, ``-3``, ... when taken).
+    Images stored as uint8 stay uint8 on the device (``fit`` converts each batch); ``folder:PATH`` streams a
+    folder of images from disk."""
+    from ..data import FOLDER_PREFIX, ImageFolder, load_dataset
 
     config = (config or TrainConfig()).validate()
     rank, world = _distributed()
@@ -63,16 +67,21 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, callbacks:
         echo(note)
     config = dataclasses.replace(config, dataset=name)
     if config.out is None:
-        stem = f"runs/{Path(name).stem}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"runs/{Path(name.removeprefix(FOLDER_PREFIX)).stem}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         out = [str(unique_folder(stem)) if rank == 0 else None]
         if world > 1:
             dist.broadcast_object_list(out, src=0)
         config = dataclasses.replace(config, out=out[0])
-    images, _ = load_dataset(name, config.data_root, "train", download=config.download)
-    try:
-        test, _ = load_dataset(name, config.data_root, "test", download=config.download)
-    except ValueError:  # a user file without a test split
-        test = None
+    if name.startswith(FOLDER_PREFIX):
+        images, test = ImageFolder(name[len(FOLDER_PREFIX):]), None
+        input_shape = images[0].shape
+    else:
+        images, _ = load_dataset(name, config.data_root, "train", download=config.download, keep_uint8=True)
+        try:
+            test, _ = load_dataset(name, config.data_root, "test", download=config.download, keep_uint8=True)
+        except ValueError:  # a user file without a test split
+            test = None
+        input_shape = images.shape[1:]
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run with this seed
-    model = model_from_config(config, images.shape[1:])
+    model = model_from_config(config, input_shape)
     return model, fit(model, images, config, test_data=test, callbacks=callbacks, resume=resume)

@@ -1,8 +1,11 @@
 """``fit(model, data, config)``: the training loop, read top to bottom.
 
 ``fit`` checks its arguments, locks the run folder, builds a ``_Run`` (device, optimizer, schedule, resume) and
-runs ``_Run.step`` over each epoch's seeded permutation, then ``_Run.end_of_epoch`` (evaluation, grids,
-callbacks, checkpoint). Losses stay on the device in a small window read once per ``log_every`` steps (and before
+runs ``_Run.train_step`` over each epoch's batches, then ``_Run.end_of_epoch`` (evaluation, grids, callbacks,
+checkpoint). The data is one in-memory tensor (the fast default: float, or uint8 converted per batch on the device)
+sliced along a seeded permutation, or a ``Dataset``/``DataLoader``/iterable of batches streamed through
+``fastvae.data.BatchStream``. A step adds the gradients of ``grad_accumulation`` batches; ``ema`` keeps an average
+of the weights beside them. Losses stay on the device in a small window read once per ``log_every`` steps (and before
 each checkpoint, so that a non-finite loss never reaches a checkpoint). A Ctrl-C (SIGINT) lets the running step
 finish, writes a checkpoint at that step and raises ``TrainingInterrupted``. Under ``torchrun`` the objective
 trains under DDP, each rank takes its shard of every permutation, and only rank 0 writes files.
@@ -25,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._util import derive_seed, eval_mode
+from ..data import BatchStream, to_float
 from ..losses import build_loss
 from .calibrate import PrecisionChoice, calibrate_precision
 from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -71,8 +75,15 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
 
 
 def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=None,
-        callbacks: Iterable[Callable] | None = None, resume: bool = False) -> TrainResult:
+        callbacks: Iterable[Callable] | None = None, resume: bool = False,
+        transform: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
     """Train ``model`` on ``data`` as ``config`` says (see ``fastvae.train``); returns a ``TrainResult``.
+
+    ``data`` (and ``test_data``): a tensor of samples ``(N, ...)`` (float in [0, 1], or uint8 images divided by 255
+    per batch on the device) or an ``(images, labels)`` pair, kept on the device; or a ``Dataset`` (batched here in
+    the tensor path's seeded order), a ``DataLoader`` or any re-iterable of batches with a ``len()``, streamed (a
+    batch is a tensor, an ``(images, labels, ...)`` tuple or a dict with ``pixel_values``). ``transform`` runs on
+    every training batch on the device (augmentation); evaluation sees the data as it is.
 
     Seeds torch's generators with ``config.seed`` (``derive_seed(config.seed, rank)`` on each rank of a
     distributed run) for the reparameterization noise; the model arrives initialized. Raises
@@ -82,11 +93,13 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
     """
     config = (config or TrainConfig()).validate()
     images, test_images, callbacks = _check_arguments(model, data, test_data, callbacks, config)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"fit: transform must be a function of a batch, got {type(transform).__name__}")
     rank, world = _distributed()
     out = _out_folder(config, rank, world)
     with (run_lock(out, "fastvae train") if rank == 0 else contextlib.nullcontext(out)):
         _prepare_folder(out, config, resume, rank)
-        run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume)
+        run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume, transform)
         try:
             with _deferred_interrupt(world == 1) as interrupted:
                 while run.epoch < config.epochs and not run.stopped:
@@ -99,7 +112,8 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
 class _Run:
     """The state of one training run between steps: model, optimizer, schedule, window of losses, position."""
 
-    def __init__(self, model, images, test_images, config: TrainConfig, out: Path, callbacks, rank, world, resume):
+    def __init__(self, model, images, test_images, config: TrainConfig, out: Path, callbacks, rank, world, resume,
+                 transform=None):
         self.device = device = resolve_device(config.device)
         self.config, self.out, self.callbacks, self.rank, self.world = config, out, callbacks, rank, world
         if config.threads:
@@ -113,23 +127,40 @@ class _Run:
             torch.cuda.set_device(device)
             torch.cuda.manual_seed(noise_seed)
             torch.backends.cudnn.benchmark = True
-        self.channels_last = device.type == "cuda" and images.dim() == 4
+        self.transform = transform
+        self.input_shape = tuple(model.input_shape) if hasattr(model, "input_shape") else None
+        # data: in-memory tensors on the device (self.images), or streams (self.stream) read batch by batch
+        self.stream = images if isinstance(images, BatchStream) else None
+        self.images = images.to(device) if self.stream is None else None
+        self.test_stream = test_images if isinstance(test_images, BatchStream) else None
+        self.test_images = test_images.to(device) if isinstance(test_images, Tensor) else None
+        image_like = (images.dim() == 4 if self.stream is None
+                      else self.input_shape is not None and len(self.input_shape) == 3)
+        self.channels_last = device.type == "cuda" and image_like
         self.model = model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.images = images.to(device)
-        self.test_images = test_images.to(device) if test_images is not None else None
         self.policy = build_loss(config.loss, momentum=config.gamma_momentum, rule=config.gamma_rule).to(device)
         self.objective = TrainObjective(model, self.policy, kl_weight=config.kl_weight, kl=config.kl,
                                         sampling=config.sampling, compile=config.compile)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = _optimizer(self.params, config)
-        self.per_rank = images.shape[0] // world
-        self.steps_per_epoch = (self.per_rank // config.batch_size if config.drop_last
-                                else math.ceil(self.per_rank / config.batch_size))
+        # a step takes grad_accumulation batches; in memory, it covers the samples of one batch that much larger
+        N = config.grad_accumulation
+        if self.stream is None:
+            self.per_rank = images.shape[0] // world
+            self.steps_per_epoch = (self.per_rank // (config.batch_size * N) if config.drop_last
+                                    else math.ceil(self.per_rank / (config.batch_size * N)))
+            self.batches_per_epoch = (self.steps_per_epoch * N if config.drop_last
+                                      else math.ceil(self.per_rank / config.batch_size))
+        else:
+            self.per_rank = None
+            self.batches_per_epoch = self.stream.batches_per_epoch
+            self.steps_per_epoch = math.ceil(self.batches_per_epoch / N)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"fit: drop_last with batch_size {config.batch_size} leaves no batch of {self.per_rank} "
-                             "samples per rank")
+            raise ValueError(f"fit: drop_last with batch_size {config.batch_size} x grad_accumulation {N} leaves no "
+                             f"step of {self.per_rank} samples per rank")
+        self.ema = _EMA(model, config.ema) if config.ema else None
         total = config.epochs * self.steps_per_epoch
         self.precision_choice: PrecisionChoice | None = None
         if config.precision == "auto":
@@ -151,7 +182,8 @@ class _Run:
         if rank == 0:
             config.save(out / "config.json", auto={"precision": dataclasses.asdict(self.precision_choice)}
                         if self.precision_choice is not None else None)
-            self.log = MetricsLog(out, keep_until_step=self.step if resume else None, tensorboard=config.tensorboard)
+            self.log = MetricsLog(out, keep_until_step=self.step if resume else None,
+                                  tensorboard=config.tensorboard is not False)
             if config.progress and sys.stderr.isatty():
                 from tqdm.auto import tqdm
 
@@ -170,9 +202,11 @@ class _Run:
             config = self.config
             describe = {"model": getattr(self.model, "spec", type(self.model).__name__), "loss": config.loss,
                         "kl": config.kl, "sampling": config.sampling, "compile": config.compile, "world": self.world}
+            # a loader is read for it (one batch of a pass of its own): a Dataset's first items, or the tensor's
+            batch = (self.images[:config.batch_size] if self.stream is None
+                     else self.stream.head(config.batch_size).to(self.device))
             choice[0] = calibrate_precision(self.objective, lambda params: _optimizer(params, config),
-                                            self.images[:config.batch_size], self.device, run_steps=total_steps,
-                                            describe=describe)
+                                            to_float(batch), self.device, run_steps=total_steps, describe=describe)
             if config.progress:
                 print(f"fastvae: {choice[0].message()}")
         if self.world > 1:
@@ -187,12 +221,10 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------ the epoch
     def train_epoch(self, interrupted: Callable[[], bool]) -> None:
-        config, B = self.config, self.config.batch_size
-        order = epoch_permutation(self.images.shape[0], config.seed, self.epoch)
-        order = order[self.rank::self.world][:self.per_rank].to(self.device)
+        config = self.config
         epoch_start = time.perf_counter()
-        for b in range(self.start_batch, self.steps_per_epoch):
-            self.train_step(self.images.index_select(0, order[b * B:(b + 1) * B]))
+        for b, batches in enumerate(self.epoch_steps(), start=self.start_batch):
+            self.train_step(batches)
             at_checkpoint = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0
             self.stopped = bool(config.max_steps) and self.step >= config.max_steps
             if self.slot == config.log_every or self.stopped:
@@ -211,23 +243,63 @@ class _Run:
         if interrupted():
             raise TrainingInterrupted(self.out, self.step)
 
-    def train_step(self, x: Tensor) -> None:
-        """One optimizer step on batch ``x``; its losses go to the window, unread."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def epoch_steps(self):
+        """This epoch's steps from ``start_batch`` on, each a list of ``grad_accumulation`` batches (fewer at the
+        epoch's end) on the device as float: slices of the seeded permutation of the in-memory images (the fast
+        default), or the stream's batches."""
+        config, B, N = self.config, self.config.batch_size, self.config.grad_accumulation
+        if self.stream is None:
+            order = epoch_permutation(self.images.shape[0], config.seed, self.epoch)
+            order = order[self.rank::self.world][:self.per_rank].to(self.device)
+            batches = (self.images.index_select(0, order[b * B:(b + 1) * B])
+                       for b in range(self.start_batch * N, self.batches_per_epoch))
+        else:
+            stream = self.stream.epoch(self.epoch, self.start_batch * N)
+            batches = (x.to(self.device, non_blocking=True) for x in stream)
+        step: list[Tensor] = []
+        for x in batches:
+            if self.stream is not None:
+                check_sample_shape(x.shape[1:], self.input_shape, "data")
+            x = to_float(x)
+            step.append(self.transform(x) if self.transform is not None else x)
+            if len(step) == N:
+                yield step
+                step = []
+        if step:
+            yield step
+
+    def train_step(self, batches: list[Tensor]) -> None:
+        """One optimizer step on the summed gradients of ``batches`` (each batch's loss weighted by its share of the
+        samples, so the step is that of one batch of them all); its losses go to the window, unread."""
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss, rec, kl, mse = self.train_module(x)
-        self.scaler.scale(loss).backward()
+        total = sum(x.shape[0] for x in batches)
+        terms = []
+        for i, x in enumerate(batches):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            last = i == len(batches) - 1
+            with (self.train_module.no_sync() if self.world > 1 and not last else contextlib.nullcontext()):
+                with self.autocast():
+                    loss, rec, kl, mse = self.train_module(x)
+                if len(batches) > 1:
+                    share = x.shape[0] / total
+                    loss, rec, kl, mse = loss * share, rec * share, kl * share, mse * share
+                self.scaler.scale(loss).backward()
+            terms.append((loss.detach().float(), rec.detach().float(), kl.detach().float(), mse.detach().float()))
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, self.config.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.step += 1
         with torch.no_grad():
-            torch.stack((loss.float(), rec.float(), kl.float(), mse.float()), out=self.window[self.slot])
+            if len(terms) == 1:
+                torch.stack(terms[0], out=self.window[self.slot])
+            else:
+                torch.sum(torch.stack([torch.stack(t) for t in terms]), 0, out=self.window[self.slot])
         self.slot += 1
 
     def end_of_epoch(self, epoch_time: float) -> None:
@@ -237,18 +309,19 @@ class _Run:
         self.start_batch = 0
         config = self.config
         if self.rank == 0:
-            eval_images = self.test_images if self.test_images is not None else self.images[:2048]
+            eval_images, grid_images = self.evaluation_data()
             metrics = evaluate(self.model, self.policy, eval_images, kl_weight=config.kl_weight, kl=config.kl,
                                sampling=config.sampling, batch_size=config.eval_batch_size, seed=config.seed,
                                autocast=self.autocast)
-            self.test_metrics = {"split": "test" if self.test_images is not None else "train-subset",
+            has_test = self.test_images is not None or self.test_stream is not None
+            self.test_metrics = {"split": "test" if has_test else "train-subset",
                                  "epoch": self.epoch, "step": self.step, **metrics, "epoch_time_s": epoch_time,
                                  "time_s": time.perf_counter() - self.started}
             self.log.write(self.test_metrics)
-            shape = tuple(self.model.input_shape) if hasattr(self.model, "input_shape") else eval_images.shape[1:]
+            shape = tuple(self.model.input_shape) if hasattr(self.model, "input_shape") else grid_images.shape[1:]
             if len(shape) == 3 and shape[0] in (1, 3) and (
                     self.epoch % config.images_every == 0 or self.epoch == config.epochs):
-                _grids(self.model, eval_images, self.out, self.epoch, config, self.autocast)
+                _grids(self.model, grid_images, self.out, self.epoch, config, self.autocast)
             if config.progress:
                 self._print_epoch(epoch_time)
             for callback in self.callbacks:
@@ -258,6 +331,20 @@ class _Run:
         if self.world > 1:
             dist.barrier()
         self.stopped = bool(config.max_steps) and self.step >= config.max_steps
+
+    def evaluation_data(self):
+        """What the end-of-epoch evaluation reads (the test data, else the first 2048 training samples: a tensor,
+        or the test stream's batches) and the images of the grids (its first 32), on the device."""
+        if self.test_stream is not None:
+            batches = (x.to(self.device) for x in self.test_stream.epoch(0))
+            return batches, self.test_stream.head(32).to(self.device)
+        if self.test_images is not None:
+            return self.test_images, self.test_images[:32]
+        if self.stream is not None:
+            if getattr(self, "train_subset", None) is None:
+                self.train_subset = self.stream.head(2048).to(self.device)
+            return self.train_subset, self.train_subset[:32]
+        return self.images[:2048], self.images[:32]
 
     # ------------------------------------------------------------------------------------------ the window
     def _read_window(self) -> Tensor:
@@ -314,6 +401,7 @@ class _Run:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": [{k: v.cpu() for k, v in r.items()} for r in rngs], "epoch": epoch, "batch": batch,
                 "step": self.step, "steps_per_epoch": self.steps_per_epoch, "config": self.config.to_dict(),
+                **({"ema": self.ema.state_dict(self.model)} if self.ema is not None else {}),
             }, self.out)
         self.last_checkpoint = self.step
 
@@ -331,6 +419,8 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model, state.get("ema"))
         set_rng_state(state["rng"][self.rank], self.device)
         self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch"]
         self.last_checkpoint = self.step
@@ -349,42 +439,117 @@ class _Run:
             self.log.close()
 
 
+class _EMA:
+    """An exponential moving average of the model's floating parameters, on their device:
+    ``ema = decay * ema + (1 - decay) * p`` after every optimizer step (one ``_foreach_lerp_``). Its state_dict is
+    the model's with the averaged parameters in place of the trained ones (buffers as trained)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.dtype.is_floating_point]
+        self.params = [p for p in model.parameters() if p.dtype.is_floating_point]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.average, self.params, 1.0 - self.decay)
+
+    def state_dict(self, model: nn.Module) -> dict:
+        state = model.state_dict()
+        state.update({name: value.detach().clone() for name, value in zip(self.names, self.average)})
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, model: nn.Module, state: dict | None) -> None:
+        if state is None:
+            raise ValueError("fit: ema is set but the checkpoint holds no EMA weights; resume with the run's own "
+                             "config (ema is fixed when a run starts)")
+        for name, average in zip(self.names, self.average):
+            average.copy_(state[name])
+
+
 # ---------------------------------------------------------------------------------------------- set-up
 def _check_arguments(model, data, test_data, callbacks, config: TrainConfig):
     if not (callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None))):
         raise TypeError(f"fit: model must have encode(x) -> (mu, logvar) and decode(z) -> x_hat, "
                         f"got {type(model).__name__}")
-    images = _as_images(data, "data")
-    test_images = _as_images(test_data, "test_data") if test_data is not None else None
-    input_shape = tuple(getattr(model, "input_shape", images.shape[1:]))
-    for name, tensor in (("data", images), ("test_data", test_images)):
-        if tensor is not None and tuple(tensor.shape[1:]) != input_shape:
-            raise ValueError(f"fit: {name} has samples of shape {tuple(tensor.shape[1:])} but the model takes "
-                             f"{input_shape}")
+    rank, world = _distributed()
+    images = _as_data(data, "data", config, rank, world, train=True)
+    test_images = _as_data(test_data, "test_data", config, rank, world, train=False) if test_data is not None else None
+    input_shape = _input_shape(model, images)
+    for name, source in (("data", images), ("test_data", test_images)):
+        # a loader is only read when training: its first pass may be the user's epoch 0
+        sample = (source.dataset_sample() if isinstance(source, BatchStream) else source[0]
+                  if source is not None else None)
+        if sample is not None:
+            check_sample_shape(sample.shape, input_shape, name)
     callbacks = list(callbacks or [])
     if not all(callable(cb) for cb in callbacks):
         raise TypeError("fit: callbacks must be callables")
-    if config.limit:
+    if config.tensorboard:
+        _require_tensorboard()
+    if isinstance(images, Tensor) and config.limit:
         images = images[:config.limit]
-    rank, world = _distributed()
-    if world > 1 and images.shape[0] < world:
+    if world > 1 and isinstance(images, Tensor) and images.shape[0] < world:
         raise ValueError(f"fit: {images.shape[0]} samples cannot be shared among {world} ranks")
     return images, test_images, callbacks
 
 
+def _input_shape(model: nn.Module, data) -> tuple | None:
+    """What the model takes: its ``input_shape``, else the data's sample shape (None: a loader's, known later)."""
+    if hasattr(model, "input_shape"):
+        return tuple(model.input_shape)
+    sample = data.dataset_sample() if isinstance(data, BatchStream) else data[0]
+    return tuple(sample.shape) if sample is not None else None
+
+
+def check_sample_shape(shape, input_shape: tuple | None, name: str) -> None:
+    if input_shape is not None and tuple(shape) != input_shape:
+        raise ValueError(f"fit: {name} has samples of shape {tuple(shape)} but the model takes {input_shape}")
+
+
+def _require_tensorboard() -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception as error:  # not installed (ModuleNotFoundError), or installed but broken
+        raise ValueError(f"tensorboard=True (--tensorboard) but TensorBoard does not import ({error}); "
+                         "pip install tensorboard, or train with --no-tensorboard") from None
+
+
+def _as_data(data, name: str, config: TrainConfig, rank: int, world: int, *, train: bool):
+    """An in-memory tensor of samples (checked), or a ``BatchStream`` over a Dataset, DataLoader or iterable."""
+    if isinstance(data, Tensor) or _is_pair(data):
+        return _as_images(data, name)
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__") and not hasattr(data, "__getitem__"):
+        raise TypeError(f"fit: {name} must be a tensor of samples (N, ...), an (images, labels) pair, a Dataset, a "
+                        f"DataLoader or an iterable of batches, got {type(data).__name__}")
+    if train:
+        def order(n: int, epoch: int) -> Tensor:
+            return epoch_permutation(n, config.seed, epoch)[rank::world][:n // world]
+        return BatchStream(data, batch_size=config.batch_size, drop_last=config.drop_last, order=order,
+                           limit=config.limit, name=name)
+    return BatchStream(data, batch_size=config.eval_batch_size, name=name)
+
+
+def _is_pair(data) -> bool:
+    """``(images, labels)``: samples and one label each (or None); a list of two batches is a stream, not a pair."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)):
+        return False
+    labels = data[1]
+    return labels is None or (isinstance(labels, Tensor) and labels.dim() == 1 and data[0].dim() >= 2
+                              and labels.shape[0] == data[0].shape[0])
+
+
 def _as_images(data, name: str) -> Tensor:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+    if _is_pair(data):
         data = data[0]
-    if not isinstance(data, Tensor):
-        raise TypeError(f"fit: {name} must be a tensor of samples (N, ...) or an (images, labels) pair, "
-                        f"got {type(data).__name__}")
-    if not data.dtype.is_floating_point:
-        raise TypeError(f"fit: {name} must be floating (images scaled to [0, 1]), got {data.dtype}; "
-                        "see fastvae.data.as_images")
+    if not (data.dtype.is_floating_point or data.dtype == torch.uint8):
+        raise TypeError(f"fit: {name} must be floating (images scaled to [0, 1]) or uint8 images (0-255), got "
+                        f"{data.dtype}; see fastvae.data.as_images")
     if data.dim() < 2 or data.shape[0] == 0:
         raise ValueError(f"fit: {name} must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
-    finite = torch.isfinite(data).flatten(1).all(dim=1)
-    if not bool(finite.all()):
+    finite = torch.isfinite(data).flatten(1).all(dim=1) if data.dtype.is_floating_point else None
+    if finite is not None and not bool(finite.all()):
         bad = (~finite).nonzero().flatten()
         raise ValueError(f"fit: {name} holds NaN or infinite values in {bad.numel()} sample(s), the first at index "
                          f"{int(bad[0])}; clean the data before training")
@@ -476,7 +641,7 @@ def _grids(model: nn.Module, test_images: Tensor, out: Path, epoch: int, config:
     generator = torch.Generator().manual_seed(config.seed)
     with torch.no_grad(), autocast():
         samples = model.sample(config.n_samples, generator=generator)
-        x = test_images[:32]
+        x = to_float(test_images[:32])
         recon = model.decode(model.encode(x)[0])
     image_grid(samples.float(), images / f"samples-epoch{epoch:03d}.png")
     image_grid(torch.cat([x[:16], recon[:16].float(), x[16:32], recon[16:32].float()]),
@@ -484,21 +649,25 @@ def _grids(model: nn.Module, test_images: Tensor, out: Path, epoch: int, config:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, policy: nn.Module, images: Tensor, *, kl_weight: float = 1.0, kl: str = "full",
+def evaluate(model: nn.Module, policy: nn.Module, images, *, kl_weight: float = 1.0, kl: str = "full",
              sampling: bool = True, batch_size: int = 1000, seed: int = 0, autocast=contextlib.nullcontext) -> dict:
     """Loss, reconstruction, KL term (per sample) and MSE (per element) of ``images`` in eval mode, under the
     objective the run trains with (``TrainObjective`` with ``kl_weight``, ``kl``, ``sampling``), the
     reparameterization noise of batch ``k`` seeded with ``derive_seed(seed, k)`` (the same every call); gamma of
-    ``policy`` as it stands."""
+    ``policy`` as it stands. ``images``: a tensor (float, or uint8 converted per batch) cut into ``batch_size``
+    batches, or an iterable of batches."""
     objective = TrainObjective(model, policy, kl_weight=kl_weight, kl=kl, sampling=sampling)
-    totals = torch.zeros(4, dtype=torch.float64, device=images.device)
+    batches = ((images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
+               if isinstance(images, Tensor) else images)
+    totals, count = 0.0, 0
     with eval_mode(model, policy):
-        for k, start in enumerate(range(0, images.shape[0], batch_size)):
-            x = images[start:start + batch_size]
+        for k, x in enumerate(batches):
+            x = to_float(x)
             with autocast():
                 terms = objective(x, derive_seed(seed, k))
-            totals += torch.stack([t.double() for t in terms]) * x.shape[0]
-    loss, rec, kl_term, mse = (totals / images.shape[0]).tolist()
+            totals = totals + torch.stack([t.double() for t in terms]) * x.shape[0]
+            count += x.shape[0]
+    loss, rec, kl_term, mse = (totals / count).tolist()
     gamma = policy.gamma
     return {"loss": loss, "rec": rec, "kl": kl_term, "mse": mse, "gamma": float(gamma) if gamma is not None else None}
 
