@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .._util import derive_seed, eval_mode
 from ..losses import build_loss
+from . import graphs
 from .calibrate import PrecisionChoice, calibrate_precision
 from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -33,6 +34,7 @@ from .devices import resolve_device
 from .log import MetricsLog
 from .objective import TrainObjective
 from .runfolder import empty_folder, make_folder, run_lock, unique_folder
+from .schedule import DeviceLR
 
 __all__ = ["TrainResult", "NonFiniteLossError", "TrainingInterrupted", "fit", "evaluate", "epoch_permutation"]
 
@@ -123,7 +125,7 @@ class _Run:
         self.objective = TrainObjective(model, self.policy, kl_weight=config.kl_weight, kl=config.kl,
                                         sampling=config.sampling, compile=config.compile)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = _optimizer(self.params, config)
+        self.optimizer = _optimizer(self.params, config, device)
         self.per_rank = images.shape[0] // world
         self.steps_per_epoch = (self.per_rank // config.batch_size if config.drop_last
                                 else math.ceil(self.per_rank / config.batch_size))
@@ -134,7 +136,8 @@ class _Run:
         self.precision_choice: PrecisionChoice | None = None
         if config.precision == "auto":
             config = self.config = dataclasses.replace(config, precision=self._measure_precision(total))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, total))
+        self.scheduler = DeviceLR(self.optimizer, config.lr, warmup=config.warmup_steps, total=total,
+                                  schedule=config.lr_schedule, device=device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self.step = self.epoch = self.start_batch = 0
@@ -157,7 +160,11 @@ class _Run:
 
                 self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
         self.window = torch.zeros(config.log_every, 4, device=device)  # (loss, rec, kl, mse) per step
+        # the window's next row: a device index that the step advances (a CUDA graph replays it), and its host copy
+        self.slot_index = torch.zeros(1, dtype=torch.int64, device=device)
         self.slot, self.stopped = 0, False
+        self.graphs = graphs.StepGraphs(config.cuda_graphs, device, world=world, precision=config.precision,
+                                        compile=config.compile, batch_size=config.batch_size)
         self.train_metrics: dict = {}
         self.test_metrics: dict = {}
         self.started = self.window_start = time.perf_counter()
@@ -170,7 +177,7 @@ class _Run:
             config = self.config
             describe = {"model": getattr(self.model, "spec", type(self.model).__name__), "loss": config.loss,
                         "kl": config.kl, "sampling": config.sampling, "compile": config.compile, "world": self.world}
-            choice[0] = calibrate_precision(self.objective, lambda params: _optimizer(params, config),
+            choice[0] = calibrate_precision(self.objective, lambda params: _optimizer(params, config, self.device),
                                             self.images[:config.batch_size], self.device, run_steps=total_steps,
                                             describe=describe)
             if config.progress:
@@ -189,10 +196,11 @@ class _Run:
     def train_epoch(self, interrupted: Callable[[], bool]) -> None:
         config, B = self.config, self.config.batch_size
         order = epoch_permutation(self.images.shape[0], config.seed, self.epoch)
+        # copied to the device once per epoch; each step takes its slice there
         order = order[self.rank::self.world][:self.per_rank].to(self.device)
         epoch_start = time.perf_counter()
         for b in range(self.start_batch, self.steps_per_epoch):
-            self.train_step(self.images.index_select(0, order[b * B:(b + 1) * B]))
+            self.train_step(order[b * B:(b + 1) * B])
             at_checkpoint = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0
             self.stopped = bool(config.max_steps) and self.step >= config.max_steps
             if self.slot == config.log_every or self.stopped:
@@ -211,8 +219,17 @@ class _Run:
         if interrupted():
             raise TrainingInterrupted(self.out, self.step)
 
-    def train_step(self, x: Tensor) -> None:
-        """One optimizer step on batch ``x``; its losses go to the window, unread."""
+    def train_step(self, rows: Tensor) -> None:
+        """One optimizer step on the training samples ``rows`` (device indices): a replay of the captured step
+        when CUDA graphs are on (after the warm-up), else ``step_body`` itself. Its losses go to the window, unread."""
+        self.graphs.run(self.step_body, rows)
+        self.step += 1
+        self.slot += 1
+
+    def step_body(self, rows: Tensor) -> None:
+        """The whole step, device work only (what a CUDA graph captures): gather the batch, forward, backward,
+        optimizer, the rate of the next step, the losses into the window's next row."""
+        x = self.images.index_select(0, rows)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
@@ -225,10 +242,10 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.step += 1
         with torch.no_grad():
-            torch.stack((loss.float(), rec.float(), kl.float(), mse.float()), out=self.window[self.slot])
-        self.slot += 1
+            row = torch.stack((loss.float(), rec.float(), kl.float(), mse.float()))
+            self.window.index_copy_(0, self.slot_index, row.unsqueeze(0))
+            self.slot_index.add_(1)
 
     def end_of_epoch(self, epoch_time: float) -> None:
         """Log the window, evaluate, draw the grids, call the callbacks and write the checkpoint."""
@@ -279,6 +296,7 @@ class _Run:
         if self.slot == 0:
             return
         stats = self._read_window()
+        self.graphs.decide()  # auto: keep the graph only when its replays measured faster than eager steps
         now = time.perf_counter()
         loss, rec, kl, mse = (stats[:4] / (self.slot * self.world)).tolist()
         gamma = self.policy.gamma
@@ -297,6 +315,7 @@ class _Run:
             self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}", refresh=False)
             self.bar.update(self.step - self.bar.n)
         self.slot, self.window_start = 0, now
+        self.slot_index.zero_()
 
     # ------------------------------------------------------------------------------------------ files
     def save_checkpoint(self, epoch: int, batch: int) -> None:
@@ -421,29 +440,15 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _optimizer(params: list, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, fused where torch has it for the device (CUDA, CPU), else the foreach implementation."""
-    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
+def _optimizer(params: list, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam with a tensor learning rate on ``device`` (``DeviceLR`` writes it), fused where torch has it for the
+    device (CUDA, CPU), else the foreach implementation; capturable on CUDA (its step count stays on the GPU)."""
+    kwargs = dict(lr=torch.tensor(config.lr, dtype=torch.float32, device=device), weight_decay=config.weight_decay,
+                  capturable=device.type == "cuda")
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, foreach=True, **kwargs)
-
-
-def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    warmup, schedule = config.warmup_steps, config.lr_schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return factor
 
 
 @contextlib.contextmanager
