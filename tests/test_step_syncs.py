@@ -45,20 +45,21 @@ def _config(tmp_path, name, **values) -> TrainConfig:
 
 
 @pytest.mark.parametrize("loss,kl,sampling,extra", PATHS, ids=[f"{p[0]}-{p[1]}-{p[2]}" for p in PATHS])
-def test_no_step_syncs_on_the_triton_path(tmp_path, monkeypatch, loss, kl, sampling, extra):
+def test_no_step_syncs_on_the_triton_path(tmp_path, monkeypatch, device, loss, kl, sampling, extra):
     images = torch.rand(48, 1, 8, 8)
     config = _config(tmp_path, "run", loss=loss, kl=kl, sampling=sampling, epochs=1, batch_size=16, log_every=2,
-                     **extra)
+                     device=str(device), **extra)
     counter = _counted_fit(monkeypatch, images, config)
     assert counter.ops["step"]["aten.addmm"] > 0  # the scope saw the steps' ops
     assert counter.in_scope("step") == 0, dict(counter.scoped["step"])
 
 
-def test_the_whole_loop_syncs_per_log_row_not_per_step(tmp_path, monkeypatch):
+def test_the_whole_loop_syncs_per_log_row_not_per_step(tmp_path, monkeypatch, device):
     """4 steps and 12 steps with one log row and one checkpoint each: the same syncs in all of ``fit``."""
     images = torch.rand(48, 1, 8, 8)
-    few = _counted_fit(monkeypatch, images, _config(tmp_path, "few", epochs=1, batch_size=12, log_every=4))
-    many = _counted_fit(monkeypatch, images, _config(tmp_path, "many", epochs=1, batch_size=4, log_every=12))
+    run = {"epochs": 1, "device": str(device)}
+    few = _counted_fit(monkeypatch, images, _config(tmp_path, "few", batch_size=12, log_every=4, **run))
+    many = _counted_fit(monkeypatch, images, _config(tmp_path, "many", batch_size=4, log_every=12, **run))
     assert few.ops["step"]["aten.addmm"] * 3 == many.ops["step"]["aten.addmm"]
     assert sum(few.counts.values()) > 0 and many.counts == few.counts, (few.counts, many.counts)
 
