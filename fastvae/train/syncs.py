@@ -1,4 +1,4 @@
-"""Counting the host syncs of a block of PyTorch code: ``with SyncCounter(device) as syncs: ...``.
+"""Counting the host syncs of a block of PyTorch code: ``with SyncCounter() as counter: ...``.
 
 A CUDA graph cannot capture, and an eager GPU step stalls on, any op that makes the host wait for the device or
 copies a host value to it. Those are ATen ops, the same on every device, so the CPU counts them too:
