@@ -126,10 +126,11 @@ def test_the_capture_is_an_eager_step_and_replays_touch_only_the_static_rows(tmp
         assert counter.ops["graph"]["aten.addmm"] > 0
 
 
-def test_cuda_graphs_refusals():
+def test_cuda_graphs_refusals(tmp_path):
     images = torch.rand(16, 1, 8, 8)
     model = DenseVAE((1, 8, 8), 4, hidden=(16,))
-    config = TrainConfig(epochs=1, progress=False, tensorboard=False, cuda_graphs=True, device="cpu")
+    config = TrainConfig(out=str(tmp_path / "run"), epochs=1, progress=False, tensorboard=False, cuda_graphs=True,
+                         device="cpu")
     with pytest.raises(ValueError, match="cuda_graphs needs CUDA, the run is on cpu"):
         fit(model, images, config)
     assert graphs.StepGraphs(None, torch.device("cpu"), world=1, precision="fp32", compile=False,

@@ -108,6 +108,8 @@ class _Run:
             torch.set_num_threads(config.threads)
         if config.precision == "fp16" and device.type != "cuda":
             raise ValueError("TrainConfig.precision fp16 needs CUDA (a GradScaler); use bf16 on the CPU")
+        self.graphs = graphs.StepGraphs(config.cuda_graphs, device, world=world, precision=config.precision,
+                                        compile=config.compile, batch_size=config.batch_size)
         # one process draws from config.seed itself; each rank of a distributed run from its own derived seed
         noise_seed = config.seed if world == 1 else derive_seed(config.seed, rank)
         torch.manual_seed(noise_seed)
@@ -163,8 +165,6 @@ class _Run:
         # the window's next row: a device index that the step advances (a CUDA graph replays it), and its host copy
         self.slot_index = torch.zeros(1, dtype=torch.int64, device=device)
         self.slot, self.stopped = 0, False
-        self.graphs = graphs.StepGraphs(config.cuda_graphs, device, world=world, precision=config.precision,
-                                        compile=config.compile, batch_size=config.batch_size)
         self.train_metrics: dict = {}
         self.test_metrics: dict = {}
         self.started = self.window_start = time.perf_counter()
@@ -190,7 +190,8 @@ class _Run:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # a CUDA graph cannot keep autocast's cache of cast weights (it would be freed after the capture)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.graphs.enabled)
 
     # ------------------------------------------------------------------------------------------ the epoch
     def train_epoch(self, interrupted: Callable[[], bool]) -> None:
