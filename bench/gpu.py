@@ -151,7 +151,8 @@ def run_trainings(device: torch.device, dry_run: bool, out: Path, log: Callable[
         for mode in modes:
             config = TrainConfig(out=str(out / f"train-{name}-{mode}"), overwrite=True, epochs=2, batch_size=batch,
                                  log_every=10_000, progress=False, tensorboard=False, n_samples=4, device=str(device),
-                                 cuda_graphs=mode == "graphs", compile=mode == "compile", images_every=100)
+                                 cuda_graphs=mode == "graphs", compile=mode == "compile", images_every=100,
+                                 precision="fp32")  # the cost model's dtype; no calibration run
             counted: list[float] = []
             step = loop._Run.train_step
 
