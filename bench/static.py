@@ -31,6 +31,7 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from . import step_model
 from .aot import harness as aot
 from .cases import OPS
 from .measure import mode_callable
@@ -326,24 +327,28 @@ class StepLaunches:
     triton: int
     memsets: int
     aten_names: dict[str, int]
+    bytes: int = 0
+    """DRAM traffic of the step: each launch's tensor inputs and outputs (the fused ops' as their custom op's)."""
 
     @property
     def total(self) -> int:
         return self.aten + self.triton + self.memsets
 
 
-def training_step_launches(batch: int = 128, modules: Sequence[str] | None = None) -> StepLaunches:
-    """The launches of one step of the dense 784-256-64-32-16 VAE with the balanced loss and Adam
-    (forward, backward, ``zero_grad(set_to_none)``, ``step``), traced on the meta device: each ATen op
+def training_step_launches(batch: int = 128, modules: Sequence[str] | None = None, *,
+                           model: torch.nn.Module | None = None) -> StepLaunches:
+    """The launches of one step of ``model`` (default: the dense 784-256-64-32-16 VAE) with the balanced loss and
+    Adam (forward, backward, ``zero_grad(set_to_none)``, ``step``), traced on the meta device: each ATen op
     that computes is one launch, each fastvae custom op the kernels and memsets of its AOT spec."""
     from fastvae.losses import BalancedLoss, Objective
     from fastvae.models import DenseVAE
 
     specs = _training_specs(aot.spec_modules() if modules is None else modules)
     meta = torch.device("meta")
-    objective = Objective(DenseVAE(), BalancedLoss()).to(meta)
+    model = DenseVAE() if model is None else model
+    objective = Objective(model, BalancedLoss()).to(meta)
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3, foreach=True)  # CUDA's default
-    x = torch.empty(batch, 1, 28, 28, device=meta)
+    x = torch.empty(batch, *model.input_shape, device=meta)
     seed = torch.zeros(1, dtype=torch.int64, device=meta)
 
     def step():
@@ -356,6 +361,7 @@ def training_step_launches(batch: int = 128, modules: Sequence[str] | None = Non
     with TrafficCounter() as counter:
         step()
     aten, triton_kernels, memsets, names = 0, 0, 0, {}
+    traffic = sum(launch.read + launch.written for launch in counter.launches)
     for launch in counter.launches:
         if launch.fused:
             spec = specs[_STEP_SPECS[launch.name.removeprefix("fastvae::")]]
@@ -366,7 +372,7 @@ def training_step_launches(batch: int = 128, modules: Sequence[str] | None = Non
                 continue
             aten += 1
             names[launch.name] = names.get(launch.name, 0) + 1
-    return StepLaunches(aten, triton_kernels, memsets, names)
+    return StepLaunches(aten, triton_kernels, memsets, names, traffic)
 
 
 def step_section() -> list[str]:
@@ -457,6 +463,8 @@ def render(results: Sequence[aot.Result], rows: Sequence[ModelRow], measured: di
         *headline(results),
         "",
         *step_section(),
+        *step_model.step_section(),
+        *step_model.issue_section(results),
         *fidelity_costs(),
         "## Cost model on paper (predictions, not measurements)",
         "",

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import DTYPES, RTOL, assert_close_scaled
 
 BACKENDS = ("triton", "torch")
+pytestmark = pytest.mark.devices  # each test once per device (conftest.devices_under_test)
 REDUCTIONS = ("none", "per_sample", "batchmean", "sum")
 SHAPES = ((1,), (7,), (5, 3, 5, 5), (3, 1500), (2, 1, 7, 9))
 

@@ -19,6 +19,7 @@ from fastvae.kernels import count_launches
 from fastvae.kernels._launch import ZERO_FILL
 
 BACKENDS = ("triton", "torch")
+pytestmark = pytest.mark.devices  # each test once per device (conftest.devices_under_test)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 

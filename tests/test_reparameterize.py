@@ -18,6 +18,7 @@ from fastvae.kernels._launch import ZERO_FILL
 from helpers import DTYPES, RTOL, RTOL_NOISE, assert_close_scaled
 
 BACKENDS = ("triton", "torch")
+pytestmark = pytest.mark.devices  # each test once per device (conftest.devices_under_test)
 REDUCTIONS = ("none", "per_sample", "batchmean", "sum")
 SHAPES = ((1, 1), (7,), (3, 5, 33), (1023, 3), (2, 1023))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
@@ -159,9 +160,29 @@ def check_logvar_clamp(op: str, logvar_clamp: object) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+_VOUCHED: dict[int, tuple[weakref.ref, int]] = {}
+"""Running estimates known positive: id -> (a weak reference to the tensor, its version when vouched for)."""
+
+
+def vouch_running_estimate(value: torch.Tensor) -> None:
+    """``value`` is known positive and finite (a module's buffer made from a checked ``init``, or an op's update with
+    ``momentum > 0`` of a checked value: ``r' >= m r > 0``): the next check skips reading it back unless something
+    else has written it since (its version moved)."""
+    if torch.compiler.is_compiling() or value.device.type != "cpu":
+        return
+    _VOUCHED[id(value)] = (weakref.ref(value, lambda _, key=id(value): _VOUCHED.pop(key, None)), value._version)
+
+
+def _vouched(value: torch.Tensor) -> bool:
+    entry = _VOUCHED.get(id(value))
+    return entry is not None and entry[0]() is value and entry[1] == value._version
+
+
 def check_running_estimate(op: str, name: str, value: object, device: torch.device) -> torch.Tensor:
     """A one-element floating tensor on ``device``; on the CPU (or with FASTVAE_CHECK_FINITE=1) also
-    positive and finite (reading it on CUDA would wait for the GPU; torch.compile cannot branch on it)."""
+    positive and finite (reading it on CUDA would wait for the GPU; torch.compile cannot branch on it).
+    On the CPU the value is read once, not again after the op's own update (``vouch_running_estimate``), so a
+    training step reads nothing back from a tensor (the step a CUDA graph captures is the same code)."""
     if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or value.numel() != 1:
         described = (f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                      else type(value).__name__)
@@ -169,7 +190,8 @@ def check_running_estimate(op: str, name: str, value: object, device: torch.devi
                          f"got {described}")
     if value.device != device:
         raise ValueError(f"{op}: {name} must be on the device of the loss ({device}), got {value.device}")
-    if (value.device.type == "cpu" and not torch.compiler.is_compiling()) or finite_check_enabled():
+    if (value.device.type == "cpu" and not torch.compiler.is_compiling() and not _vouched(value)) \
+            or finite_check_enabled():
         number = float(value.detach().reshape(()))
         if not number > 0 or number == float("inf"):
             raise ValueError(f"{op}: {name} must be positive and finite, got {number}")

@@ -18,7 +18,9 @@ from .. import backend, reference
 from ..reference.balanced_mse import UPDATE_RULES
 from . import engine
 from ..reference.reduce import MEAN
-from ._checks import REDUCTIONS, check_choice, check_finite, check_float_tensor, check_running_estimate
+from ._checks import (
+    REDUCTIONS, check_choice, check_finite, check_float_tensor, check_running_estimate, vouch_running_estimate,
+)
 from ._layout import pair_rows, sample_rows, samples_in_memory_order, unrows
 from ._op import Op
 
@@ -154,8 +156,8 @@ def _distributed() -> bool:
 def batch_mse(sse: Tensor, numel: int) -> Tensor:
     """``sse / numel``, summed over all ranks first when torch.distributed is initialized."""
     if _distributed():
-        totals = torch.stack([sse.detach().double(),
-                              torch.tensor(float(numel), dtype=torch.float64, device=sse.device)])
+        # the count is filled on the device: no host-to-device copy (a stream sync, illegal in a CUDA graph)
+        totals = torch.stack([sse.detach().double(), torch.full((), numel, dtype=torch.float64, device=sse.device)])
         dist.all_reduce(totals)
         return (totals[0] / totals[1]).to(sse.dtype)
     return sse.detach() / numel
@@ -214,12 +216,17 @@ def balanced_mse(
                             full=full) / x_hat.numel()
     if update and not _distributed():
         # the update happens inside the op (the kernel's last program on Triton)
-        return BALANCED_MSE_UPDATE(x_hat, x, running_mse, reduction, full, float(momentum), rule)[0]
+        loss = BALANCED_MSE_UPDATE(x_hat, x, running_mse, reduction, full, float(momentum), rule)[0]
+        if momentum > 0:
+            vouch_running_estimate(running_mse)
+        return loss
     # the loss and its backward use gamma^2 as it was before this call's in-place update
     gamma2 = running_mse.detach().clone() if update else running_mse.detach()
     loss, sse = BALANCED_MSE(x_hat, x, gamma2, reduction, full)
     if update:
         engine.update_running_mse(running_mse, batch_mse(sse, x_hat.numel()), momentum=momentum, rule=rule)
+        if momentum > 0:
+            vouch_running_estimate(running_mse)
     return loss
 
 
@@ -238,6 +245,7 @@ class BalancedMSE(nn.Module):
             raise ValueError(f"BalancedMSE: momentum must be a number in [0, 1], got {momentum!r}")
         self.momentum, self.rule, self.reduction, self.full = momentum, rule, reduction, full
         self.register_buffer("running_mse", torch.tensor(float(init)))
+        vouch_running_estimate(self.running_mse)
 
     @property
     def gamma(self) -> Tensor:

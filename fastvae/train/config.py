@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # fields that may change when a run is resumed; the others define the run and stay as saved
 RESUMABLE = ("epochs", "max_steps", "progress", "tensorboard", "log_every", "checkpoint_every", "threads", "device",
+             "cuda_graphs",
              "eval_batch_size", "n_samples", "images_every", "download", "data_root")
 
 
@@ -77,6 +78,9 @@ class TrainConfig:
                             "chose and why), fp32, bf16 (autocast), fp16 (autocast + GradScaler, CUDA only)", str,
                             choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the model", bool)
+    cuda_graphs: Optional[bool] = option(None, "capture the whole training step in a CUDA graph after a warm-up and "
+                                         "replay it (default: on for CUDA when its replays measure faster than "
+                                         "eager steps, off on the CPU)", bool)
     threads: int = option(0, "torch CPU threads (0: torch's default)", int, minimum=0)
     seed: int = option(0, "seed of the initial weights, the data order and the noise", int, minimum=0)
     # output

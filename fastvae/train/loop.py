@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .._util import derive_seed, eval_mode
 from ..data import BatchStream, to_float
 from ..losses import build_loss
+from . import graphs
 from .calibrate import PrecisionChoice, calibrate_precision
 from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -37,6 +38,7 @@ from .devices import resolve_device
 from .log import MetricsLog
 from .objective import TrainObjective
 from .runfolder import empty_folder, make_folder, run_lock, unique_folder
+from .schedule import DeviceLR
 
 __all__ = ["TrainResult", "NonFiniteLossError", "TrainingInterrupted", "fit", "evaluate", "epoch_permutation"]
 
@@ -120,6 +122,8 @@ class _Run:
             torch.set_num_threads(config.threads)
         if config.precision == "fp16" and device.type != "cuda":
             raise ValueError("TrainConfig.precision fp16 needs CUDA (a GradScaler); use bf16 on the CPU")
+        self.graphs = graphs.StepGraphs(config.cuda_graphs, device, world=world, precision=config.precision,
+                                        compile=config.compile, batch_size=config.batch_size)
         # one process draws from config.seed itself; each rank of a distributed run from its own derived seed
         noise_seed = config.seed if world == 1 else derive_seed(config.seed, rank)
         torch.manual_seed(noise_seed)
@@ -144,7 +148,7 @@ class _Run:
         self.objective = TrainObjective(model, self.policy, kl_weight=config.kl_weight, kl=config.kl,
                                         sampling=config.sampling, compile=config.compile)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = _optimizer(self.params, config)
+        self.optimizer = _optimizer(self.params, config, device)
         # a step takes grad_accumulation batches; in memory, it covers the samples of one batch that much larger
         N = config.grad_accumulation
         if self.stream is None:
@@ -165,7 +169,8 @@ class _Run:
         self.precision_choice: PrecisionChoice | None = None
         if config.precision == "auto":
             config = self.config = dataclasses.replace(config, precision=self._measure_precision(total))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, total))
+        self.scheduler = DeviceLR(self.optimizer, config.lr, warmup=config.warmup_steps, total=total,
+                                  schedule=config.lr_schedule, device=device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
         self.step = self.epoch = self.start_batch = 0
@@ -189,6 +194,8 @@ class _Run:
 
                 self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
         self.window = torch.zeros(config.log_every, 4, device=device)  # (loss, rec, kl, mse) per step
+        # the window's next row: a device index that the step advances (a CUDA graph replays it), and its host copy
+        self.slot_index = torch.zeros(1, dtype=torch.int64, device=device)
         self.slot, self.stopped = 0, False
         self.train_metrics: dict = {}
         self.test_metrics: dict = {}
@@ -205,7 +212,7 @@ class _Run:
             # a loader is read for it (one batch of a pass of its own): a Dataset's first items, or the tensor's
             batch = (self.images[:config.batch_size] if self.stream is None
                      else self.stream.head(config.batch_size).to(self.device))
-            choice[0] = calibrate_precision(self.objective, lambda params: _optimizer(params, config),
+            choice[0] = calibrate_precision(self.objective, lambda params: _optimizer(params, config, self.device),
                                             to_float(batch), self.device, run_steps=total_steps, describe=describe)
             if config.progress:
                 print(f"fastvae: {choice[0].message()}")
@@ -217,7 +224,8 @@ class _Run:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # a CUDA graph cannot keep autocast's cache of cast weights (it would be freed after the capture)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not self.graphs.enabled)
 
     # ------------------------------------------------------------------------------------------ the epoch
     def train_epoch(self, interrupted: Callable[[], bool]) -> None:
@@ -244,39 +252,57 @@ class _Run:
             raise TrainingInterrupted(self.out, self.step)
 
     def epoch_steps(self):
-        """This epoch's steps from ``start_batch`` on, each a list of ``grad_accumulation`` batches (fewer at the
-        epoch's end) on the device as float: slices of the seeded permutation of the in-memory images (the fast
-        default), or the stream's batches."""
+        """This epoch's steps from ``start_batch`` on, each a list of ``grad_accumulation`` inputs (fewer at the
+        epoch's end): device index slices of the seeded permutation into the in-memory images (the fast default;
+        the step gathers them on the device), or the stream's batches, moved to the device."""
         config, B, N = self.config, self.config.batch_size, self.config.grad_accumulation
         if self.stream is None:
             order = epoch_permutation(self.images.shape[0], config.seed, self.epoch)
+            # copied to the device once per epoch; each step takes its slices there
             order = order[self.rank::self.world][:self.per_rank].to(self.device)
-            batches = (self.images.index_select(0, order[b * B:(b + 1) * B])
-                       for b in range(self.start_batch * N, self.batches_per_epoch))
+            inputs = (order[b * B:(b + 1) * B] for b in range(self.start_batch * N, self.batches_per_epoch))
         else:
-            stream = self.stream.epoch(self.epoch, self.start_batch * N)
-            batches = (x.to(self.device, non_blocking=True) for x in stream)
+            inputs = (self._stream_batch(x) for x in self.stream.epoch(self.epoch, self.start_batch * N))
         step: list[Tensor] = []
-        for x in batches:
-            if self.stream is not None:
-                check_sample_shape(x.shape[1:], self.input_shape, "data")
-            x = to_float(x)
-            step.append(self.transform(x) if self.transform is not None else x)
+        for item in inputs:
+            step.append(item)
             if len(step) == N:
                 yield step
                 step = []
         if step:
             yield step
 
-    def train_step(self, batches: list[Tensor]) -> None:
-        """One optimizer step on the summed gradients of ``batches`` (each batch's loss weighted by its share of the
-        samples, so the step is that of one batch of them all); its losses go to the window, unread."""
+    def _stream_batch(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        check_sample_shape(x.shape[1:], self.input_shape, "data")
+        return x
+
+    def _batch(self, item: Tensor) -> Tensor:
+        """A step input as the model's batch: gathered from the in-memory images by its device indices (or a
+        stream's batch as it is), as float, through the transforms hook, channels_last on CUDA."""
+        x = to_float(self.images.index_select(0, item) if self.stream is None else item)
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_step(self, inputs: list[Tensor]) -> None:
+        """One optimizer step on ``inputs`` (``epoch_steps``): a replay of the captured step when CUDA graphs are
+        on (after the warm-up), else ``step_body`` itself. Its losses go to the window, unread."""
+        self.graphs.run(self.step_body, inputs)
+        self.step += 1
+        self.slot += 1
+
+    def step_body(self, inputs: list[Tensor]) -> None:
+        """The whole step, device work only (what a CUDA graph captures): the summed gradients of its batches
+        (each batch's loss weighted by its share of the samples, so the step is that of one batch of them all),
+        the optimizer, the EMA, the rate of the next step, the losses into the window's next row."""
         self.optimizer.zero_grad(set_to_none=True)
+        batches = [self._batch(item) for item in inputs]
         total = sum(x.shape[0] for x in batches)
         terms = []
         for i, x in enumerate(batches):
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             last = i == len(batches) - 1
             with (self.train_module.no_sync() if self.world > 1 and not last else contextlib.nullcontext()):
                 with self.autocast():
@@ -294,13 +320,10 @@ class _Run:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        self.step += 1
         with torch.no_grad():
-            if len(terms) == 1:
-                torch.stack(terms[0], out=self.window[self.slot])
-            else:
-                torch.sum(torch.stack([torch.stack(t) for t in terms]), 0, out=self.window[self.slot])
-        self.slot += 1
+            row = torch.stack(terms[0]) if len(terms) == 1 else torch.stack([torch.stack(t) for t in terms]).sum(0)
+            self.window.index_copy_(0, self.slot_index, row.unsqueeze(0))
+            self.slot_index.add_(1)
 
     def end_of_epoch(self, epoch_time: float) -> None:
         """Log the window, evaluate, draw the grids, call the callbacks and write the checkpoint."""
@@ -366,6 +389,7 @@ class _Run:
         if self.slot == 0:
             return
         stats = self._read_window()
+        self.graphs.decide()  # auto: keep the graph only when its replays measured faster than eager steps
         now = time.perf_counter()
         loss, rec, kl, mse = (stats[:4] / (self.slot * self.world)).tolist()
         gamma = self.policy.gamma
@@ -384,6 +408,7 @@ class _Run:
             self.bar.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}", refresh=False)
             self.bar.update(self.step - self.bar.n)
         self.slot, self.window_start = 0, now
+        self.slot_index.zero_()
 
     # ------------------------------------------------------------------------------------------ files
     def save_checkpoint(self, epoch: int, batch: int) -> None:
@@ -586,29 +611,15 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _optimizer(params: list, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam, fused where torch has it for the device (CUDA, CPU), else the foreach implementation."""
-    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay)
+def _optimizer(params: list, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam with a tensor learning rate on ``device`` (``DeviceLR`` writes it), fused where torch has it for the
+    device (CUDA, CPU), else the foreach implementation; capturable on CUDA (its step count stays on the GPU)."""
+    kwargs = dict(lr=torch.tensor(config.lr, dtype=torch.float32, device=device), weight_decay=config.weight_decay,
+                  capturable=device.type == "cuda")
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, foreach=True, **kwargs)
-
-
-def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    warmup, schedule = config.warmup_steps, config.lr_schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return factor
 
 
 @contextlib.contextmanager
