@@ -73,3 +73,22 @@ def latent_slices(images, levels, path, *, side=5, image_shape=None, height_dim=
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def stationary_deviation(tracks, path):
+    """``max_j`` and ``mean_j |Var(mu_j) + E[sigma_j^2] - 1|`` per epoch for each run of ``tracks`` (label ->
+    ``[(epoch, max, mean), ...]``, ``fastvae.science_table.stationary_over_training``), log scale."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (label, track) in enumerate(tracks.items()):
+        epochs = [p[0] for p in track]
+        color = f"C{k}"
+        ax.plot(epochs, [p[1] for p in track], "-", color=color, label=f"{label}: max_j")
+        ax.plot(epochs, [p[2] for p in track], "--", color=color, label=f"{label}: mean_j")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("|Var(mu_j) + E[sigma_j^2] - 1|")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("distance from the stationary condition", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
