@@ -221,6 +221,10 @@ def run_values(run: Path, kind: str) -> dict:
             for phase, label in NOISE_PHASES:
                 out.update({f"{label}.{k}": summary[phase][k] for k in NOISE_FIELDS})
             out.update({k: bool(summary[k]) for k in NOISE_FLAGS})
+            if (run / "noise_injection" / "history.csv").is_file():
+                from .experiments import read_history
+
+                out["history"] = [dataclasses.asdict(r) for r in read_history(run / "noise_injection" / "history.csv")]
     elif kind == "fid":
         fid = _json(run / "fid.json")
         if fid is not None:
@@ -306,7 +310,10 @@ def _flag_count(summary: dict | None) -> str:
 def _seeds(row: dict) -> str:
     missing = [s for s in row["seeds_planned"] if s not in row["seeds"]]
     done = ", ".join(map(str, row["seeds"])) or "none"
-    return done + (f" (missing: {', '.join(map(str, missing))})" if missing else "")
+    partial = [f"{s} at epoch {row['per_seed'][str(s)]['epochs_done']}" for s in missing
+               if row["per_seed"].get(str(s), {}).get("epochs_done", row["epochs"]) < row["epochs"]]
+    return done + (f" (missing: {', '.join(map(str, missing))}" + "".join(f"; {p}" for p in partial) + ")"
+                   if missing else "")
 
 
 def _rule(columns: int) -> str:
@@ -503,7 +510,8 @@ def _noise_injection(rows, figures) -> list[str]:
               f"recovery in {_flag_count(_s(row, 'active_at_end'))} (inactive: Var(mu) < 0.05 and E[sigma^2] > 0.8). "
               "Seed: growing noise makes an active variable inactive once its gain falls below its KL; the reversal "
               "asks whether it comes back when the noise is removed.", ""]
-    return lines + _figure("noise_injection.png", figures, "noise injection and reversal, seed 0")
+    return (lines + _figure("noise_injection_seeds.png", figures, "noise injection and reversal, every seed")
+            + _figure("noise_injection.png", figures, "noise injection and reversal, seed 0"))
 
 
 FID_COLUMNS = ("fid-dense", "fid-dense-beta", "fid-conv")
@@ -576,14 +584,17 @@ def write_figures(runs: Path, data: dict, out_dir: Path) -> list[str]:
             (out_dir / FIGURE_DIR).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(runs) / source, out_dir / FIGURE_DIR / name)
             written.append(name)
+    from . import experiment_plots
+
     rows = {row["name"]: row for row in data["rows"]}
     tracks = {f"seed {s}": v["stationary"] for s, v in rows["dense-100"]["per_seed"].items() if "stationary" in v}
-    if tracks:
-        from .experiment_plots import stationary_deviation
-
-        (out_dir / FIGURE_DIR).mkdir(parents=True, exist_ok=True)
-        stationary_deviation(tracks, out_dir / FIGURE_DIR / "stationary_deviation.png")
-        written.append("stationary_deviation.png")
+    histories = {f"seed {s}": v["history"] for s, v in rows["noise"]["per_seed"].items() if "history" in v}
+    for name, values, draw in (("stationary_deviation.png", tracks, experiment_plots.stationary_deviation),
+                               ("noise_injection_seeds.png", histories, experiment_plots.noise_injection_seeds)):
+        if values:
+            (out_dir / FIGURE_DIR).mkdir(parents=True, exist_ok=True)
+            draw(values, out_dir / FIGURE_DIR / name)
+            written.append(name)
     return written
 
 

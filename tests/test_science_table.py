@@ -32,6 +32,19 @@ def _fake_runs(tmp_path, epochs=30):
     return runs
 
 
+def _write_noise(run, below: bool):
+    from fastvae.experiments import NoiseInjectionRow, write_history
+
+    rows = [NoiseInjectionRow(0, "start", 0.0, 1e-3, 20.0, 2.0, 0.5, 0.03, 0.01, 0.1),
+            NoiseInjectionRow(1, "noise", 0.5, 1e-5, 1.0 if below else 3.0, 2.0, 0.9, 0.8, 0.01, 0.1),
+            NoiseInjectionRow(2, "recovery", 0.0, 1e-3, 10.0, 1.5, 1.2, 0.2, 0.01, 0.1)]
+    (run / "noise_injection").mkdir()
+    write_history(rows, run / "noise_injection" / "history.csv")
+    from fastvae.experiments import save_summary
+
+    save_summary(rows, run / "noise_injection" / "summary.json", variable=3, held=[0, 1])
+
+
 def test_summary_is_the_mean_and_sample_sd_over_seeds():
     values = [7.0, 9.0, 8.5]
     s = science_table.summarize(values)
@@ -77,19 +90,24 @@ def test_collect_summarizes_complete_seeds_only_and_render_shows_them(tmp_path):
     fid = next(row for row in data["rows"] if row["name"] == "fid-dense")
     assert fid["seeds"] == [0, 1] and fid["summary"]["fid.second-stage + per_dim"]["values"] == [40.0, 44.0]
     text = science_table.render(data)
-    assert "| 8 ± 1.4 (7, 9) |" in text and "| 30 | 0, 1 (missing: 2) |" in text
+    assert "| 8 ± 1.4 (7, 9) |" in text and "| 30 | 0, 1 (missing: 2; 2 at epoch 29) |" in text
     assert "not run" in text.split("## Noise injection")[1]
 
 
 def test_out_writes_the_json_record_and_json_rebuilds_the_same_table(tmp_path):
     runs, docs = _fake_runs(tmp_path), tmp_path / "docs"
-    (runs / "dense" / "s0" / "noise_injection").mkdir()
+    for seed in range(3):
+        _write_noise(runs / "dense" / f"s{seed}", below=seed != 1)
     (runs / "dense" / "s0" / "noise_injection" / "noise_injection.png").write_bytes(b"png")
     docs.mkdir()
     assert science_table.main(["--runs", str(runs), "--out", str(docs / "science.md")]) == 0
     assert (docs / "science" / "noise_injection.png").read_bytes() == b"png"
     text = (docs / "science.md").read_text()
     assert "](science/noise_injection.png)" in text and "latent_3d-sampling.png" not in text
+    # seed 2's first stage stopped at 29 of 30 epochs: its noise injection is kept in the record, not counted
+    assert "The gain fell below the KL in 1 of 2 seeds" in text and "active after the recovery in 2 of 2" in text
+    assert (docs / "science" / "noise_injection_seeds.png").stat().st_size > 1000
+    assert "| noise stopped | 0.5 ± 0 (0.5, 0.5) | 2 ± 1.4 (1, 3) |" in text
     record = json.loads((docs / "science.json").read_text())
     assert {"model", "epochs", "seeds", "images", "command", "per_seed", "summary"} <= set(record["rows"][1])
     assert science_table.main(["--runs", str(runs), "--json", str(docs / "science.json"),
