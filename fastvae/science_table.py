@@ -408,11 +408,7 @@ def _stationary(rows, figures) -> list[str]:
              f"100 epochs: {_seeds(row)}; the dense row's 30-epoch runs are the first 30 epochs of the same runs. "
              f"{_cmd(row['command'])}.", "",
              "| epoch | seeds | max_j \\|Var(mu_j) + E[sigma_j^2] - 1\\| | mean_j |", "| --- | --- | --- | --- |"]
-    tracks = {}
-    for source in ("dense-100", "dense"):
-        for seed, values in rows[source]["per_seed"].items():
-            if "stationary" in values and len(values["stationary"]) > len(tracks.get(seed, [])):
-                tracks[seed] = values["stationary"]
+    tracks = stationary_tracks(rows)
     for epoch in STATIONARY_EPOCHS:
         at = {seed: t[epoch - 1] for seed, t in sorted(tracks.items()) if len(t) >= epoch}
         if not at:
@@ -421,22 +417,24 @@ def _stationary(rows, figures) -> list[str]:
                      f"{fmt(summarize(p[2] for p in at.values()))} |")
     if not tracks:
         lines.append("| not run | | | |")
-    full = {seed: t for seed, t in tracks.items() if len(t) >= 100}
-    if full:
-        slopes = summarize(log_slope([(p[0], p[1]) for p in t if p[0] >= 10]) for t in full.values())
-        first = {seed: next((p[0] for p in t if p[1] <= 0.1), None) for seed, t in full.items()}
-        at30 = summarize(t[29][1] for t in full.values())
-        at100 = summarize(t[99][1] for t in full.values())
-        fall = exceeds_spread(at30, at100)
-        lines += ["", f"Seed: the sum tends to 1 for every variable, active or not, as training reaches its "
-                  f"stationary point. Here the largest deviation goes from {fmt(at30)} at epoch 30 to {fmt(at100)} at "
-                  f"epoch 100 ({_change(fall, at100['mean'] < at30['mean'])}); "
-                  f"fitted as max ~ epoch^a over epochs 10-100, a = {fmt(slopes)}. First epoch with every "
-                  f"deviation <= 0.1, per seed: "
-                  + ", ".join(f"s{seed}: {'never' if e is None else e}" for seed, e in first.items()) + "."]
+    end = next((e for e in (100, 30) if sum(len(t) >= e for t in tracks.values()) >= 2), None)
+    if end is not None:
+        full = {seed: t for seed, t in tracks.items() if len(t) >= end}
+        slopes = summarize(log_slope([(p[0], p[1]) for p in t[:end] if p[0] >= 10]) for t in full.values())
+        first = {seed: next((p[0] for p in t[:end] if p[1] <= 0.1), None) for seed, t in full.items()}
+        start = 30 if end == 100 else 10
+        before = summarize(t[start - 1][1] for t in full.values())
+        after = summarize(t[end - 1][1] for t in full.values())
+        lines += ["", "Seed: the sum tends to 1 for every variable, active or not, as training reaches its "
+                  f"stationary point. Here (seeds {', '.join(full)}) the largest deviation goes from {fmt(before)} at "
+                  f"epoch {start} to {fmt(after)} at epoch {end} "
+                  f"({_change(exceeds_spread(before, after), after['mean'] < before['mean'])}); fitted as "
+                  f"max ~ epoch^a over epochs 10-{end}, a = {fmt(slopes)}. First epoch with every deviation <= 0.1, "
+                  "per seed: " + ", ".join(f"s{seed}: {'never' if e is None else e}" for seed, e in first.items())
+                  + "."]
     lines.append("")
     return (lines + _figure("stationary_deviation.png", figures, "largest and mean deviation per epoch, every seed")
-            + _figure("latent_evolution.png", figures, "Var(mu_j) and E[sigma_j^2] per epoch, seed 0"))
+            + _figure("latent_evolution.png", figures, "Var(mu_j) and E[sigma_j^2] per epoch, seed 0, its longest run"))
 
 
 def _change(differs: bool | None, fell: bool) -> str:
@@ -445,6 +443,17 @@ def _change(differs: bool | None, fell: bool) -> str:
     if not differs:
         return "no change beyond the seed spread"
     return "a fall beyond the seed spread" if fell else "a rise beyond the seed spread"
+
+
+def stationary_tracks(rows) -> dict[str, list]:
+    """Per seed the longest record of ``(epoch, max, mean)`` deviations: the dense-100 run's, else the dense one's
+    (its first 30 epochs)."""
+    tracks: dict[str, list] = {}
+    for source in ("dense-100", "dense"):
+        for seed, values in rows[source]["per_seed"].items():
+            if "stationary" in values and len(values["stationary"]) > len(tracks.get(seed, [])):
+                tracks[seed] = values["stationary"]
+    return dict(sorted(tracks.items()))
 
 
 def _balanced(rows) -> list[str]:
@@ -571,6 +580,7 @@ FIGURES = (
     ("dense3d-nosampling-quadratic/s0/analysis/latent_3d.png", "latent_3d-nosampling-quadratic.png"),
     ("dense3d-nosampling-quadratic/s0/analysis/latent_slices.png", "latent_slices-nosampling-quadratic.png"),
     ("dense-100/s0/latent_evolution.png", "latent_evolution.png"),
+    ("dense/s0/latent_evolution.png", "latent_evolution.png"),  # when the 100-epoch run is missing
 )
 FIGURE_DIR = "science"
 
@@ -580,15 +590,17 @@ def write_figures(runs: Path, data: dict, out_dir: Path) -> list[str]:
     of every seed (``stationary_deviation.png``) from ``data``; the names of the figures written."""
     written = []
     for source, name in FIGURES:
-        if (Path(runs) / source).is_file():
+        if name not in written and (Path(runs) / source).is_file():
             (out_dir / FIGURE_DIR).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(runs) / source, out_dir / FIGURE_DIR / name)
             written.append(name)
     from . import experiment_plots
 
     rows = {row["name"]: row for row in data["rows"]}
-    tracks = {f"seed {s}": v["stationary"] for s, v in rows["dense-100"]["per_seed"].items() if "stationary" in v}
-    histories = {f"seed {s}": v["history"] for s, v in rows["noise"]["per_seed"].items() if "history" in v}
+    tracks = {f"seed {s}": track for s, track in stationary_tracks(rows).items()}
+    noise = rows["noise"]
+    histories = {f"seed {s}": noise["per_seed"][str(s)]["history"] for s in noise["seeds"]
+                 if "history" in noise["per_seed"][str(s)]}
     for name, values, draw in (("stationary_deviation.png", tracks, experiment_plots.stationary_deviation),
                                ("noise_injection_seeds.png", histories, experiment_plots.noise_injection_seeds)):
         if values:

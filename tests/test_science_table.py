@@ -17,6 +17,12 @@ def _write_train_run(folder, inactive, max_dev, mse, epochs):
                  for j in range(16)]
     (folder / "analysis" / "latents.json").write_text(json.dumps(
         {"num_inactive": inactive, "latent_dim": 16, "max_deviation": max_dev, "variables": variables}))
+    # the tracker's record: one variable at Var + E - 1 = c / sqrt(epoch), one exactly stationary
+    c = 0.5 + max_dev
+    (folder / "latent_evolution.json").write_text(json.dumps({
+        "epoch": list(range(1, epochs + 1)), "step": list(range(1, epochs + 1)),
+        "var_mu": [[1.0 + c * e ** -0.5, 0.25] for e in range(1, epochs + 1)],
+        "mean_sigma2": [[0.0, 0.75] for _ in range(epochs)]}))
     rows = [{"split": "train", "epoch": e, "mse": 9.0} for e in range(1, epochs + 1)]
     rows += [{"split": "test", "epoch": e, "mse": mse + (epochs - e)} for e in range(1, epochs + 1)]
     (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
@@ -92,6 +98,12 @@ def test_collect_summarizes_complete_seeds_only_and_render_shows_them(tmp_path):
     text = science_table.render(data)
     assert "| 8 ± 1.4 (7, 9) |" in text and "| 30 | 0, 1 (missing: 2; 2 at epoch 29) |" in text
     assert "not run" in text.split("## Noise injection")[1]
+    # epoch 10: seeds 0-2 have it; c = 1, 0.75, 0.625 -> max = c / sqrt(10), mean = max / 2
+    at10 = [c / math.sqrt(10) for c in (1.0, 0.75, 0.625)]
+    assert f"| 10 | 0, 1, 2 | {science_table.fmt(science_table.summarize(at10))} |" in text
+    assert "| 30 | 0, 1 |" in text and "| 50 |" not in text
+    assert "max ~ epoch^a over epochs 10-30, a = -0.5" in text and "s0: never, s1: never" in text
+    assert dense["per_seed"]["1"]["stationary"][3] == [4, 0.75 / 2, 0.75 / 4]
 
 
 def test_out_writes_the_json_record_and_json_rebuilds_the_same_table(tmp_path):
