@@ -211,6 +211,7 @@ def run_values(run: Path, kind: str) -> dict:
                        max_deviation=report["max_deviation"], mean_deviation=sum(sums) / len(sums))
             if gains and None not in gains:
                 out["used"] = sum(g > USED_GAIN for g in gains)
+            out["variables"] = [[v["var_mu"], v["mean_sigma2"], v.get("gain")] for v in report["variables"]]
         history = _json(run / LATENT_EVOLUTION)
         if history is not None and "epoch" in history:
             out["stationary"] = [list(t) for t in stationary_over_training(history)]
@@ -295,7 +296,7 @@ def _num(value: float, digits: int) -> str:
 
 
 def fmt(summary: dict | None, digits: int = 3) -> str:
-    """``mean ± sd (v_0, v_1, ...)``; "not run" for None; a count of flags as ``k of n``."""
+    """``mean ± sd (v_0, v_1, ...)`` of a ``summarize`` result (no ``± sd`` for one value); "not run" for None."""
     if summary is None:
         return "not run"
     values = ", ".join(_num(v, digits) for v in summary["values"])
@@ -692,6 +693,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         figures = write_figures(Path(args.runs), data, out.parent)
+        if args.json:  # figures copied from run folders by an earlier build stay where they are
+            figures += [name for _, name in FIGURES if (out.parent / FIGURE_DIR / name).is_file()]
         out.write_text(render(data, figures))
         if not args.json:
             out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")

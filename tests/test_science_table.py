@@ -13,8 +13,8 @@ DENSE = {0: (7, 0.5, 0.0142), 1: (9, 0.25, 0.0150), 2: (8, 0.125, 0.0139)}
 
 def _write_train_run(folder, inactive, max_dev, mse, epochs):
     (folder / "analysis").mkdir(parents=True)
-    variables = [{"sum": 1.0 + (max_dev if j == 0 else 0.0), "gain": 1e-3 if j >= inactive else 0.0}
-                 for j in range(16)]
+    variables = [{"sum": 1.0 + (max_dev if j == 0 else 0.0), "gain": 1e-3 if j >= inactive else 0.0,
+                  "var_mu": 0.5, "mean_sigma2": 0.5} for j in range(16)]
     (folder / "analysis" / "latents.json").write_text(json.dumps(
         {"num_inactive": inactive, "latent_dim": 16, "max_deviation": max_dev, "variables": variables}))
     # the tracker's record: one variable at Var + E - 1 = c / sqrt(epoch), one exactly stationary
