@@ -145,3 +145,13 @@ def test_train_tracked_records_every_epoch_and_keeps_them_on_resume(tmp_path):
                                "--no-progress", "--no-tensorboard"]) == 0
     both = json.loads((run / "latent_evolution.json").read_text())
     assert both["epoch"] == [1, 2] and both["var_mu"][0] == first["var_mu"][0]
+
+
+def test_run_records_each_commands_cpu_time_and_goes_on_past_a_failure(tmp_path):
+    lines = ["python -c 'sum(range(3_000_000))'", "exit 3", "true"]
+    assert science_table.run_commands(lines, tmp_path, log=lambda line: None) == 1
+    entries = [json.loads(line) for line in (tmp_path / "cputime.jsonl").read_text().splitlines()]
+    assert [e["command"] for e in entries] == lines and [e["rc"] for e in entries] == [0, 3, 0]
+    assert entries[0]["user_s"] + entries[0]["sys_s"] > 0 and all(e["wall_s"] >= 0 for e in entries)
+    assert science_table._cpu_seconds(tmp_path) == {lines[0]: entries[0]["user_s"] + entries[0]["sys_s"],
+                                                    "true": entries[2]["user_s"] + entries[2]["sys_s"]}
