@@ -564,15 +564,17 @@ def _two_stage_fid(rows) -> list[str]:
 
 
 def _cost(rows) -> list[str]:
-    lines = ["## CPU time", "", "user + sys CPU seconds of each seed's commands (one thread each, shared machine):", "",
-             "| row | seeds | CPU s per seed | total CPU s |", "| --- | --- | --- | --- |"]
+    lines = ["## The runs behind each row", "",
+             "Seeds complete (and how far the others got), and the user + sys CPU seconds of each seed's commands "
+             "(one thread each, on a machine shared with other work; blank where the run was not timed):", "",
+             "| row | what | epochs | training images | seeds | CPU s per seed | total CPU s |", _rule(7)]
     total = 0.0
     for row in rows.values():
-        if row["cpu_s"]:
-            spent = row["cpu_s"]
-            total += sum(spent.values())
-            lines.append(f"| {row['name']} | {', '.join(spent)} | {', '.join(f'{v:.0f}' for v in spent.values())} | "
-                         f"{sum(spent.values()):.0f} |")
+        spent = row["cpu_s"]
+        total += sum(spent.values())
+        per_seed = ", ".join(f"s{seed}: {value:.0f}" for seed, value in spent.items())
+        lines.append(f"| {row['name']} | {row['model']} | {row['epochs']} | {row['images']:,} | {_seeds(row)} | "
+                     f"{per_seed} | {sum(spent.values()):.0f} |")
     return lines + ["", f"Total: {total:.0f} CPU s ({total / 3600:.2f} CPU h).", ""]
 
 
