@@ -1,4 +1,4 @@
-"""``python -m fastvae.science_table``: the seed's claims against what fastvae measures, over seeds.
+"""``python -m fastvae.science_table``: the seed's claims against what fastvae measures, as ``docs/science.md``.
 
 Each row of the table (``ROWS``) is one setting trained with every seed of ``SEEDS`` through the CLI commands it
 lists; seed ``k``'s run folder is ``RUNS/<row>/s<k>``. ``collect`` reads what those commands wrote
