@@ -73,3 +73,51 @@ def latent_slices(images, levels, path, *, side=5, image_shape=None, height_dim=
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def stationary_deviation(tracks, path):
+    """``max_j`` and ``mean_j |Var(mu_j) + E[sigma_j^2] - 1|`` per epoch for each run of ``tracks`` (label ->
+    ``[(epoch, max, mean), ...]``, ``fastvae.science_table.stationary_over_training``), log scale."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for k, (label, track) in enumerate(tracks.items()):
+        epochs = [p[0] for p in track]
+        color = f"C{k}"
+        ax.plot(epochs, [p[1] for p in track], "-", color=color, label=f"{label}: max_j")
+        ax.plot(epochs, [p[2] for p in track], "--", color=color, label=f"{label}: mean_j")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("|Var(mu_j) + E[sigma_j^2] - 1|")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("distance from the stationary condition", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def noise_injection_seeds(histories, path):
+    """The noise-injection figure for several runs (label -> the rows of ``noise_injection`` as dicts): per
+    epoch the gain (nats, solid) and KL (dashed) above, ``Var(mu)`` (solid) and ``E[sigma^2]`` (dashed) below."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True)
+    for k, (label, rows) in enumerate(histories.items()):
+        epochs = [r["epoch"] for r in rows]
+        color = f"C{k}"
+        top.plot(epochs, [r["gain_nats"] for r in rows], "o-", color=color, ms=3, label=f"{label}: gain")
+        top.plot(epochs, [r["kl"] for r in rows], "s--", color=color, ms=3, label=f"{label}: KL")
+        bottom.plot(epochs, [r["var_mu"] for r in rows], "o-", color=color, ms=3, label=f"{label}: Var(mu)")
+        bottom.plot(epochs, [r["mean_sigma2"] for r in rows], "s--", color=color, ms=3, label=f"{label}: E[sigma^2]")
+        recovery = [r["epoch"] for r in rows if r["phase"] == "recovery"]
+        if recovery:
+            top.axvline(recovery[0] - 0.5, color=color, lw=0.8, ls=":")
+            bottom.axvline(recovery[0] - 0.5, color=color, lw=0.8, ls=":")
+    top.set_yscale("symlog", linthresh=1.0)
+    top.set_ylabel("nats per sample")
+    top.legend(fontsize=6, ncol=2)
+    bottom.axhline(1.0, color="grey", lw=0.5)
+    bottom.set_ylabel("variance")
+    bottom.set_xlabel("epoch (dotted: noise removed)")
+    bottom.xaxis.get_major_locator().set_params(integer=True)
+    bottom.legend(fontsize=6, ncol=2)
+    fig.suptitle("noise injection into the smallest-gain active variable, every seed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
