@@ -3,13 +3,15 @@
 With no arguments ``fastvae train`` runs the default: a dense 784-256-64-32-16 VAE with the balanced loss on
 Fashion-MNIST when its files are on the machine (else scikit-learn's digits), 20 epochs, into a new folder
 runs/NAME. Under ``torchrun`` it initializes torch.distributed (NCCL on CUDA, gloo on CPU) and trains
-data-parallel. Ctrl-C writes a checkpoint at the running step and prints the command that continues the run.
+data-parallel. Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 write a checkpoint at the running step, print the command that
+continues the run and exit with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 
 # scikit-learn's digits (1500 images) need many more epochs than Fashion-MNIST for as many steps
@@ -108,9 +110,10 @@ def run_train(args) -> int:
         return 1
     except TrainingInterrupted as stop:
         if rank == 0:
-            print(f"\nfastvae train: interrupted at step {stop.step}; checkpoint written. Continue with: "
+            name = signal.Signals(stop.signum).name
+            print(f"\nfastvae train: interrupted at step {stop.step} ({name}); checkpoint written. Continue with: "
                   f"fastvae train --resume {stop.out_dir}", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
     except KeyboardInterrupt:
         if rank == 0:
             print(f"\nfastvae train: interrupted{_resume_hint(config)}", file=sys.stderr)

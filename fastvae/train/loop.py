@@ -3,8 +3,10 @@
 ``fit`` checks its arguments, locks the run folder, builds a ``_Run`` (device, optimizer, schedule, resume) and
 runs ``_Run.step`` over each epoch's seeded permutation, then ``_Run.end_of_epoch`` (evaluation, grids,
 callbacks, checkpoint). Losses stay on the device in a small window read once per ``log_every`` steps (and before
-each checkpoint, so that a non-finite loss never reaches a checkpoint). A Ctrl-C (SIGINT) lets the running step
-finish, writes a checkpoint at that step and raises ``TrainingInterrupted``. Under ``torchrun`` the objective
+each checkpoint, so that a non-finite loss never reaches a checkpoint). A Ctrl-C (SIGINT), SIGTERM, SIGHUP or
+SIGUSR1 (what Slurm, Kubernetes and a dropped ssh send) lets the running step finish, writes a checkpoint at that
+step and raises ``TrainingInterrupted``; under ``torchrun`` the ranks agree on that step at a log row, where a
+flag of the signals each rank received travels with the window's all-reduce. Under ``torchrun`` the objective
 trains under DDP, each rank takes its shard of every permutation, and only rank 0 writes files.
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ from torch import Tensor, nn
 from .._util import derive_seed, eval_mode
 from ..losses import build_loss
 from .calibrate import PrecisionChoice, calibrate_precision
-from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT, PREVIOUS, load_run_checkpoint, repair_run, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig
 from .devices import resolve_device
 from .log import MetricsLog
@@ -44,11 +47,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after a checkpoint at ``step`` was written into ``out_dir``."""
+    """A stop signal (``signum``: SIGINT, SIGTERM, SIGHUP or SIGUSR1) stopped training after a checkpoint at
+    ``step`` was written into ``out_dir``."""
 
-    def __init__(self, out_dir: Path, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint written to {out_dir / CHECKPOINT}")
-        self.out_dir, self.step = out_dir, step
+    def __init__(self, out_dir: Path, step: int, signum: int = signal.SIGINT):
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted at step {step} ({name}); checkpoint written to {out_dir / CHECKPOINT}")
+        self.out_dir, self.step, self.signum = out_dir, step, int(signum)
 
 
 @dataclass
@@ -88,9 +93,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
         _prepare_folder(out, config, resume, rank)
         run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume)
         try:
-            with _deferred_interrupt(world == 1) as interrupted:
+            with _deferred_interrupt() as received:
+                run.received = received
                 while run.epoch < config.epochs and not run.stopped:
-                    run.train_epoch(interrupted)
+                    run.train_epoch(run.interrupted)
         finally:
             run.close()
     return TrainResult(out, run.step, run.epoch, run.train_metrics, run.test_metrics, run.policy)
@@ -158,6 +164,8 @@ class _Run:
                 self.bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
         self.window = torch.zeros(config.log_every, 4, device=device)  # (loss, rec, kl, mse) per step
         self.slot, self.stopped = 0, False
+        self.received: Callable[[], int] = lambda: 0  # the stop signal this process received (0: none)
+        self.agreed_signal = 0  # under DDP: the stop signal the ranks agreed on at the last read of the window
         self.train_metrics: dict = {}
         self.test_metrics: dict = {}
         self.started = self.window_start = time.perf_counter()
@@ -204,12 +212,16 @@ class _Run:
             if mid_epoch and (at_checkpoint or self.stopped or interrupted()):
                 self.save_checkpoint(self.epoch, b + 1)
                 if interrupted():
-                    raise TrainingInterrupted(self.out, self.step)
+                    raise TrainingInterrupted(self.out, self.step, interrupted())
                 if self.stopped:
                     return
         self.end_of_epoch(time.perf_counter() - epoch_start)
         if interrupted():
-            raise TrainingInterrupted(self.out, self.step)
+            raise TrainingInterrupted(self.out, self.step, interrupted())
+
+    def interrupted(self) -> int:
+        """The stop signal to act on now (0: none): this process's, or under DDP the one all ranks agreed on."""
+        return self.received() if self.world == 1 else self.agreed_signal
 
     def train_step(self, x: Tensor) -> None:
         """One optimizer step on batch ``x``; its losses go to the window, unread."""
@@ -265,7 +277,12 @@ class _Run:
         rows = self.window[:self.slot].double()
         stats = torch.cat([rows.sum(0), (~torch.isfinite(rows[:, :3])).any().double().reshape(1)])
         if self.world > 1:
+            received = torch.tensor([float(self.received() == s) for s in STOP_SIGNALS],
+                                    dtype=stats.dtype, device=stats.device)
+            stats = torch.cat([stats, received])
             dist.all_reduce(stats)
+            agreed = [s for s, count in zip(STOP_SIGNALS, stats[5:].tolist()) if count > 0]
+            self.agreed_signal = int(agreed[0]) if agreed else 0
         if stats[4] > 0:
             first = self.step - self.slot + 1
             message = (_non_finite_message(rows, first, self.epoch, self.out / CHECKPOINT, self.last_checkpoint)
@@ -318,6 +335,11 @@ class _Run:
         self.last_checkpoint = self.step
 
     def _resume(self) -> None:
+        if self.rank == 0:  # under the run's lock: finish or undo a save that a killed process left half done
+            for line in repair_run(self.out):
+                print(f"fastvae: repaired {line}", file=sys.stderr)
+        if self.world > 1:
+            dist.barrier()
         state = load_run_checkpoint(self.out, map_location=self.device,
                                     on_fallback=lambda m: print(f"fastvae: {m}", file=sys.stderr))
         if len(state["rng"]) != self.world:
@@ -446,25 +468,30 @@ def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+
+
 @contextlib.contextmanager
-def _deferred_interrupt(enabled: bool):
-    """While training, the first Ctrl-C (SIGINT) only raises a flag that the loop reads between steps (so it can
-    write a checkpoint at that step); a second Ctrl-C interrupts at once. Yields ``interrupted() -> bool``."""
-    flag = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
+def _deferred_interrupt():
+    """While training, the first of ``STOP_SIGNALS`` only records its number, which the loop reads between steps
+    (so it can write a checkpoint at that step); a second one interrupts at once. Yields ``received() -> int``
+    (0 until a signal came). Off the main thread, where Python cannot take signals, nothing is installed."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
         return
 
     def handler(signum, frame):
-        if flag.is_set():
+        if received:
             raise KeyboardInterrupt
-        flag.set()
+        received.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield flag.is_set
+        yield lambda: received[0] if received else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
