@@ -1,7 +1,10 @@
 """Crash-safe runs (issue 18): a save cut at each of its file operations, by an exception or by the death of
 the process, leaves a run that resumes from the newest complete checkpoint and says what it repaired."""
+import errno
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ from faults import FileFaults
 
 import fastvae
 from fastvae.train import TrainConfig, fit
-from fastvae.train.checkpoint import (CHECKPOINT, PREVIOUS, checkpoint_digest, load_run_checkpoint,
+from fastvae.cli import main
+from fastvae.train.checkpoint import (CHECKPOINT, PREVIOUS, DiskFullError, checkpoint_digest, load_run_checkpoint,
                                       read_checkpoint, repair_run, save_checkpoint, weights_digest)
 
 
@@ -128,3 +132,59 @@ def test_a_save_cut_at_every_file_operation_resumes_from_the_last_complete_check
     for k, op, step, notes, repaired in outcomes:
         if repaired:
             assert all(str(tmp_path) in line for line in repaired)
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+def test_enospc_inside_a_save_is_one_error_naming_the_file_and_leaves_the_previous_checkpoint(tmp_path, saved_runs):
+    run, new = saved_runs
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    writes = [k for k, (name, _) in enumerate(_fault_points(tmp_path, saved_runs), 1) if name in ("write", "open")]
+    for k in writes:
+        with pytest.raises(DiskFullError) as info, FileFaults(fail_at=k, error=errno.ENOSPC):
+            save_checkpoint(new, folder)
+        message = str(info.value.strerror)
+        assert "no space left on the device writing" in message and ".tmp" in message and "MiB free" in message
+        assert info.value.errno == errno.ENOSPC and "\n" not in message
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before, f"operation {k}"
+    save_checkpoint(new, folder)  # space freed: the next save goes through
+    assert read_checkpoint(folder / CHECKPOINT)["step"] == new["step"]
+
+
+def _mount_tmpfs(folder, size: str) -> None:
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+
+
+def test_a_real_full_disk_while_training_is_one_line_and_resume_works_after_freeing(tmp_path):
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "4m")
+    try:
+        out = disk / "run"
+        args = ["--dataset", "digits", "--batch-size", "100", "--hidden", "256", "--latent", "4", "--no-progress",
+                "--no-tensorboard", "--n-samples", "4", "--checkpoint-every", "1", "--log-every", "1"]
+        assert main(["train", *args, "--max-steps", "2", "--out", str(out)]) == 0
+        size = (out / CHECKPOINT).stat().st_size
+        free = shutil.disk_usage(disk).free
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (free - size // 2))  # room for the metrics, not for another checkpoint
+        before = (out / CHECKPOINT).read_bytes()
+        process = subprocess.run([sys.executable, "-m", "fastvae", "train", "--resume", str(out), "--max-steps", "4"],
+                                 capture_output=True, text=True, timeout=300)
+        err = process.stderr.strip()
+        assert process.returncode == 2, err
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert f"no space left on the device writing {out / 'checkpoint.pt.tmp'}: it needs" in err and "MiB" in err
+        assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []
+        assert (out / CHECKPOINT).read_bytes() == before and read_checkpoint(out / CHECKPOINT)["step"] == 2
+        filler.unlink()
+        assert main(["train", "--resume", str(out), "--max-steps", "4"]) == 0
+        assert read_checkpoint(out / CHECKPOINT)["step"] == 4
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -4,8 +4,9 @@ Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its par
 ``func`` to the function that runs it (``func(args) -> int | None``).
 
 ``main`` is the one place that turns errors into what a user reads: a bad argument, a missing or damaged file, a
-busy run folder or a device that is not there gives one line ``fastvae COMMAND: error: ...`` on stderr and exit
-status 2, never usage text or a traceback. Commands that write into a run folder (``RUN``) hold its lock while
+busy run folder, a device that is not there, a full disk, a read-only folder (any OSError), a MemoryError or a
+RuntimeError gives one line ``fastvae COMMAND: error: ...`` on stderr and exit status 2, never usage text or a
+traceback (``FASTVAE_DEBUG=1`` keeps the traceback). Commands that write into a run folder (``RUN``) hold its lock while
 they run, and record in their output folder which checkpoint the outputs came from.
 """
 from __future__ import annotations
@@ -85,12 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nfastvae {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _expected_errors() as error:
+    except (*_expected_errors(), OSError, MemoryError, RuntimeError) as error:
         if os.environ.get("FASTVAE_DEBUG"):
             raise
-        message = str(error) or type(error).__name__
-        print(f"fastvae {args.command}: error: {message}", file=sys.stderr)
+        print(f"fastvae {args.command}: error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a user reads for ``error``: an OSError names its file and what the system said (a full disk
+    says how much space is needed), a MemoryError what could not be allocated, others their first line."""
+    if isinstance(error, OSError) and error.strerror:
+        if error.filename is None or str(error.filename) in error.strerror:
+            return error.strerror
+        return f"{error.filename}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+    if isinstance(error, MemoryError):
+        return f"out of memory ({error or 'an allocation failed'}); choose smaller sizes"
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":
