@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from ._common import check_minimum, load_run, run_data
+from ._common import check_minimum, load_run, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--latent", type=int, default=None, help="second-stage latent dimension (default: the run's)")
     parser.add_argument("--n", type=int, default=10000,
                         help="samples generated per setting for the report (default: 10000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and generation (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of training and generation (default: 0)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="retrain even when RUN/two_stage already holds a second stage")

@@ -256,7 +256,10 @@ def _survey(run_dir: Path) -> tuple[list[_Candidate], set[str]]:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError:
             digest = None
-        candidates.append(_Candidate(path, digest, digest in recorded, rank))
+        # a checkpoint.pt or .prev.pt is only ever made by a rename of a complete file; one without a sidecar of
+        # its own was written by hand or by another tool, and is trusted as such (the pending file never is)
+        trusted = digest in recorded or (name != _PENDING and digest is not None and not _sidecar(path).exists())
+        candidates.append(_Candidate(path, digest, trusted, rank))
     return candidates, recorded
 
 
@@ -288,7 +291,7 @@ def load_run_checkpoint(run_dir: str | Path, *, map_location="cpu",
     """The newest verified checkpoint of a run folder (or the checkpoint file given), read without writing
     anything: ``checkpoint.pt`` when it verifies, else the newest verified of ``checkpoint.prev.pt`` and a
     complete ``checkpoint.pt.tmp`` left by an interrupted save, with a message to ``on_fallback`` (default: a
-    warning). A folder without any recorded digest (written by hand) is read unverified."""
+    warning). A checkpoint file without a sidecar of its own (written by hand) is read unverified."""
     path = Path(run_dir)
     if not path.is_dir():
         if not path.exists():
@@ -298,12 +301,9 @@ def load_run_checkpoint(run_dir: str | Path, *, map_location="cpu",
     if not _has_leftovers(path) and latest.is_file() and checkpoint_digest(latest) is not None:
         with contextlib.suppress(CheckpointError):
             return read_checkpoint(latest, map_location=map_location)  # the common case: one hash, one load
-    candidates, recorded = _survey(path)
+    candidates, _ = _survey(path)
     if not candidates:
         raise FileNotFoundError(f"no checkpoint at {latest}: is {run_dir!s} a run folder written by fastvae train?")
-    if not recorded:  # no digests at all: files written by hand or by another tool
-        for candidate in sorted(candidates, key=lambda c: c.rank != 1):
-            candidate.verified = True
     notes: list[str] = []
     found = _newest(candidates, map_location, notes)
     by_name = {c.path.name: c for c in candidates}

@@ -9,6 +9,8 @@
 - ``empty_folder(folder)``: an ``--overwrite`` starts from an empty folder (the lock file stays).
 - ``write_provenance`` / ``matches_checkpoint``: derived outputs (``two_stage/``, ``analysis/``, ``fid.json``)
   record the sha256 of the checkpoint they came from, and are reused only for that checkpoint.
+- ``record_dataset`` / ``repoint_dataset``: a run on a ``.npy``/``.npz`` file records its sha256, so that a resume
+  may name the file's new place (``--dataset NEW`` or ``--data-root DIR``) when the contents are the same.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from pathlib import Path
 from .checkpoint import CHECKPOINT, checkpoint_digest
 
 __all__ = ["LOCK", "PROVENANCE", "RunFolderBusy", "run_lock", "read_lock", "writable", "unique_folder", "make_folder",
-           "empty_folder", "provenance", "write_provenance", "matches_checkpoint"]
+           "empty_folder", "provenance", "write_provenance", "matches_checkpoint", "record_dataset", "repoint_dataset"]
 
 LOCK = ".lock"
 PROVENANCE = "source.json"
+DATASET_RECORD = "dataset.json"
 
 
 class RunFolderBusy(RuntimeError):
@@ -176,3 +179,34 @@ def matches_checkpoint(folder: str | Path, run_dir: str | Path) -> bool:
         return False
     digest = checkpoint_digest(Path(run_dir) / CHECKPOINT)
     return digest is not None and record.get("sha256") == digest
+
+
+def record_dataset(run_dir: str | Path, path: str | Path) -> dict:
+    """Record in ``run_dir/dataset.json`` the sha256 of the dataset file ``path`` a run trains on, so that the
+    run can be pointed at the same data after the file moved (``repoint_dataset``)."""
+    from ..data import file_digest
+
+    record = {"path": str(Path(path).resolve()), "sha256": file_digest(path), "bytes": Path(path).stat().st_size}
+    from .checkpoint import save_atomic_bytes
+
+    save_atomic_bytes((json.dumps(record, indent=2) + "\n").encode(), Path(run_dir) / DATASET_RECORD)
+    return record
+
+
+def repoint_dataset(run_dir: str | Path, new: str | Path) -> str:
+    """``new`` (resolved) when its contents are those recorded in ``run_dir/dataset.json``; else ValueError saying
+    why the run cannot be pointed there."""
+    from ..data import file_digest
+
+    record_path = Path(run_dir) / DATASET_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{run_dir} recorded no digest of its dataset file ({DATASET_RECORD}), so it cannot be "
+                         f"pointed at {new}; put the file back at its old path") from None
+    if not Path(new).is_file():
+        raise ValueError(f"--dataset {new}: no such file")
+    if file_digest(new) != record.get("sha256"):
+        raise ValueError(f"{new} is not the data the run trained on ({record.get('path')}): its sha256 differs from "
+                         f"the one recorded in {record_path}")
+    return str(Path(new).resolve())
