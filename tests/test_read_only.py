@@ -94,7 +94,8 @@ time.sleep(60)
 def test_a_reader_still_sees_a_live_writer_and_the_message_names_its_pid(base_run, tmp_path, capsys):
     holder = _hold_lock(base_run, write_pid_after=0.4)
     try:
-        for args in (["sample", base_run, "--out", tmp_path / "s.png"], ["train", "--resume", base_run, "--epochs", "2"]):
+        commands = (["sample", base_run, "--out", tmp_path / "s.png"], ["train", "--resume", base_run, "--epochs", "2"])
+        for args in commands:
             with pytest.raises(SystemExit):
                 main(list(map(str, args)))
             err = capsys.readouterr().err
