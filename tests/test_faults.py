@@ -188,3 +188,20 @@ def test_a_real_full_disk_while_training_is_one_line_and_resume_works_after_free
         assert read_checkpoint(out / CHECKPOINT)["step"] == 4
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_the_folder_a_kill_left_under_the_old_save_resumes_and_says_what_it_repaired(tmp_path, saved_runs, digits,
+                                                                                    capsys):
+    """The state of issue 18's defect 1: the old save had renamed checkpoint.pt to checkpoint.prev.pt but not yet
+    its sidecar, so no checkpoint.pt, and checkpoint.prev.pt.sha256 holds the digest of an older checkpoint."""
+    run, _ = saved_runs
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    step = read_checkpoint(folder / CHECKPOINT)["step"]
+    os.replace(folder / CHECKPOINT, folder / PREVIOUS)
+    assert load_run_checkpoint(folder)["step"] == step  # read-only: found, nothing written
+    assert fit(_tiny_model(), digits, _config(folder, max_steps=step + 1), resume=True).step == step + 1
+    err = capsys.readouterr().err
+    assert f"repaired {folder}: {CHECKPOINT} was missing after an interrupted save: {PREVIOUS} (step {step})" in err
+    assert read_checkpoint(folder / CHECKPOINT)["step"] == step + 1
+    _assert_canonical(folder)

@@ -67,12 +67,15 @@ def _config(args, fields: dict):
     if getattr(args, "resume", None) is not None:
         if getattr(args, "config", None) is not None:
             raise ValueError("--resume and --config cannot be combined: a resumed run keeps its saved config")
-        state = load_run_checkpoint(args.resume, on_fallback=lambda message: None)  # fit reports a fallback
-        fields, moved = _repointed(args.resume, fields, state)
-        fixed = sorted(set(fields) - set(RESUMABLE) - {"out"} - ({"dataset"} if moved else set()))
+        fixed = sorted(set(fields) - set(RESUMABLE) - {"out", "dataset"})
+        state = None if fixed else load_run_checkpoint(args.resume, on_fallback=lambda message: None)
+        if state is not None:  # fit reports a fallback
+            fields, moved = _repointed(args.resume, fields, state)
+            fixed = [] if moved or "dataset" not in fields else ["dataset"]
         if fixed:
             raise ValueError(f"cannot change {', '.join(map(_flag, fixed))} when resuming; "
-                             f"only {', '.join(map(_flag, RESUMABLE))} may change")
+                             f"only {', '.join(map(_flag, RESUMABLE))} may change (and --dataset to the same "
+                             "data moved elsewhere)")
         if "out" in fields and os.path.abspath(fields["out"]) != os.path.abspath(args.resume):
             raise ValueError("--out must be the resumed run's folder (or left out)")
         config = TrainConfig.from_dict({**state["config"], **fields, "out": args.resume})

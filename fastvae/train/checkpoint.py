@@ -269,8 +269,11 @@ def _newest(candidates: list[_Candidate], map_location, notes: list[str]) -> tup
     for candidate in candidates:
         if not candidate.verified:
             continue
-        try:
-            state = read_checkpoint(candidate.path, map_location=map_location)
+        try:  # verified by the survey against every recorded digest, not only its own sidecar's
+            state = _torch_load(candidate.path, _read_bytes(candidate.path), map_location)
+            if "model" not in state:
+                raise CheckpointError(f"{candidate.path}: not a fastvae checkpoint (a PyTorch file without a 'model' "
+                                      "entry)")
         except (CheckpointError, OSError) as error:
             notes.append(str(error))
             continue
