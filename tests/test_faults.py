@@ -100,10 +100,12 @@ def test_a_save_cut_at_every_file_operation_resumes_from_the_last_complete_check
         shutil.copytree(run, folder)
         if mode == "exit":
             pid = os.fork()
-            if pid == 0:  # the child dies inside the save, at its k-th file operation
-                with FileFaults(fail_at=k, mode="exit"):
-                    save_checkpoint(new, folder)
-                os._exit(0)
+            if pid == 0:  # the child dies inside the save, at its k-th file operation (else exits 0 or 1)
+                try:
+                    with FileFaults(fail_at=k, mode="exit"):
+                        save_checkpoint(new, folder)
+                finally:
+                    os._exit(0)
             assert os.waitpid(pid, 0)[1] >> 8 == 77, f"the child did not die at operation {k}"
         else:
             if k == len(ops):  # the folder's fsync: a failure there is not worth failing a complete save for
