@@ -74,10 +74,11 @@ def test_a_stop_signal_mid_epoch_checkpoints_the_step_and_exits_128_plus_the_sig
     assert "Traceback" not in err
     state = load_checkpoint(out)
     assert state["step"] == 5 and 0 < state["batch"] < state["steps_per_epoch"]  # the running step finished
-    from fastvae.cli import main
+    if signum == signal.SIGTERM:  # the resume itself is the same for every signal
+        from fastvae.cli import main
 
-    assert main(["train", "--resume", str(out), "--max-steps", "7"]) == 0
-    assert load_checkpoint(out)["step"] == 7
+        assert main(["train", "--resume", str(out), "--max-steps", "7"]) == 0
+        assert load_checkpoint(out)["step"] == 7
 
 
 def test_a_sigterm_sent_from_outside_mid_epoch(tmp_path):
