@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import cli_error_line as _error_line
 
 import fastvae
 from fastvae.cli import main
@@ -14,16 +15,6 @@ from fastvae.run import load_checkpoint
 
 TINY = ["--dataset", "digits", "--batch-size", "100", "--hidden", "16", "--latent", "4", "--no-progress",
         "--no-tensorboard", "--n-samples", "4"]
-
-
-def _error_line(capsys, args) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(list(map(str, args)))
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and "usage:" not in err
-    assert len(err.splitlines()) <= 2, err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 signals to real processes; under DDP the ranks agree on the step."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_ddp import WORLD, _free_port
 
 from fastvae.run import load_checkpoint
 from fastvae.train.checkpoint import CHECKPOINT, PREVIOUS, read_checkpoint
@@ -125,15 +125,6 @@ def test_a_second_sigterm_inside_a_save_abandons_it_and_keeps_the_previous_check
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: str, results: str) -> None:
     from fastvae.data import load_dataset
     from fastvae.models import DenseVAE
