@@ -75,9 +75,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _busy(folder: Path, handle) -> RunFolderBusy:
-    return RunFolderBusy(f"{folder} is in use by {_holder(folder, handle)}; wait for it to finish or choose "
-                         "another folder")
+def _lock(handle, folder: Path, mode: int) -> None:
+    """``flock(handle, mode)`` without waiting; a lock held elsewhere is ``RunFolderBusy`` naming the holder."""
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        raise RunFolderBusy(f"{folder} is in use by {_holder(folder, handle)}; wait for it to finish or choose "
+                            "another folder") from None
 
 
 @contextlib.contextmanager
@@ -86,12 +92,7 @@ def run_lock(folder: str | Path, command: str = "fastvae"):
     folder = make_folder(folder)
     handle = os.fdopen(os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+")
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise _busy(folder, handle) from None
+        _lock(handle, folder, fcntl.LOCK_EX)
         handle.seek(0)
         handle.write(f"process {os.getpid()} ({command})\n")  # over the old line, then cut: never empty
         handle.truncate()
@@ -115,12 +116,7 @@ def read_lock(folder: str | Path):
         yield Path(folder)
         return
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise _busy(Path(folder), handle) from None
+        _lock(handle, Path(folder), fcntl.LOCK_SH)
         yield Path(folder)
     finally:
         handle.close()
