@@ -32,9 +32,13 @@ Data that does not fit in memory, or needs augmentation, reaches ``fit`` as a ``
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import math
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +181,34 @@ def fashion_mnist_available(root: str | Path | None = None) -> bool:
 # --------------------------------------------------------------------------------------------------
 # CIFAR-10, CelebA
 # --------------------------------------------------------------------------------------------------
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's python batches and nothing else: dicts, lists, bytes, str, numbers and numpy arrays.
+    Any other global a file names (``os.system``, a class with a ``__reduce__``) is refused, so a crafted file in
+    the data folder cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (N, 3, 32, 32) uint8, labels (N,))`` of one CIFAR-10 python batch, read with a restricted
+    unpickler; a file that is not such a batch raises ValueError naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            batch = _CifarUnpickler(handle, encoding="latin1").load()
+        data, labels = batch["data"], batch["labels"]
+        images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({error})") from None
+    return images, np.asarray(labels)
+
+
 def _load_cifar10(root: Path, split: str, download: bool):
     folder = root / "cifar-10-batches-py"
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -186,13 +218,8 @@ def _load_cifar10(root: Path, split: str, download: bool):
             raise DatasetNotFoundError(_not_found("cifar10", [str(folder)], [
                 f"pip install torchvision and run online (the download goes to {root})",
                 f"or unpack cifar-10-python.tar.gz into {root}", error]))
-    images, labels = [], []
-    for f in files:
-        with open(folder / f, "rb") as handle:
-            batch = pickle.load(handle, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch["labels"]))
-    return np.concatenate(images), np.concatenate(labels)
+    batches = [read_cifar_batch(folder / f) for f in files]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
 _CELEBA_SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -269,14 +296,67 @@ _NPZ_IMAGES = {"train": ("images", "x", "x_train", "images_train"), "test": ("x_
 _NPZ_LABELS = {"train": ("labels", "y", "y_train", "labels_train"), "test": ("y_test", "labels_test")}
 
 
+MAX_NPY_BYTES = 2**36  # 64 GiB: a header that claims more is refused before anything is allocated
+
+
+@contextlib.contextmanager
+def _named_errors(path: Path):
+    """numpy's errors for a bad file (pickled objects, truncation, not numpy at all) as one ValueError naming it."""
+    try:
+        yield
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as error:
+        if isinstance(error, (FileNotFoundError, PermissionError)):
+            raise
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        what = ("it holds Python objects (pickled), which fastvae does not load" if "pickle" in text else
+                "it does not start with numpy's magic string (not a .npy file)" if "magic" in text else text)
+        raise ValueError(f"{path}: not a readable array file: {what}") from None
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """The array in the ``.npy`` file ``path``, in native byte order. Its header is checked against the file's size
+    before anything is read, so a header claiming 730 GiB or a truncated file is one ValueError naming the file."""
+    path = Path(path)
+    with _named_errors(path), open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(handle)  # 3.0 differs from 2.0 only in the header's text encoding
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects (pickled), which fastvae does not load")
+        needed = math.prod(shape) * dtype.itemsize
+        if needed > MAX_NPY_BYTES:
+            raise ValueError(f"its header claims shape {shape} of {dtype} ({needed / 2**30:.0f} GiB), more than the "
+                             f"{MAX_NPY_BYTES // 2**30} GiB fastvae loads")
+        available = os.fstat(handle.fileno()).st_size - handle.tell()
+        if needed > available:
+            raise ValueError(f"truncated: its header says shape {shape} of {dtype} ({needed} bytes) but the file "
+                             f"holds {available} bytes of data")
+        handle.seek(0)
+        array = np.lib.format.read_array(handle, allow_pickle=False)
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of the file ``path``, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def _load_file(path: Path, split: str):
     if not path.is_file():
         raise DatasetNotFoundError(f"dataset file {str(path)!r} does not exist")
+    if path.suffix not in (".npy", ".npz"):
+        raise ValueError(f"{path}: a dataset file must be .npy or .npz")
     if path.suffix == ".npy":
         if split == "test":
             raise ValueError(f"{path} holds one array and so no test split; use an .npz with x_test")
-        return np.load(path, allow_pickle=False), None
-    with np.load(path, allow_pickle=False) as archive:
+        return read_npy(path), None
+    with _named_errors(path), np.load(path, allow_pickle=False) as archive:
         keys = set(archive.files)
         image_key = next((k for k in _NPZ_IMAGES[split] if k in keys), None)
         if image_key is None:

@@ -314,13 +314,21 @@ def save_classifier(net: FeatureClassifier, info: dict, path: str | os.PathLike)
 
 
 def load_classifier_extractor(path: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The feature extractor of a classifier cached by ``save_classifier``, verified against the sha256 saved
+    beside it; a file without one, damaged, foreign or garbage raises ``CheckpointError`` (a ValueError) naming it
+    and how to rebuild it."""
+    from .train.checkpoint import CheckpointError, read_checkpoint, weights_digest
+
     path = Path(path)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    info = saved["info"]
-    shape = tuple(info["image_shape"])
-    net = FeatureClassifier(shape[0], info["num_classes"])
-    net.load_state_dict(saved["state_dict"])
-    from .train.checkpoint import weights_digest
+    try:
+        saved = read_checkpoint(path, require_digest=True, key="state_dict")
+        info = saved["info"]
+        shape = tuple(info["image_shape"])
+        net = FeatureClassifier(shape[0], info["num_classes"])
+        net.load_state_dict(saved["state_dict"])
+    except (CheckpointError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        why = str(error) if isinstance(error, CheckpointError) else f"{path}: not a fastvae fid classifier ({error})"
+        raise CheckpointError(f"{why}; rebuild it with `fastvae fid-features --dataset DATASET --force`") from None
 
     digest = weights_digest(saved["state_dict"])[:8]  # of the weights: a retrain to the same weights keeps it
     acc = info.get("test_accuracy")

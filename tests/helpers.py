@@ -67,3 +67,18 @@ def backward_names(outputs) -> set[str]:
         names.add(type(node).__name__)
         stack += [n for n, _ in node.next_functions if n is not None and type(n).__name__ not in names]
     return names
+
+
+def cli_error_line(capsys, args) -> str:
+    """Run ``fastvae ARGS``, expect exit status 2 and return stderr, which must be one line without usage."""
+    import pytest
+
+    from fastvae.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(map(str, args)))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "usage:" not in err and "weights_only" not in err
+    assert len(err.splitlines()) <= 2, err  # the message (and for argparse errors a pointer to --help)
+    return err

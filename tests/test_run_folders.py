@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import cli_error_line as _error_line
 
 import fastvae
 from fastvae.cli import main
@@ -39,17 +40,6 @@ def _wait_for(condition, what, process=None, timeout=120.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
-
-
-def _error_line(capsys, args) -> str:
-    """Run ``fastvae ARGS``, expect exit status 2 and return stderr, which must be one line without usage."""
-    with pytest.raises(SystemExit) as info:
-        main(list(map(str, args)))
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and "usage:" not in err and "weights_only" not in err
-    assert len(err.splitlines()) <= 2, err  # the message (and for argparse errors a pointer to --help)
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its par
 ``func`` to the function that runs it (``func(args) -> int | None``).
 
 ``main`` is the one place that turns errors into what a user reads: a bad argument, a missing or damaged file, a
-busy run folder or a device that is not there gives one line ``fastvae COMMAND: error: ...`` on stderr and exit
-status 2, never usage text or a traceback. Commands that write into a run folder (``RUN``) hold its lock while
+busy run folder, a device that is not there, a full disk, a read-only folder (any OSError), a MemoryError or a
+RuntimeError gives one line ``fastvae COMMAND: error: ...`` on stderr and exit status 2, never usage text or a
+traceback (``FASTVAE_DEBUG=1`` keeps the traceback). Commands that write into a run folder (``RUN``) hold its lock while
 they run, and record in their output folder which checkpoint the outputs came from.
 """
 from __future__ import annotations
@@ -19,14 +20,16 @@ from pathlib import Path
 
 COMMANDS = ("demo", "train", "analyze", "two_stage", "fid", "noise_injection", "latent_stats")
 
-# commands that write into the run folder RUN, and the folder of derived outputs each writes (if any)
-_WRITES_INTO_RUN = {
-    "sample": None,
-    "analyze": lambda args: Path(args.out) if args.out else Path(args.run_dir) / "analysis",
-    "two-stage": lambda args: Path(args.run_dir) / ("two_stage_active" if args.latents == "active" else "two_stage"),
-    "noise-injection": lambda args: Path(args.out) if args.out else Path(args.run_dir) / "noise_injection",
-    "fid": None,
+# commands that read the run folder RUN: what each writes (its derived outputs are folders that get a source.json)
+_OUTPUTS = {
+    "sample": lambda args: Path(args.out or Path(args.run_dir) / "samples.png"),
+    "analyze": lambda args: Path(args.out or Path(args.run_dir) / "analysis"),
+    "two-stage": lambda args: Path(args.out or Path(args.run_dir) / (
+        "two_stage_active" if args.latents == "active" else "two_stage")),
+    "noise-injection": lambda args: Path(args.out or Path(args.run_dir) / "noise_injection"),
+    "fid": lambda args: Path(args.out or Path(args.run_dir) / "fid.json"),
 }
+_DERIVED_FOLDERS = ("analyze", "two-stage", "noise-injection")
 
 
 class UsageError(Exception):
@@ -55,22 +58,34 @@ def _expected_errors() -> tuple[type, ...]:
             IsADirectoryError, PermissionError, CheckpointError, RunFolderBusy)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 @contextlib.contextmanager
 def _run_folder_guard(args):
-    """Lock ``args.run_dir`` for a command that writes into it (when it is a folder); afterwards record the
-    checkpoint its derived outputs came from."""
+    """A command that writes into ``args.run_dir`` holds its exclusive lock (and says so in one line when the
+    folder is read-only); one whose outputs go elsewhere (``--out``) only takes the shared lock and writes
+    nothing into the run. Afterwards the derived output folder records the checkpoint it came from."""
     command = getattr(args, "command", None)
     run_dir = getattr(args, "run_dir", None)
-    if command not in _WRITES_INTO_RUN or run_dir is None or not os.path.isdir(run_dir):
+    if command not in _OUTPUTS or run_dir is None or not os.path.isdir(run_dir):
         yield
         return
-    from fastvae.train.runfolder import run_lock, write_provenance
+    from fastvae.train.runfolder import read_lock, run_lock, writable, write_provenance
 
-    with run_lock(run_dir, f"fastvae {command}"):
+    output = _OUTPUTS[command](args)
+    if _inside(output, Path(run_dir)):
+        if not writable(run_dir):
+            raise UsageError(f"{run_dir} is read-only (or not writable by this user) and fastvae {command} writes "
+                             f"{output} into it; pass --out with a path elsewhere")
+        guard = run_lock(run_dir, f"fastvae {command}")
+    else:
+        guard = read_lock(run_dir)
+    with guard:
         yield
-        derived = _WRITES_INTO_RUN[command]
-        if derived is not None and derived(args).is_dir():
-            write_provenance(derived(args), run_dir)
+        if command in _DERIVED_FOLDERS and output.is_dir():
+            write_provenance(output, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nfastvae {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _expected_errors() as error:
+    except (*_expected_errors(), OSError, MemoryError, RuntimeError) as error:
         if os.environ.get("FASTVAE_DEBUG"):
             raise
-        message = str(error) or type(error).__name__
-        print(f"fastvae {args.command}: error: {message}", file=sys.stderr)
+        print(f"fastvae {args.command}: error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a user reads for ``error``: an OSError names its file and what the system said (a full disk
+    says how much space is needed), a MemoryError what could not be allocated, others their first line."""
+    if isinstance(error, OSError) and error.strerror:
+        if error.filename is None or str(error.filename) in error.strerror:
+            return error.strerror
+        return f"{error.filename}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+    if isinstance(error, MemoryError):
+        return f"out of memory ({error or 'an allocation failed'}); choose smaller sizes"
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -4,6 +4,20 @@ from __future__ import annotations
 import argparse
 
 
+SEED_MAX = 2**63 - 1  # seeds travel as int64 (the kernels' Philox seed, torch's generators)
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2**63 - 1] (a bigger one overflows torch's int64)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seed {text} is out of range: it must be in [0, 2**63 - 1]")
+    return value
+
+
 def check_minimum(parser: argparse.ArgumentParser, args: argparse.Namespace, minimum: int, *names: str) -> None:
     """A usage error naming the first flag of ``names`` below ``minimum`` (1: "must be positive", 0: ">= 0")."""
     words = "must be positive" if minimum == 1 else f"must be >= {minimum}"
@@ -21,6 +35,10 @@ def load_run(parser: argparse.ArgumentParser, run_dir: str, device: str):
         return fastvae.load(run_dir, device=device)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
+    except OSError as error:  # a permission problem, an I/O error: one line naming the file
+        from . import error_line
+
+        parser.error(error_line(error))
 
 
 def run_data(config, split: str = "train"):

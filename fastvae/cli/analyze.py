@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from ._common import check_minimum, load_run, run_data
+from ._common import check_minimum, load_run, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
                         help="the stationary condition holds when every |Var(mu_j) + E[sigma_j^2] - 1| <= this "
                              f"(default: {TOLERANCE})")
     parser.add_argument("--samples", type=int, default=16, help="generated samples for the zeroing check (default: 16)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the zeroing check's z draws (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the zeroing check's z draws (default: 0)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
     parser.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/analysis)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from ._common import check_minimum, load_run, run_data
+from ._common import check_minimum, load_run, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                         help="where the classifier is cached (default: $FASTVAE_CACHE or ~/.cache/fastvae)")
     parser.add_argument("--classifier-epochs", type=int, default=3,
                         help="epochs of the classifier when it must be trained first (default: 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the generated samples (default: 0)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--out", default=None, help="JSON report path (default: RUN/fid.json)")
     parser.set_defaults(func=run, parser=parser)

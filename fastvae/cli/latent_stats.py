@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from ._common import seed_value
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -29,7 +31,7 @@ def register(subparsers) -> None:
                         help="resize images to SIZE x SIZE first (default: 0, as they are)")
     parser.add_argument("--posterior", choices=("sample", "mode"), default="sample",
                         help="latents drawn from the posterior (LDM, diffusers' scripts) or its mode (default: sample)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the posterior samples (default: 0)")
     parser.add_argument("--correction", type=int, default=1,
                         help="std divides by n - correction (default: 1, as torch.std)")
     parser.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ._common import check_minimum, load_run, run_data
+from ._common import check_minimum, load_run, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--stats-samples", type=int, default=2000,
                         help="images the per-epoch statistics are computed on (default: 2000)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the run's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the batches and the noise (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the batches and the noise (default: 0)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/noise_injection)")
     parser.set_defaults(func=run, parser=parser)

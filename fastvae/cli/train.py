@@ -3,14 +3,18 @@
 With no arguments ``fastvae train`` runs the default: a dense 784-256-64-32-16 VAE with the balanced loss on
 Fashion-MNIST when its files are on the machine (else scikit-learn's digits), 20 epochs, into a new folder
 runs/NAME. Under ``torchrun`` it initializes torch.distributed (NCCL on CUDA, gloo on CPU) and trains
-data-parallel. Ctrl-C writes a checkpoint at the running step and prints the command that continues the run.
+data-parallel. Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 write a checkpoint at the running step, print the command that
+continues the run and exit with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+
+from ._common import seed_value
 
 # scikit-learn's digits (1500 images) need many more epochs than Fashion-MNIST for as many steps
 DIGITS_FALLBACK = {"epochs": 300, "images_every": 25}
@@ -50,7 +54,7 @@ def register(subparsers) -> None:
     sample.add_argument("run_dir", metavar="RUN", help="a run folder written by fastvae train")
     sample.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     sample.add_argument("--out", default=None, help="PNG path (default: RUN/samples.png)")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the z draws (default: 0)")
+    sample.add_argument("--seed", type=seed_value, default=0, help="seed of the z draws (default: 0)")
     sample.add_argument("--nrow", type=int, default=None, help="images per row (default: about square)")
     sample.add_argument("--device", default="cpu", help="device to decode on (default: cpu)")
     sample.set_defaults(func=run_sample)
@@ -63,17 +67,48 @@ def _config(args, fields: dict):
     if getattr(args, "resume", None) is not None:
         if getattr(args, "config", None) is not None:
             raise ValueError("--resume and --config cannot be combined: a resumed run keeps its saved config")
-        fixed = sorted(set(fields) - set(RESUMABLE) - {"out"})
+        fixed = sorted(set(fields) - set(RESUMABLE) - {"out", "dataset"})
+        state = None if fixed else load_run_checkpoint(args.resume, on_fallback=lambda message: None)
+        if state is not None:  # fit reports a fallback
+            fields, moved = _repointed(args.resume, fields, state)
+            fixed = [] if moved or "dataset" not in fields else ["dataset"]
         if fixed:
             raise ValueError(f"cannot change {', '.join(map(_flag, fixed))} when resuming; "
-                             f"only {', '.join(map(_flag, RESUMABLE))} may change")
+                             f"only {', '.join(map(_flag, RESUMABLE))} may change (and --dataset to the same "
+                             "data moved elsewhere)")
         if "out" in fields and os.path.abspath(fields["out"]) != os.path.abspath(args.resume):
             raise ValueError("--out must be the resumed run's folder (or left out)")
-        state = load_run_checkpoint(args.resume, on_fallback=lambda message: None)  # fit reports a fallback
         config = TrainConfig.from_dict({**state["config"], **fields, "out": args.resume})
         return config, state
     base = TrainConfig.load(args.config).to_dict() if getattr(args, "config", None) is not None else {}
     return TrainConfig.from_dict({**base, **fields}), None
+
+
+def _repointed(run_dir: str, fields: dict, state: dict) -> tuple[dict, bool]:
+    """``(fields, moved)``: ``fields`` with ``dataset`` set to where the run's dataset file is now (``--dataset
+    NEW``, or the file of the same name under ``--data-root`` when the recorded path is gone), checked against the
+    contents the run recorded; ``moved`` says that ``dataset`` may differ from the saved one."""
+    from fastvae.train.runfolder import repoint_dataset
+
+    saved, new = state["config"]["dataset"], fields.get("dataset")
+    if new is not None and os.path.abspath(new) == saved:
+        return {**fields, "dataset": saved}, True
+    if not saved.endswith((".npy", ".npz")):
+        return fields, False
+    if new is None and "data_root" in fields and not os.path.isfile(saved):
+        new = os.path.join(fields["data_root"], os.path.basename(saved))
+    return (fields, False) if new is None else ({**fields, "dataset": repoint_dataset(run_dir, new)}, True)
+
+
+def _dataset_recorder():
+    """A callback that records the sha256 of the run's dataset file in the run folder, once, at the first step."""
+    from fastvae.train.runfolder import DATASET_RECORD, record_dataset
+
+    def record(out_dir, config, **_):
+        if config.dataset.endswith((".npy", ".npz")) and not (out_dir / DATASET_RECORD).is_file():
+            record_dataset(out_dir, config.dataset)
+
+    return record
 
 
 def run_train(args) -> int:
@@ -102,15 +137,16 @@ def run_train(args) -> int:
         print("fastvae train: no arguments, running the default: a dense VAE (hidden 256-64-32, latent 16) with the "
               f"balanced loss, {config.epochs} epochs (fastvae train --help lists the options)")
     try:
-        model, result = train(config, resume=resume, echo=print)
+        model, result = train(config, resume=resume, echo=print, callbacks=[_dataset_recorder()])
     except NonFiniteLossError as error:
         print(f"fastvae train: {error}", file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:
         if rank == 0:
-            print(f"\nfastvae train: interrupted at step {stop.step}; checkpoint written. Continue with: "
+            name = signal.Signals(stop.signum).name
+            print(f"\nfastvae train: interrupted at step {stop.step} ({name}); checkpoint written. Continue with: "
                   f"fastvae train --resume {stop.out_dir}", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
     except KeyboardInterrupt:
         if rank == 0:
             print(f"\nfastvae train: interrupted{_resume_hint(config)}", file=sys.stderr)

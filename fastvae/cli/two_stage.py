@@ -6,7 +6,7 @@ the same loop and loss as the first; an existing one is reused unless ``--overwr
 ``samples.png`` (one row per setting, the same draws) and ``variance.png`` (per-dimension latent variances).
 ``--latents active`` trains the second stage on the first stage's active variables only, into
 ``RUN/two_stage_active/`` (with ``latents.json`` naming them); at generation the inactive variables are filled
-with prior noise or zeros.
+with prior noise or zeros. ``--out FOLDER`` puts the second stage elsewhere, leaving RUN untouched.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from ._common import check_minimum, load_run, run_data
+from ._common import check_minimum, load_run, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -37,12 +37,15 @@ def register(subparsers) -> None:
     parser.add_argument("--latent", type=int, default=None, help="second-stage latent dimension (default: the run's)")
     parser.add_argument("--n", type=int, default=10000,
                         help="samples generated per setting for the report (default: 10000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and generation (default: 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of training and generation (default: 0)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--overwrite", action="store_true",
                         help="retrain even when RUN/two_stage already holds a second stage")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bar while training (default: on)")
+    parser.add_argument("--out", default=None, metavar="FOLDER",
+                        help="the second stage's folder (default: RUN/two_stage, or RUN/two_stage_active); one "
+                             "elsewhere leaves RUN untouched, so that a read-only run can be studied")
     parser.set_defaults(func=run, parser=parser)
 
 
@@ -56,17 +59,24 @@ def run(args) -> int:
     first, config = load_run(parser, args.run_dir, args.device)
     images, _ = run_data(config)
     active = args.latents == "active"
-    folder = os.path.join(args.run_dir, two_stage.SUBDIR_ACTIVE if active else two_stage.SUBDIR)
+    folder = args.out or os.path.join(args.run_dir, two_stage.SUBDIR_ACTIVE if active else two_stage.SUBDIR)
+    if args.out is not None:  # reuse only a second stage of the run's current checkpoint, as under RUN/
+        from fastvae.train.runfolder import matches_checkpoint
+
+        reusable = not args.overwrite and matches_checkpoint(folder, args.run_dir)
+        args.overwrite = not reusable
 
     variables = None
     if active:
-        found = None if args.overwrite else two_stage.load_active_second_stage(args.run_dir, device=args.device)
+        found = None if args.overwrite else (two_stage.load_active_second_stage(args.run_dir, device=args.device)
+                                             if args.out is None else _load_out(folder, args.device))
         second, variables = found if found is not None else (None, two_stage.active_variables(first, images))
         if not variables:
             parser.error("the run's model has no active variable: nothing for a second stage on active latents")
         print(f"fastvae two-stage: active variables {variables} ({len(variables)} of {first.latent_dim})")
     else:
-        second = None if args.overwrite else two_stage.load_second_stage(args.run_dir, device=args.device)
+        second = None if args.overwrite else (two_stage.load_second_stage(args.run_dir, device=args.device)
+                                              if args.out is None else _load_out(folder, args.device)[0])
     if second is not None:
         print(f"fastvae two-stage: reusing the second stage in {folder} (--overwrite retrains it)")
         target = two_stage.aggregate_posterior(first, images)
@@ -115,3 +125,12 @@ def run(args) -> int:
         written.append("samples.png")
     print(f"fastvae two-stage: wrote {', '.join(written)} to {folder}")
     return 0
+
+
+def _load_out(folder: str, device: str):
+    """``(second, variables)`` of a second stage trained into ``--out FOLDER`` (variables: None for all latents)."""
+    import fastvae
+
+    second, _ = fastvae.load(folder, device=device)
+    latents = os.path.join(folder, "latents.json")
+    return second, (json.load(open(latents))["variables"] if os.path.isfile(latents) else None)

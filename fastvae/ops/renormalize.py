@@ -147,6 +147,10 @@ def renormalize(
                              f"pass {name}.detach()")
     check_finite(op, z=z, **targets)
     tm_tensor, tv_tensor = targets.get("target_mean"), targets.get("target_var")
+    if (tv_tensor is not None and tv_tensor.device.type != "meta" and not torch.compiler.is_compiling()
+            and bool((tv_tensor < 0).any())):  # one read of the (per-dimension, small) target
+        raise ValueError(f"{op}: target_var must be >= 0 (a variance), got a negative entry "
+                         f"{float(tv_tensor.min())}; its square root would be NaN")
     return RENORMALIZE(z, tm_tensor, tv_tensor, 0.0 if tm_tensor is not None else target_mean,
                        0.0 if tv_tensor is not None else target_var, dim, mode, eps)[0]
 

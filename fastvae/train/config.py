@@ -21,15 +21,20 @@ __all__ = ["TrainConfig", "PRECISIONS", "LR_SCHEDULES", "KL_MODES", "RESUMABLE"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # fields that may change when a run is resumed; the others define the run and stay as saved
+# the widest layer and the most channels a model may ask for: 65536 units of a 784-pixel input are 51M weights
+_MAX_WIDTH = 2**16
+_MAX_CHANNELS = 2**13
 RESUMABLE = ("epochs", "max_steps", "progress", "tensorboard", "log_every", "checkpoint_every", "threads", "device",
              "cuda_graphs",
              "eval_batch_size", "n_samples", "images_every", "download", "data_root")
 
 
-def option(default, help: str, kind: type, *, choices=None, minimum=None):
+def option(default, help: str, kind: type, *, choices=None, minimum=None, maximum=None):
     """A dataclass field whose metadata carries what the CLI and ``validate`` need: ``help``, ``kind`` (int,
-    float, str, bool or list: a list of positive ints), ``choices`` (allowed values) and ``minimum``."""
-    meta = {"help": help, "kind": kind, "choices": tuple(choices) if choices is not None else None, "minimum": minimum}
+    float, str, bool or list: a list of positive ints), ``choices`` (allowed values), ``minimum`` and ``maximum``
+    (of the value, or of each entry of a list: sizes that would allocate absurd memory are refused before)."""
+    meta = {"help": help, "kind": kind, "choices": tuple(choices) if choices is not None else None, "minimum": minimum,
+            "maximum": maximum}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -45,10 +50,10 @@ class TrainConfig:
     limit: int = option(0, "train on the first LIMIT images only (0: all)", int, minimum=0)
     # model
     model: str = option("dense", "the architecture", str, choices=MODELS)
-    latent: int = option(16, "latent dimension", int, minimum=1)
+    latent: int = option(16, "latent dimension", int, minimum=1, maximum=_MAX_WIDTH)
     hidden: Optional[list] = option(None, "dense / second-stage: hidden widths; conv / resnet: [bottleneck width]",
-                                    list)
-    channels: Optional[list] = option(None, "conv / resnet: channels per scale", list)
+                                    list, maximum=_MAX_WIDTH)
+    channels: Optional[list] = option(None, "conv / resnet: channels per scale", list, maximum=_MAX_CHANNELS)
     blocks_per_scale: int = option(2, "resnet: residual blocks per scale", int, minimum=1)
     # objective
     loss: str = option("balanced", "reconstruction loss", str, choices=LOSSES)
@@ -82,11 +87,13 @@ class TrainConfig:
                                          "replay it (default: on for CUDA when its replays measure faster than "
                                          "eager steps, off on the CPU)", bool)
     threads: int = option(0, "torch CPU threads (0: torch's default)", int, minimum=0)
-    seed: int = option(0, "seed of the initial weights, the data order and the noise", int, minimum=0)
+    seed: int = option(0, "seed of the initial weights, the data order and the noise", int, minimum=0,
+                     maximum=2**63 - 1)
     # output
     out: Optional[str] = option(None, "run folder (default runs/DATASET-MODEL-TIME)", str)
     overwrite: bool = option(False, "empty an out folder that already holds a run and start afresh", bool)
-    log_every: int = option(50, "steps between metric rows (and non-finite checks)", int, minimum=1)
+    log_every: int = option(50, "steps between metric rows (and non-finite checks)", int, minimum=1,
+                          maximum=10**6)
     checkpoint_every: int = option(0, "steps between checkpoints (0: at epoch ends only)", int, minimum=0)
     max_steps: int = option(0, "stop after this many steps in all, with a checkpoint (0: no limit)", int, minimum=0)
     eval_batch_size: int = option(1000, "batch size of the end-of-epoch evaluation", int, minimum=1)
@@ -167,6 +174,9 @@ def _check_field(f: dataclasses.Field, value, config: TrainConfig) -> None:
         if not isinstance(value, list) or not value or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
             raise ValueError(f"{name} must be a non-empty list of positive ints, got {value!r}")
+        maximum = f.metadata["maximum"]
+        if maximum is not None and max(value) > maximum:
+            raise ValueError(f"{name}: each entry must be at most {maximum}, got {max(value)}")
         return
     if kind is bool and not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -184,3 +194,6 @@ def _check_field(f: dataclasses.Field, value, config: TrainConfig) -> None:
     minimum = f.metadata["minimum"]
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
+    maximum = f.metadata["maximum"]
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")

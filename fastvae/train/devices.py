@@ -38,6 +38,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
                              f"(devices here: {here})")
     elif device.type == "mps" and "mps" not in here:
         raise ValueError(f"device {name!r}: MPS is not available on this machine (devices here: {here})")
-    elif device.type not in ("cpu", "cuda", "mps", "meta"):
+    elif device.type == "meta":
+        raise ValueError(f"device {name!r}: a meta tensor holds shapes but no data, so nothing can be trained, "
+                         f"loaded or sampled on it (devices here: {here})")
+    elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r}: not supported for training (devices here: {here})")
     return device

@@ -6,8 +6,10 @@ checkpoint). The data is one in-memory tensor (the fast default: float, or uint8
 sliced along a seeded permutation, or a ``Dataset``/``DataLoader``/iterable of batches streamed through
 ``fastvae.data.BatchStream``. A step adds the gradients of ``grad_accumulation`` batches; ``ema`` keeps an average
 of the weights beside them. Losses stay on the device in a small window read once per ``log_every`` steps (and before
-each checkpoint, so that a non-finite loss never reaches a checkpoint). A Ctrl-C (SIGINT) lets the running step
-finish, writes a checkpoint at that step and raises ``TrainingInterrupted``. Under ``torchrun`` the objective
+each checkpoint, so that a non-finite loss never reaches a checkpoint). A Ctrl-C (SIGINT), SIGTERM, SIGHUP or
+SIGUSR1 (what Slurm, Kubernetes and a dropped ssh send) lets the running step finish, writes a checkpoint at that
+step and raises ``TrainingInterrupted``; under ``torchrun`` the ranks agree on that step at a log row, where a
+flag of the signals each rank received travels with the window's all-reduce. Under ``torchrun`` the objective
 trains under DDP, each rank takes its shard of every permutation, and only rank 0 writes files.
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ from ..data import BatchStream, to_float
 from ..losses import build_loss
 from . import graphs
 from .calibrate import PrecisionChoice, calibrate_precision
-from .checkpoint import CHECKPOINT, PREVIOUS, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT, PREVIOUS, load_run_checkpoint, repair_run, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig
 from .devices import resolve_device
 from .log import MetricsLog
@@ -50,11 +53,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after a checkpoint at ``step`` was written into ``out_dir``."""
+    """A stop signal (``signum``: SIGINT, SIGTERM, SIGHUP or SIGUSR1) stopped training after a checkpoint at
+    ``step`` was written into ``out_dir``."""
 
-    def __init__(self, out_dir: Path, step: int):
-        super().__init__(f"interrupted at step {step}; checkpoint written to {out_dir / CHECKPOINT}")
-        self.out_dir, self.step = out_dir, step
+    def __init__(self, out_dir: Path, step: int, signum: int = signal.SIGINT):
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted at step {step} ({name}); checkpoint written to {out_dir / CHECKPOINT}")
+        self.out_dir, self.step, self.signum = out_dir, step, int(signum)
 
 
 @dataclass
@@ -103,9 +108,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
         _prepare_folder(out, config, resume, rank)
         run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume, transform)
         try:
-            with _deferred_interrupt(world == 1) as interrupted:
+            with _deferred_interrupt() as received:
+                run.received = received
                 while run.epoch < config.epochs and not run.stopped:
-                    run.train_epoch(interrupted)
+                    run.train_epoch(run.interrupted)
         finally:
             run.close()
     return TrainResult(out, run.step, run.epoch, run.train_metrics, run.test_metrics, run.policy)
@@ -197,6 +203,8 @@ class _Run:
         # the window's next row: a device index that the step advances (a CUDA graph replays it), and its host copy
         self.slot_index = torch.zeros(1, dtype=torch.int64, device=device)
         self.slot, self.stopped = 0, False
+        self.received: Callable[[], int] = lambda: 0  # the stop signal this process received (0: none)
+        self.agreed_signal = 0  # under DDP: the stop signal the ranks agreed on at the last read of the window
         self.train_metrics: dict = {}
         self.test_metrics: dict = {}
         self.started = self.window_start = time.perf_counter()
@@ -244,12 +252,16 @@ class _Run:
             if mid_epoch and (at_checkpoint or self.stopped or interrupted()):
                 self.save_checkpoint(self.epoch, b + 1)
                 if interrupted():
-                    raise TrainingInterrupted(self.out, self.step)
+                    raise TrainingInterrupted(self.out, self.step, interrupted())
                 if self.stopped:
                     return
         self.end_of_epoch(time.perf_counter() - epoch_start)
         if interrupted():
-            raise TrainingInterrupted(self.out, self.step)
+            raise TrainingInterrupted(self.out, self.step, interrupted())
+
+    def interrupted(self) -> int:
+        """The stop signal to act on now (0: none): this process's, or under DDP the one all ranks agreed on."""
+        return self.received() if self.world == 1 else self.agreed_signal
 
     def epoch_steps(self):
         """This epoch's steps from ``start_batch`` on, each a list of ``grad_accumulation`` inputs (fewer at the
@@ -375,7 +387,12 @@ class _Run:
         rows = self.window[:self.slot].double()
         stats = torch.cat([rows.sum(0), (~torch.isfinite(rows[:, :3])).any().double().reshape(1)])
         if self.world > 1:
+            received = torch.tensor([float(self.received() == s) for s in STOP_SIGNALS],
+                                    dtype=stats.dtype, device=stats.device)
+            stats = torch.cat([stats, received])
             dist.all_reduce(stats)
+            agreed = [s for s, count in zip(STOP_SIGNALS, stats[5:].tolist()) if count > 0]
+            self.agreed_signal = int(agreed[0]) if agreed else 0
         if stats[4] > 0:
             first = self.step - self.slot + 1
             message = (_non_finite_message(rows, first, self.epoch, self.out / CHECKPOINT, self.last_checkpoint)
@@ -431,6 +448,11 @@ class _Run:
         self.last_checkpoint = self.step
 
     def _resume(self) -> None:
+        if self.rank == 0:  # under the run's lock: finish or undo a save that a killed process left half done
+            for line in repair_run(self.out):
+                print(f"fastvae: repaired {line}", file=sys.stderr)
+        if self.world > 1:
+            dist.barrier()
         state = load_run_checkpoint(self.out, map_location=self.device,
                                     on_fallback=lambda m: print(f"fastvae: {m}", file=sys.stderr))
         if len(state["rng"]) != self.world:
@@ -622,25 +644,30 @@ def _optimizer(params: list, config: TrainConfig, device: torch.device) -> torch
         return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+
+
 @contextlib.contextmanager
-def _deferred_interrupt(enabled: bool):
-    """While training, the first Ctrl-C (SIGINT) only raises a flag that the loop reads between steps (so it can
-    write a checkpoint at that step); a second Ctrl-C interrupts at once. Yields ``interrupted() -> bool``."""
-    flag = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
+def _deferred_interrupt():
+    """While training, the first of ``STOP_SIGNALS`` only records its number, which the loop reads between steps
+    (so it can write a checkpoint at that step); a second one interrupts at once. Yields ``received() -> int``
+    (0 until a signal came). Off the main thread, where Python cannot take signals, nothing is installed."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
         return
 
     def handler(signum, frame):
-        if flag.is_set():
+        if received:
             raise KeyboardInterrupt
-        flag.set()
+        received.append(signum)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield flag.is_set
+        yield lambda: received[0] if received else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

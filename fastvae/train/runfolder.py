@@ -2,11 +2,15 @@
 
 - ``run_lock(folder, command)``: an exclusive ``fcntl.flock`` on ``folder/.lock`` held for the life of a run
   (the OS drops it when the process dies, however it dies); a second writer gets ``RunFolderBusy`` naming
-  the holder's pid and command.
+  the holder's pid and command (read again until the holder has written it).
+- ``read_lock(folder)``: the shared lock of a command that only reads a run; it opens the lock file read-only,
+  so a read-only run folder can be read, and a live writer is still detected where there is one.
 - ``unique_folder(base)``: creates ``base`` atomically, or ``base-2``, ``base-3``, ... when it exists.
 - ``empty_folder(folder)``: an ``--overwrite`` starts from an empty folder (the lock file stays).
 - ``write_provenance`` / ``matches_checkpoint``: derived outputs (``two_stage/``, ``analysis/``, ``fid.json``)
   record the sha256 of the checkpoint they came from, and are reused only for that checkpoint.
+- ``record_dataset`` / ``repoint_dataset``: a run on a ``.npy``/``.npz`` file records its sha256, so that a resume
+  may name the file's new place (``--dataset NEW`` or ``--data-root DIR``) when the contents are the same.
 """
 from __future__ import annotations
 
@@ -16,15 +20,17 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT, checkpoint_digest
 
-__all__ = ["LOCK", "PROVENANCE", "RunFolderBusy", "run_lock", "unique_folder", "make_folder", "empty_folder",
-           "provenance", "write_provenance", "matches_checkpoint"]
+__all__ = ["LOCK", "PROVENANCE", "RunFolderBusy", "run_lock", "read_lock", "writable", "unique_folder", "make_folder",
+           "empty_folder", "provenance", "write_provenance", "matches_checkpoint", "record_dataset", "repoint_dataset"]
 
 LOCK = ".lock"
 PROVENANCE = "source.json"
+DATASET_RECORD = "dataset.json"
 
 
 class RunFolderBusy(RuntimeError):
@@ -44,28 +50,81 @@ def make_folder(folder: str | Path) -> Path:
     return folder
 
 
+def _holder(folder: Path, handle, *, wait: float = 1.0) -> str:
+    """Who holds the lock of ``folder``: the first line of its lock file when it names a live process. A holder
+    writes that line just after taking the lock, so an empty (or dead) line is read again for up to ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        handle.seek(0)
+        line = handle.readline().strip()
+        pid = line.split()[1] if line.startswith("process ") and len(line.split()) > 1 else ""
+        if pid.isdigit() and _alive(int(pid)):
+            return line
+        if time.monotonic() > deadline:
+            return "another process (one reading the run holds a shared lock)"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock(handle, folder: Path, mode: int) -> None:
+    """``flock(handle, mode)`` without waiting; a lock held elsewhere is ``RunFolderBusy`` naming the holder."""
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        raise RunFolderBusy(f"{folder} is in use by {_holder(folder, handle)}; wait for it to finish or choose "
+                            "another folder") from None
+
+
 @contextlib.contextmanager
 def run_lock(folder: str | Path, command: str = "fastvae"):
     """Hold the exclusive lock of ``folder`` (created if missing) for the ``with`` block."""
     folder = make_folder(folder)
-    handle = open(folder / LOCK, "a+")
+    handle = os.fdopen(os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+")
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunFolderBusy(f"{folder} is in use by {holder}; wait for it to finish or choose another folder") \
-                from None
+        _lock(handle, folder, fcntl.LOCK_EX)
         handle.seek(0)
+        handle.write(f"process {os.getpid()} ({command})\n")  # over the old line, then cut: never empty
         handle.truncate()
-        handle.write(f"process {os.getpid()} ({command})\n")
         handle.flush()
         yield folder
+        handle.seek(0)
+        handle.truncate()  # a clean exit leaves no holder named
     finally:
         handle.close()  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def read_lock(folder: str | Path):
+    """For a command that only reads the run ``folder``: a shared lock on its lock file for the ``with`` block,
+    refused (``RunFolderBusy`` naming the writer) while a writer holds it; opened read-only, so it writes nothing
+    and works on a read-only folder. A folder without a lock file (or one this user cannot open) has no writer
+    to wait for."""
+    try:
+        handle = open(Path(folder) / LOCK)
+    except OSError:
+        yield Path(folder)
+        return
+    try:
+        _lock(handle, Path(folder), fcntl.LOCK_SH)
+        yield Path(folder)
+    finally:
+        handle.close()
+
+
+def writable(folder: str | Path) -> bool:
+    """Whether this process may create files in ``folder`` (false on a read-only mount, even for root)."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def unique_folder(base: str | Path) -> Path:
@@ -116,3 +175,34 @@ def matches_checkpoint(folder: str | Path, run_dir: str | Path) -> bool:
         return False
     digest = checkpoint_digest(Path(run_dir) / CHECKPOINT)
     return digest is not None and record.get("sha256") == digest
+
+
+def record_dataset(run_dir: str | Path, path: str | Path) -> dict:
+    """Record in ``run_dir/dataset.json`` the sha256 of the dataset file ``path`` a run trains on, so that the
+    run can be pointed at the same data after the file moved (``repoint_dataset``)."""
+    from ..data import file_digest
+
+    record = {"path": str(Path(path).resolve()), "sha256": file_digest(path), "bytes": Path(path).stat().st_size}
+    from .checkpoint import save_atomic_bytes
+
+    save_atomic_bytes((json.dumps(record, indent=2) + "\n").encode(), Path(run_dir) / DATASET_RECORD)
+    return record
+
+
+def repoint_dataset(run_dir: str | Path, new: str | Path) -> str:
+    """``new`` (resolved) when its contents are those recorded in ``run_dir/dataset.json``; else ValueError saying
+    why the run cannot be pointed there."""
+    from ..data import file_digest
+
+    record_path = Path(run_dir) / DATASET_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{run_dir} recorded no digest of its dataset file ({DATASET_RECORD}), so it cannot be "
+                         f"pointed at {new}; put the file back at its old path") from None
+    if not Path(new).is_file():
+        raise ValueError(f"--dataset {new}: no such file")
+    if file_digest(new) != record.get("sha256"):
+        raise ValueError(f"{new} is not the data the run trained on ({record.get('path')}): its sha256 differs from "
+                         f"the one recorded in {record_path}")
+    return str(Path(new).resolve())
