@@ -16,7 +16,7 @@ from fastvae.run import load_checkpoint
 from fastvae.train.checkpoint import CHECKPOINT, PREVIOUS, read_checkpoint
 
 TINY = ["--dataset", "digits", "--batch-size", "2", "--hidden", "16", "--latent", "4", "--no-progress",
-        "--no-tensorboard", "--n-samples", "4", "--epochs", "5"]
+        "--no-tensorboard", "--n-samples", "4", "--epochs", "5", "--precision", "fp32"]  # no calibration steps
 
 
 def _python(code: str, *args):

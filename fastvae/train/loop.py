@@ -106,14 +106,15 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
     out = _out_folder(config, rank, world)
     with (run_lock(out, "fastvae train") if rank == 0 else contextlib.nullcontext(out)):
         _prepare_folder(out, config, resume, rank)
-        run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume, transform)
-        try:
-            with _deferred_interrupt() as received:
-                run.received = received
+        # a stop signal during the set-up (the precision's calibration, a resume) is acted on after the first step
+        with _deferred_interrupt() as received:
+            run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume, transform)
+            run.received = received
+            try:
                 while run.epoch < config.epochs and not run.stopped:
                     run.train_epoch(run.interrupted)
-        finally:
-            run.close()
+            finally:
+                run.close()
     return TrainResult(out, run.step, run.epoch, run.train_metrics, run.test_metrics, run.policy)
 
 
