@@ -1,4 +1,5 @@
-"""Every figure fastvae draws, in one module (matplotlib, Agg backend; PNG files)."""
+"""The figures of the analysis and two-stage tools (matplotlib, Agg backend; PNG files). The training run's
+image grids are ``fastvae.train.grid``'s, the experiments' figures ``fastvae.experiment_plots``'."""
 from __future__ import annotations
 
 import matplotlib

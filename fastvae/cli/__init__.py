@@ -18,17 +18,10 @@ import os
 import sys
 from pathlib import Path
 
+from ._common import has_run_output, output_path
+
 COMMANDS = ("demo", "train", "analyze", "two_stage", "fid", "noise_injection", "latent_stats")
 
-# commands that read the run folder RUN: what each writes (its derived outputs are folders that get a source.json)
-_OUTPUTS = {
-    "sample": lambda args: Path(args.out or Path(args.run_dir) / "samples.png"),
-    "analyze": lambda args: Path(args.out or Path(args.run_dir) / "analysis"),
-    "two-stage": lambda args: Path(args.out or Path(args.run_dir) / (
-        "two_stage_active" if args.latents == "active" else "two_stage")),
-    "noise-injection": lambda args: Path(args.out or Path(args.run_dir) / "noise_injection"),
-    "fid": lambda args: Path(args.out or Path(args.run_dir) / "fid.json"),
-}
 _DERIVED_FOLDERS = ("analyze", "two-stage", "noise-injection")
 
 
@@ -69,12 +62,12 @@ def _run_folder_guard(args):
     nothing into the run. Afterwards the derived output folder records the checkpoint it came from."""
     command = getattr(args, "command", None)
     run_dir = getattr(args, "run_dir", None)
-    if command not in _OUTPUTS or run_dir is None or not os.path.isdir(run_dir):
+    if not has_run_output(command) or run_dir is None or not os.path.isdir(run_dir):
         yield
         return
     from fastvae.train.runfolder import read_lock, run_lock, writable, write_provenance
 
-    output = _OUTPUTS[command](args)
+    output = output_path(command, args)
     if _inside(output, Path(run_dir)):
         if not writable(run_dir):
             raise UsageError(f"{run_dir} is read-only (or not writable by this user) and fastvae {command} writes "

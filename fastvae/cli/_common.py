@@ -1,7 +1,35 @@
-"""What the run commands share: bound checks of their integer flags, the run they read and its data."""
+"""What the run commands share: bound checks of their integer flags, the run they read and its data, and where
+each writes by default."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+# commands that read the run folder RUN: what each writes without --out (derived outputs are folders that get a
+# source.json); the one list of these defaults, read by the commands and by the CLI's lock and read-only checks
+_DEFAULT_OUTPUTS = {
+    "sample": lambda args: "samples.png",
+    "analyze": lambda args: "analysis",
+    "two-stage": lambda args: _two_stage_folder(args.latents == "active"),
+    "noise-injection": lambda args: "noise_injection",
+    "fid": lambda args: "fid.json",
+}
+
+
+def _two_stage_folder(active: bool) -> str:
+    from fastvae import two_stage
+
+    return two_stage.SUBDIR_ACTIVE if active else two_stage.SUBDIR
+
+
+def output_path(command: str, args) -> Path:
+    """Where ``command`` writes: ``--out``, or its default inside the run folder ``args.run_dir``."""
+    return Path(args.out) if args.out else Path(args.run_dir) / _DEFAULT_OUTPUTS[command](args)
+
+
+def has_run_output(command: str) -> bool:
+    """Whether ``command`` reads a run folder and writes an output beside it."""
+    return command in _DEFAULT_OUTPUTS
 
 
 SEED_MAX = 2**63 - 1  # seeds travel as int64 (the kernels' Philox seed, torch's generators)

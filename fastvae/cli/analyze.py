@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from ._common import check_minimum, load_run, run_data, seed_value
+from ._common import check_minimum, load_run, output_path, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -54,7 +54,7 @@ def run(args) -> int:
     images, labels = run_data(config, args.split)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
-    out = args.out or os.path.join(args.run_dir, "analysis")
+    out = str(output_path("analyze", args))
     os.makedirs(out, exist_ok=True)
 
     stats = analysis.latent_statistics(

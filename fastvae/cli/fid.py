@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from ._common import check_minimum, load_run, run_data, seed_value
+from ._common import check_minimum, load_run, output_path, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -122,7 +122,7 @@ def run(args) -> int:
               f"`fastvae two-stage {args.run_dir} --latents active` for those)")
     from fastvae.train.runfolder import provenance
 
-    out = args.out or os.path.join(args.run_dir, "fid.json")
+    out = str(output_path("fid", args))
     with open(out, "w") as handle:
         json.dump({"run": os.path.abspath(args.run_dir), "source": provenance(args.run_dir),
                    "extractor": extractor.name, "metric": extractor.metric, "dataset": config.dataset,

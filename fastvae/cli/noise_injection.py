@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ._common import check_minimum, load_run, run_data, seed_value
+from ._common import check_minimum, load_run, output_path, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -69,7 +69,7 @@ def run(args) -> int:
             parser.error(f"--variable must be in [0, {stats.latent_dim}), got {variable}")
         if variable in inactive:
             parser.error(f"--variable {variable} is already inactive (inactive: {inactive})")
-    out = args.out or os.path.join(args.run_dir, "noise_injection")
+    out = str(output_path("noise-injection", args))
     os.makedirs(out, exist_ok=True)
     print(f"fastvae noise-injection: variable {variable} (gain {float(stats.gain[variable]):.5f}, KL "
           f"{float(stats.kl[variable]):.3f}); holding inactive {inactive}")

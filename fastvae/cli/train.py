@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from ._common import seed_value
+from ._common import output_path, seed_value
 
 # scikit-learn's digits (1500 images) need many more epochs than Fashion-MNIST for as many steps
 DIGITS_FALLBACK = {"epochs": 300, "images_every": 25}
@@ -183,7 +183,7 @@ def run_sample(args) -> int:
     model, _ = fastvae.load(args.run_dir, device=args.device)
     if len(model.input_shape) != 3 or model.input_shape[0] not in (1, 3):
         raise UsageError(f"the run's model makes vectors of shape {model.input_shape}, not images")
-    out = args.out or os.path.join(args.run_dir, "samples.png")
+    out = str(output_path("sample", args))
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {out}: the folder {folder} does not exist")

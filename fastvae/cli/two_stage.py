@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from ._common import check_minimum, load_run, run_data, seed_value
+from ._common import check_minimum, load_run, output_path, run_data, seed_value
 
 
 def register(subparsers) -> None:
@@ -59,7 +59,7 @@ def run(args) -> int:
     first, config = load_run(parser, args.run_dir, args.device)
     images, _ = run_data(config)
     active = args.latents == "active"
-    folder = args.out or os.path.join(args.run_dir, two_stage.SUBDIR_ACTIVE if active else two_stage.SUBDIR)
+    folder = str(output_path("two-stage", args))
     if args.out is not None:  # reuse only a second stage of the run's current checkpoint, as under RUN/
         from fastvae.train.runfolder import matches_checkpoint
 
