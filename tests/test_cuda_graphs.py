@@ -171,3 +171,16 @@ def test_device_lr_is_lambda_lr(schedule, warmup):
     resumed.load_state_dict(reference.state_dict())  # a LambdaLR checkpoint resumes on the device schedule
     assert resumed.state_dict()["last_epoch"] == total + 2
     assert math.isclose(resumed.get_last_lr()[0], reference.get_last_lr()[0], rel_tol=1e-7, abs_tol=1e-12)
+
+
+def test_a_constant_rate_costs_one_device_op_a_step():
+    """The default schedule (constant, no warm-up) only counts the step; the others write the next rate."""
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor(0.01), fused=True)
+    ops = {}
+    for schedule in ("constant", "cosine"):
+        device_lr = DeviceLR(optimizer, 0.01, warmup=0, total=10, schedule=schedule, device=torch.device("cpu"))
+        counter = SyncCounter()
+        with counter, counter.scope("step"):
+            device_lr.step()
+        ops[schedule] = sum(counter.ops["step"].values())
+    assert ops["constant"] == 1 and ops["cosine"] > 1, ops

@@ -70,9 +70,11 @@ class DeviceLR:
 
     @torch.no_grad()
     def step(self) -> None:
-        """After an optimizer step: ``counter += 1`` and the rate of the next step."""
+        """After an optimizer step: ``counter += 1`` and the rate of the next step (a constant rate, the default,
+        stays as written: one device op a step instead of seven)."""
         self.counter.add_(1)
-        self._write()
+        if self.warmup or self.schedule != "constant":
+            self._write()
 
     def get_last_lr(self) -> list[float]:
         """The rate of the next step, read from the device (for the log rows only)."""
