@@ -155,3 +155,24 @@ def test_the_machine_is_described_by_model_flags_cores_and_versions():
     assert slug == "intel-xeon-platinum-8480-amx-bf16-2c"
     assert machine_slug({**described, "name": "AMD EPYC", "isa": ["avx2", "avx512f", "avx512_bf16"],
                          "cores": 2}) == "amd-epyc-avx512-bf16-2c"
+
+
+def test_a_compiled_run_times_eager_copies_of_its_step(tmp_path, cache, monkeypatch):
+    """Under compile the calibration times the eager step: no candidate is compiled."""
+    monkeypatch.setattr(calibrate, "BUDGET", 100.0)
+    timed = []
+
+    class Timed(Exception):
+        """Stops the run once the calibration has been handed its objective (nothing needs to train)."""
+
+    def record(objective, *args):
+        timed.append(objective)
+        raise Timed
+
+    monkeypatch.setattr(calibrate, "_time_candidates", record)
+    config = TrainConfig(out=str(tmp_path / "run"), epochs=1, batch_size=16, progress=False, tensorboard=False,
+                         compile=True)
+    with pytest.raises(Timed):
+        fit(DenseVAE((1, 8, 8), 2, hidden=(8,)), torch.rand(64, 1, 8, 8), config)
+    (objective,) = timed
+    assert objective.runner is objective.model

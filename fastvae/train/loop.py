@@ -212,7 +212,8 @@ class _Run:
 
     def _measure_precision(self, total_steps: int) -> str:
         """What ``precision="auto"`` stands for: timed on rank 0 over real steps of this model and batch
-        (``calibrate.py``), shared with the other ranks, printed in one line."""
+        (``calibrate.py``), shared with the other ranks, printed in one line. The steps timed are eager even under
+        ``compile``: compiling a copy for each candidate would cost more than the calibration may."""
         choice = [None]
         if self.rank == 0:
             config = self.config
@@ -221,7 +222,9 @@ class _Run:
             # a loader is read for it (one batch of a pass of its own): a Dataset's first items, or the tensor's
             batch = (self.images[:config.batch_size] if self.stream is None
                      else self.stream.head(config.batch_size).to(self.device))
-            choice[0] = calibrate_precision(self.objective, lambda params: _optimizer(params, config, self.device),
+            eager = TrainObjective(self.model, self.policy, kl_weight=config.kl_weight, kl=config.kl,
+                                   sampling=config.sampling)
+            choice[0] = calibrate_precision(eager, lambda params: _optimizer(params, config, self.device),
                                             to_float(batch), self.device, run_steps=total_steps, describe=describe)
             if config.progress:
                 print(f"fastvae: {choice[0].message()}")
