@@ -145,6 +145,7 @@ class _Run:
         self.images = images.to(device) if self.stream is None else None
         self.test_stream = test_images if isinstance(test_images, BatchStream) else None
         self.test_images = test_images.to(device) if isinstance(test_images, Tensor) else None
+        self.train_subset: Tensor | None = None  # a stream's first 2048 samples, read once for the evaluation
         image_like = (images.dim() == 4 if self.stream is None
                       else self.input_shape is not None and len(self.input_shape) == 3)
         self.channels_last = device.type == "cuda" and image_like
@@ -219,7 +220,8 @@ class _Run:
             config = self.config
             describe = {"model": getattr(self.model, "spec", type(self.model).__name__), "loss": config.loss,
                         "kl": config.kl, "sampling": config.sampling, "compile": config.compile, "world": self.world}
-            # a loader is read for it (one batch of a pass of its own): a Dataset's first items, or the tensor's
+            # a loader is read for it (one batch of a pass of its own): a Dataset's first items, or the tensor's;
+            # not through the transforms hook, which may draw from the generators the run's results depend on
             batch = (self.images[:config.batch_size] if self.stream is None
                      else self.stream.head(config.batch_size).to(self.device))
             eager = TrainObjective(self.model, self.policy, kl_weight=config.kl_weight, kl=config.kl,
@@ -380,7 +382,7 @@ class _Run:
         if self.test_images is not None:
             return self.test_images, self.test_images[:32]
         if self.stream is not None:
-            if getattr(self, "train_subset", None) is None:
+            if self.train_subset is None:
                 self.train_subset = self.stream.head(2048).to(self.device)
             return self.train_subset, self.train_subset[:32]
         return self.images[:2048], self.images[:32]
