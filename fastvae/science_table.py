@@ -32,7 +32,10 @@ from pathlib import Path
 USED_GAIN = 1e-4
 #: the seeds every row is trained with; seed k's run of row NAME is RUNS/NAME/s{k}
 SEEDS = (0, 1, 2)
-T = "--threads 1 --no-progress --no-tensorboard"
+#: every training of the table runs in bf16 autocast on one thread, so that its rows compare whatever machine (and
+#: whatever ``precision="auto"`` would measure there) rebuilds them
+RESUMED = "--threads 1 --no-progress --no-tensorboard"
+T = f"--precision bf16 {RESUMED}"
 #: the default dense training, its latent moments recorded on the whole training set after each epoch
 TRACKED = "python -m fastvae.science_table --train-tracked"
 TRAIN_IMAGES = 60000
@@ -78,13 +81,14 @@ ROWS = (
     Row("dense-beta", f"{DENSE}, beta loss, fixed KL weight 1", 30,
         (f"fastvae train --loss beta --epochs 30 --seed {{seed}} --out {{run}} {T}", "fastvae analyze {run}")),
     Row("noise", f"{DENSE}, balanced loss, 30 epochs; noise injection on its first 15,000 images", 30,
-        ("fastvae noise-injection {run} --limit 15000 --increment 0.5 --recovery-epochs 3 --seed {seed}",),
+        ("fastvae noise-injection {run} --limit 15000 --increment 0.5 --max-increments 20 --recovery-epochs 3 "
+         "--seed {seed}",),
         images=15000, run="dense", kind="noise"),
     Row("fid-dense", f"{DENSE}, balanced loss", 30, TWO_STAGE, run="dense", kind="fid"),
     Row("fid-dense-beta", f"{DENSE}, beta loss, fixed KL weight 1", 30, TWO_STAGE, run="dense-beta", kind="fid"),
     Row("dense-100", f"{DENSE}, balanced loss (the dense row's runs, resumed)", 100,
         ("mkdir -p {run}", f"cp RUNS/dense/s{{seed}}/{{{{{DENSE_100_FILES}}}}} {{run}}/",
-         f"{TRACKED} --resume {{run}} --epochs 100 {T}", "fastvae analyze {run}")),
+         f"{TRACKED} --resume {{run}} --epochs 100 {RESUMED}", "fastvae analyze {run}")),
     Row("conv", CONV, 30,
         (f"fastvae train --model conv --epochs 30 --seed {{seed}} --out {{run}} {T}", "fastvae analyze {run}")),
     Row("fid-conv", CONV, 30, TWO_STAGE, run="conv", kind="fid"),
@@ -255,8 +259,14 @@ def _cpu_seconds(runs: Path) -> dict[str, float]:
     for line in lines:
         entry = json.loads(line)
         if entry.get("rc") == 0:
-            out[entry["command"]] = entry["user_s"] + entry["sys_s"]
+            out[_unpinned(entry["command"])] = entry["user_s"] + entry["sys_s"]
     return out
+
+
+def _unpinned(command: str) -> str:
+    """``command`` without ``T``'s precision: the first runs of the table predate it, made with the default
+    ``auto``, which chose bf16 there (each run's config.json records the precision it trained in)."""
+    return command.replace(T, RESUMED)
 
 
 def _scalar_metrics(values: dict) -> dict:
@@ -280,8 +290,8 @@ def collect(runs: Path) -> dict:
             if values:
                 per_seed[str(seed)] = values
             # the commands as the queue wrote them: with the runs folder as given, or as "runs" from the repository
-            spent = [cpu.get(c, cpu.get(r)) for c, r in zip(row.seed_commands(seed, str(runs)),
-                                                            row.seed_commands(seed, "runs"))]
+            spent = [cpu.get(_unpinned(c), cpu.get(_unpinned(r)))
+                     for c, r in zip(row.seed_commands(seed, str(runs)), row.seed_commands(seed, "runs"))]
             if any(s is not None for s in spent):
                 cpu_s[str(seed)] = sum(s for s in spent if s is not None)
             if row.kind == "setup" and len(cpu_s) or row.kind != "setup" and _complete(row, values):
