@@ -6,7 +6,9 @@
     python -m bench --only static        # the static analysis of the kernels (bench/results/static.md)
 
 Writes ``<out>/<device>.md`` (tables), ``<device>.csv``, ``<device>_loop.csv``, a PNG chart per op and
-``<device>.json``; ``<device>`` is ``cpu`` or ``cuda-<gpu name>``. Nothing here asserts anything about time.
+``<device>.json``; ``<device>`` is ``cpu-<machine slug>`` (``cpu-amd-epyc-avx512-bf16-2c``: one set of files per
+machine, so that results of different CPUs sit side by side) or ``cuda-<gpu name>``. Nothing here asserts
+anything about time.
 ``python -m bench.readme`` then writes README's performance tables from those files.
 
 The ops come from ``bench/cases/`` (one module per op), the measurements from ``bench/measure.py``;

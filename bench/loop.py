@@ -20,7 +20,11 @@ size 128 and Adam with lr 1e-3:
   fastvae's.
 - ``tensors``: a careful hand-written loop over in-memory tensors (``TensorLoop``): the images as one tensor,
   one ``randperm`` per epoch, ``index_select`` batches, fused Adam, the loss read once per epoch, and the same
-  plain-PyTorch objective as ``plain``. fastvae's loop must beat it to show that its ops pay, not only its data path.
+  plain-PyTorch objective as ``plain``; ``tensors-bf16`` the same under bf16 autocast. fastvae's loop must beat
+  the faster of the two to show that its ops pay, not only its data path.
+- ``bare``: the same careful loop around fastvae's own step (its model's fused forward, the balanced loss module,
+  fastvae's precision as ``auto`` chose it for the ``fastvae`` loop): the bare step of fastvae's ops. fastvae's
+  ``steps s`` against ``bare``'s is what its loop adds around the ops (window, schedule, objective wrapper, metrics).
 - ``pythae`` (when ``pythae`` imports): pythae 0.1.2's ``BaseTrainer.train_step`` (one epoch: its
   ``DataLoader`` over ``BaseDataset`` in memory, its callbacks) on a ``pythae.models.VAE`` whose encoder and
   decoder are the same modules; pythae's own VAE loss (``0.5 * sum of squared errors + KL``, batch mean).
@@ -33,6 +37,10 @@ training steps alone (``fit``'s own ``epoch_time_s``). One epoch of each loop in
 the others from its epoch-end callback; a ``fastvae-*`` variant runs its own ``fit`` with a ``tensors`` epoch
 after each of its epochs), for ``epochs`` rounds; times are the median and the 20th/80th percentiles over
 epochs, ``cpu_s`` the median CPU seconds of the process per epoch (robust to other processes at 1 thread).
+
+Toward the limit: ``step_flops`` counts a training step's FLOPs (its matmuls and convolutions), ``gemm_rate``
+measures this machine's GEMM rate in fp32 and bf16; each row's ``step_gflops`` is the FLOPs of its steps over
+their seconds and ``of_gemm`` that over the GEMM rate of its precision.
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ import dataclasses
 import importlib
 import io
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,12 +58,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .cases.balanced_mse import eager as eager_balanced_mse
 from .cases.reparameterize_kl import eager as eager_reparameterize_kl
+from .examples_vae import TorchvisionFashionMNIST
 
-LOOPS = ("fastvae", "fastvae-fp32", "fastvae-compile", "tensors", "plain", "pythae")
+LOOPS = ("fastvae", "fastvae-fp32", "fastvae-compile", "bare", "tensors", "tensors-bf16", "plain", "pythae")
+#: the careful hand-written loops: fastvae's default must be faster than the faster of them
+CAREFUL = ("tensors", "tensors-bf16")
 VARIANTS = {"fastvae": {}, "fastvae-fp32": {"precision": "fp32"}, "fastvae-compile": {"compile": True}}
 MODELS = ("dense", "conv")
 BATCH = 128
@@ -78,45 +90,17 @@ class LoopRow:
     vs_plain: float | None = None
     train_s: float | None = None
     cpu_s: float | None = None
+    #: the precision the loop trained in (fastvae's: what ``auto`` chose)
+    precision: str = ""
+    #: FLOPs of the training steps per second (``step_flops`` x steps / ``train_s``), in GFLOP/s
+    step_gflops: float | None = None
+    #: ``step_gflops`` over the machine's measured GEMM rate in the loop's precision (``gemm_rate``)
+    of_gemm: float | None = None
     note: str = ""
 
     @classmethod
     def columns(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
-
-
-# --------------------------------------------------------------------------------------------------
-# torchvision's FashionMNIST and ToTensor, reproduced
-# --------------------------------------------------------------------------------------------------
-def to_tensor(pic) -> Tensor:
-    """torchvision.transforms.functional.to_tensor for a PIL image: ``(C, H, W)`` float in [0, 1]."""
-    img = torch.from_numpy(np.array(pic, np.uint8, copy=True))
-    img = img.view(pic.size[1], pic.size[0], len(pic.getbands()))
-    img = img.permute((2, 0, 1)).contiguous()
-    return img.to(dtype=torch.get_default_dtype()).div(255)
-
-
-class TorchvisionFashionMNIST(Dataset):
-    """``torchvision.datasets.FashionMNIST(root, train=True, transform=ToTensor())`` without torchvision:
-    ``data`` uint8 ``(N, 28, 28)``, ``targets`` int64 ``(N,)``; ``__getitem__`` returns ``(image, target)``
-    with the image made by ``PIL.Image.fromarray(data[i].numpy(), mode "L")`` and ``to_tensor``."""
-
-    def __init__(self, data: Tensor, targets: Tensor, transform: Callable | None = to_tensor):
-        if data.dtype != torch.uint8 or data.dim() != 3:
-            raise ValueError(f"data must be uint8 (N, H, W), got {data.dtype} of shape {tuple(data.shape)}")
-        self.data, self.targets, self.transform = data, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        img, target = self.data[index], int(self.targets[index])
-        img = Image.fromarray(img.numpy())  # a 2-D uint8 array is mode "L"
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
 
 
 def load_fashion_mnist(limit: int = 0, split: str = "train") -> tuple[Tensor, Tensor]:
@@ -225,14 +209,27 @@ class PlainLoop:
 class TensorLoop:
     """A careful hand-written loop over in-memory tensors: the images as one tensor on the device, one
     ``randperm`` per epoch, batches by ``index_select``, fused Adam, the loss summed on the device and read
-    once per epoch; the same eager objective as ``PlainLoop``. What fastvae's loop must beat without its ops."""
+    once per epoch; the same eager objective as ``PlainLoop``. What fastvae's loop must beat without its ops.
+    ``precision="bf16"`` runs the objective under bf16 autocast; ``ops="fastvae"`` makes it fastvae's own step
+    (the model's fused forward and the balanced loss module): the ``bare`` loop."""
 
-    def __init__(self, model: nn.Module, images: Tensor, device: torch.device):
-        self.model, self.device = model.to(device), device
+    def __init__(self, model: nn.Module, images: Tensor, device: torch.device, *, precision: str = "fp32",
+                 ops: str = "eager"):
+        from fastvae.losses import build_loss
+
+        self.model, self.device, self.precision = model.to(device), device, precision
         self.images = images.to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR, fused=True)
         self.running_mse = torch.ones((), device=device)
         self.generator = torch.Generator().manual_seed(0)
+        self.policy = build_loss("balanced").to(device) if ops == "fastvae" else None
+
+    def objective(self, data: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if self.policy is None:
+                return eager_objective(self.model, data, self.running_mse)
+            x_hat, kl = self.model(data)
+            return self.policy(x_hat, data) + kl
 
     def epoch(self) -> float:
         model, optimizer, images = self.model, self.optimizer, self.images
@@ -242,7 +239,7 @@ class TensorLoop:
         batches = 0
         for start in range(0, len(images), BATCH):
             data = images.index_select(0, order[start:start + BATCH])
-            loss = eager_objective(model, data, self.running_mse)
+            loss = self.objective(data)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -336,11 +333,15 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
     from fastvae.train import TrainConfig, fit
 
     test_images = test_images if test_images is not None else images[:2048]
-    results = {name: {"times": [], "train": [], "cpu": [], "note": ""} for name in loops}
+    results = {name: {"times": [], "train": [], "cpu": [], "note": "", "precision": "fp32"} for name in loops}
     others: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="fastvae-bench-loop-") as tmp:
-        if "tensors" in loops:
-            others["tensors"] = TensorLoop(build(model_name), images, device)
+        if "bare" in loops:
+            others["bare"] = None  # built at fastvae's first epoch end, in the precision its auto chose
+        for name in CAREFUL:
+            if name in loops:
+                others[name] = TensorLoop(build(model_name), images, device, precision=name[len("tensors-"):] or "fp32")
+                results[name]["precision"] = others[name].precision
         if "plain" in loops:
             others["plain"] = PlainLoop(build(model_name), images, labels, device)
         if "pythae" in loops:
@@ -365,6 +366,8 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
                 run_one(name, k)
 
         fits = [name for name in loops if name in VARIANTS]
+        if others.get("bare", False) is None and not fits:
+            others["bare"] = TensorLoop(build(model_name), images, device, ops="fastvae")
         if not fits:
             for k in range(epochs):
                 run_others(k)
@@ -373,10 +376,15 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
         for index, fit_name in enumerate(fits):
             marks = {"wall": time.perf_counter(), "cpu": time.process_time()}
 
-            def at_epoch_end(*, epoch, metrics, epoch_end, fit_name=fit_name, index=index, **_):
+            def at_epoch_end(*, epoch, metrics, epoch_end, config, fit_name=fit_name, index=index, **_):
                 if not epoch_end:
                     return
                 _sync(device)
+                results[fit_name]["precision"] = config.precision
+                if index == 0 and "bare" in others and others["bare"] is None:
+                    others["bare"] = TensorLoop(build(model_name), images, device, precision=config.precision,
+                                                ops="fastvae")
+                    results["bare"]["precision"] = config.precision
                 wall, cpu = time.perf_counter() - marks["wall"], time.process_time() - marks["cpu"]
                 results[fit_name]["times"].append(wall)
                 results[fit_name]["train"].append(float(metrics["epoch_time_s"]))
@@ -393,6 +401,30 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
                                  device=str(device), out=f"{tmp}/{fit_name}", progress=False, **VARIANTS[fit_name])
             fit(build(model_name), images, config, test_data=test_images, callbacks=[at_epoch_end])
     return results
+
+
+def step_flops(model_name: str, device: torch.device, batch: int = BATCH) -> float:
+    """FLOPs of one training step (forward and backward of the eager objective) of ``model_name`` at ``batch``,
+    as ``torch.utils.flop_counter.FlopCounterMode`` counts them (matmuls and convolutions: the GEMM work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(model_name).to(device)
+    data = torch.rand(batch, 1, 28, 28, device=device)
+    with FlopCounterMode(display=False) as counter:
+        eager_objective(model, data, torch.ones((), device=device)).backward()
+    return float(counter.get_total_flops())
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """This machine's GEMM rate in FLOP/s: the fastest of ``repeats`` ``(n, n) @ (n, n)`` products in ``dtype``
+    (after a warm-up), ``2 n^3`` FLOPs each. The ceiling a step's GFLOP/s is read against."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        best = min(best, _timed(lambda: a @ b, device))
+    return 2 * n ** 3 / best
 
 
 def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None = None,
@@ -426,7 +458,10 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
             "equivalent FashionMNIST dataset (PIL image + ToTensor per sample; torchvision itself is not installable "
             "beside this torch build), the same model and balanced objective in plain PyTorch. `tensors`: a careful "
             "hand-written loop over the images held as one tensor (randperm, index_select, fused Adam, one loss "
-            "read per epoch), the same objective as `plain`. `pythae`: pythae "
+            "read per epoch), the same objective as `plain`; `tensors-bf16` the same under bf16 autocast. `bare`: "
+            "that loop around fastvae's own step (the model's fused forward, the balanced loss module) in the "
+            "precision fastvae's auto chose: what fastvae's loop adds around its ops is its steps s over bare's. "
+            "`pythae`: pythae "
             "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: "
             "fastvae.train.fit with test_data, as `fastvae train` runs it, precision auto (the faster of fp32 and bf16 "
             "as timed on this machine; `-fp32`: --precision fp32, `-compile`: --compile). `time / plain` is epoch "
@@ -435,8 +470,13 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
         note += f" pythae not run: {missing}."
     rows: list[LoopRow] = []
     dev = device_name(device)
+    gemm = {precision: gemm_rate(device, dtype, n=256 if quick else 1024)
+            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    log("GEMM rate: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items()))
+    steps = math.ceil(images.shape[0] / BATCH)
     for model_name in models:
         log(f"loop: {model_name} on {dev}, {images.shape[0]} images, {epochs} epoch(s) per loop")
+        flops = step_flops(model_name, device)
         results = run_model(model_name, device, images, labels, epochs, loops, log, test_images)
         plain = results.get("plain", {}).get("times")
         plain_median = float(np.median(plain)) if plain else None
@@ -451,9 +491,16 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
                 row.vs_plain = row.epoch_s / plain_median if plain_median else None
                 row.train_s = float(np.median(results[name]["train"]))
                 row.cpu_s = float(np.median(results[name]["cpu"]))
+                row.precision = results[name]["precision"]
+                row.step_gflops = flops * steps / row.train_s / 1e9 if name != "pythae" else None
+                row.of_gemm = row.step_gflops * 1e9 / gemm[row.precision] if row.step_gflops else None
                 row.note = f"steps {row.train_s:.2f} s, cpu {row.cpu_s:.2f} s per epoch"
             rows.append(row)
     print_ratios(rows, log)
+    note += (f" GEMM rate (the fastest of 10 {1024 if not quick else 256}-cubed matmuls): fp32 "
+             f"{gemm['fp32'] / 1e9:.0f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.0f} GFLOP/s; step GFLOP/s: the "
+             "FLOPs of a training step (torch's FlopCounterMode: its matmuls and convolutions) times the steps, over "
+             "the steps' seconds; `of GEMM`: that over the GEMM rate in the loop's precision.")
     return rows, note
 
 
@@ -462,7 +509,8 @@ def print_ratios(rows: Sequence[LoopRow], log: Callable[[str], None] = print) ->
     for model_name in dict.fromkeys(r.model for r in rows):
         times = {r.loop: r.epoch_s for r in rows if r.model == model_name and r.epoch_s}
         pairs = (("fastvae", "plain"), ("tensors", "plain"), ("pythae", "plain"), ("fastvae", "tensors"),
-                 ("fastvae-fp32", "tensors"), ("fastvae-compile", "tensors"), ("fastvae", "pythae"))
+                 ("fastvae", "tensors-bf16"), ("fastvae-fp32", "tensors"), ("fastvae-compile", "tensors"),
+                 ("fastvae", "bare"), ("fastvae", "pythae"))
         parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in pairs
                  if a in times and b in times]
         speed = ", ".join(f"{k} {v:.2f} s" for k, v in times.items())

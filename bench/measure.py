@@ -76,9 +76,13 @@ class Settings:
 
 
 def device_name(device: torch.device) -> str:
-    """``cpu``, or ``cuda-`` and the GPU's name in lower case with dashes (the results file's name)."""
+    """The results file's name, one per machine: ``cpu-`` and the CPU's slug (``cpu-amd-epyc-avx512-bf16-2c``:
+    model, widest bf16/vector flag, cores; ``fastvae.machine.machine_slug``), or ``cuda-`` and the GPU's name in
+    lower case with dashes. Results of different machines thus sit side by side instead of replacing each other."""
     if device.type != "cuda":
-        return device.type
+        from fastvae.machine import describe_machine, machine_slug
+
+        return f"{device.type}-{machine_slug(describe_machine(device.type))}"
     name = torch.cuda.get_device_name(device).lower()
     return "cuda-" + "-".join("".join(ch if ch.isalnum() else " " for ch in name).split())
 

@@ -3,11 +3,11 @@ machine code, layout.
 
 Each block sits in one page of ``PAGES`` (README.md and the docs/ pages it links); ``render_all`` writes afresh
 every block a page holds. The tables sit between ``<!-- bench:cpu:begin -->`` and ``<!-- bench:cpu:end -->``
-(docs/performance.md):
-the training loop (``cpu_loop.csv``) and, per op and mode, fused time over eager time from
-``cpu.csv``: the geometric mean over the sizes and the largest ratio of any size. The layout tree sits
-between ``<!-- layout:begin -->`` and ``<!-- layout:end -->``: every package and module of ``fastvae/``,
-``kernels/`` and ``bench/``, each with the first sentence of its docstring. The machine-code headline and the
+(docs/performance.md), one part per machine that has results (``cpu-<machine slug>.json``, ``.csv``,
+``_loop.csv``): the training loop and, per op and mode, fused time over eager time: the geometric mean over the sizes
+and the largest ratio of any size. The layout tree sits between ``<!-- layout:begin -->`` and
+``<!-- layout:end -->``: every package and module of ``fastvae/``, ``kernels/`` and ``bench/``, each with the first
+sentence of its docstring. The machine-code headline and the
 predicted speedups come from ``static.md`` (``<!-- bench:static:begin/end -->``), the largest kernel errors
 per dtype from ``accuracy.md`` (``<!-- bench:accuracy:begin/end -->``), bf16 against fp32 in ``fastvae train``
 from ``precision.json`` (``<!-- bench:precision:begin/end -->``). ``--check`` writes nothing and
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .cases import MODE_TITLES, MODES, OPS
 from .precision import table as precision_table
-from .report import geomean, read_csv
+from .report import careful_best, geomean, read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -50,7 +50,9 @@ _LOOP_NAMES = {
     "fastvae-fp32": "fastvae `fit`, `--precision fp32`",
     "fastvae-bf16": "fastvae `fit`, `--precision bf16`",
     "fastvae-compile": "fastvae `fit`, `--compile`",
-    "tensors": "hand-written loop over in-memory tensors",
+    "tensors": "careful hand-written loop over in-memory tensors",
+    "tensors-bf16": "the same careful loop, bf16 autocast",
+    "bare": "that careful loop around fastvae's own step (its ops, its precision)",
     "plain": "pytorch/examples style (DataLoader, PIL + ToTensor per image)",
     "pythae": "pythae 0.1.2 `BaseTrainer`",
 }
@@ -78,18 +80,23 @@ def ops_table(rows: list[dict]) -> list[str]:
 
 
 def loop_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | loop | epoch s | steps s | CPU s | images/s | time / plain | time / tensors |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | loop | precision | epoch s | steps s | CPU s | images/s | time / plain | "
+             "time / best careful (epoch, steps) | step GFLOP/s (of GEMM) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model and r.get("epoch_s")]
-        tensors = next((r["epoch_s"] for r in mine if r["loop"] == "tensors"), None)
+        best_epoch, best_steps = careful_best(mine, model), careful_best(mine, model, "train_s")
         for k, r in enumerate(mine):
             ratio = f"{r['vs_plain']:.2f}" if r.get("vs_plain") else "–"
-            vs_tensors = f"{r['epoch_s'] / tensors:.2f}" if tensors else "–"
+            careful = (f"{r['epoch_s'] / best_epoch:.2f}, {r['train_s'] / best_steps:.2f}"
+                       if best_epoch and best_steps and r.get("train_s") else "–")
             steps, cpu = (f"{r[key]:.2f}" if r.get(key) else "–" for key in ("train_s", "cpu_s"))
+            measured = r.get("step_gflops") and r.get("of_gemm")
+            gflops = f"{r['step_gflops']:.0f} ({r['of_gemm']:.0%})" if measured else "–"
             name = _MODEL_NAMES.get(model, model) if k == 0 else ""
-            lines.append(f"| {name} | {_LOOP_NAMES.get(r['loop'], r['loop'])} | "
-                         f"{r['epoch_s']:.2f} | {steps} | {cpu} | {r['images_per_s']:,.0f} | {ratio} | {vs_tensors} |")
+            lines.append(f"| {name} | {_LOOP_NAMES.get(r['loop'], r['loop'])} | {r.get('precision') or '–'} | "
+                         f"{r['epoch_s']:.2f} | {steps} | {cpu} | {r['images_per_s']:,.0f} | {ratio} | {careful} | "
+                         f"{gflops} |")
     return lines
 
 
@@ -99,9 +106,14 @@ def _load_range(sections: list[dict]) -> str:
     return f"{min(loads)} to {max(loads)}" if loads else "?"
 
 
-def block(results: Path = RESULTS) -> str:
-    """The generated text between the markers (markers included)."""
-    meta = json.loads((results / "cpu.json").read_text()) if (results / "cpu.json").is_file() else {}
+def machine_files(results: Path = RESULTS) -> list[str]:
+    """The CPU machines with results in ``results``: the names ``cpu-<machine slug>`` of their files, sorted."""
+    return sorted(path.stem for path in results.glob("cpu-*.json"))
+
+
+def machine_block(results: Path, name: str) -> list[str]:
+    """One machine's tables: where and how they were measured, the training loop, the ops' ratios."""
+    meta = json.loads((results / f"{name}.json").read_text())
     sections = meta.get("sections", {})
     runs: dict[str, list[dict]] = {}  # one entry per command: the ops of one run share it
     for s in sections.values():
@@ -109,17 +121,34 @@ def block(results: Path = RESULTS) -> str:
             runs.setdefault(s["command"], []).append(s)
     commands = sorted(f"`{command}` ({min(s['date'] for s in parts)}, load average {_load_range(parts)})"
                       for command, parts in runs.items())
-    lines = [BEGIN, "", f"Machine: {meta.get('machine', '?')}. Runs: {'; '.join(commands) or '–'}.", "",
-             "Training loop, Fashion-MNIST train split, batch 128, Adam, interleaved epochs of each loop, each "
-             "epoch ending with the same work as `fastvae train`'s (test-split evaluation, two image grids, a "
-             "checkpoint). Epoch s: wall time of the whole epoch (median); steps s: the training steps alone; "
-             "CPU s: the process's CPU seconds per epoch:", ""]
-    lines += loop_table(read_csv(results / "cpu_loop.csv"))
-    lines += ["",
-              "Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in "
-              "parentheses, the largest ratio of any size (below 1 the fused op is faster):", ""]
-    lines += ops_table(read_csv(results / "cpu.csv"))
-    return "\n".join(lines + ["", END])
+    lines = [f"#### {meta.get('machine', name).split(';')[0]}", "",
+             f"Machine: {meta.get('machine', '?')} ([`bench/results/{name}.md`](../bench/results/{name}.md)). "
+             f"Runs: {'; '.join(commands) or '–'}.", ""]
+    loop_rows = read_csv(results / f"{name}_loop.csv")
+    if loop_rows:
+        lines += ["Training loop, Fashion-MNIST train split, batch 128, Adam, interleaved epochs of each loop, each "
+                  "epoch ending with the same work as `fastvae train`'s (test-split evaluation, two image grids, a "
+                  "checkpoint). Epoch s: wall time of the whole epoch (median); steps s: the training steps alone; "
+                  "CPU s: the process's CPU seconds per epoch; best careful: the faster of the two careful "
+                  "hand-written loops; step GFLOP/s: the steps' matmul and convolution FLOPs per second and, in "
+                  "parentheses, that over this machine's measured GEMM rate in the loop's precision:", "",
+                  *loop_table(loop_rows), ""]
+    op_rows = read_csv(results / f"{name}.csv")
+    if op_rows:
+        lines += ["Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in "
+                  "parentheses, the largest ratio of any size (below 1 the fused op is faster):", "",
+                  *ops_table(op_rows), ""]
+    return lines
+
+
+def block(results: Path = RESULTS) -> str:
+    """The generated text between the markers (markers included): every machine's tables, one after another."""
+    names = machine_files(results)
+    lines = [BEGIN, "", f"Measured on {len(names)} machine(s), each in its own results file; a number holds for the "
+             "machine named above its table.", ""]
+    for name in names:
+        lines += machine_block(results, name)
+    return "\n".join(lines + [END])
 
 
 def summary(path: Path, limit: int = 90) -> str:

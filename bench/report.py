@@ -3,7 +3,7 @@
 ``fastvae.plots.benchmark_bars``) and ``<device>.json`` (when and how each section was measured).
 
 A run of a subset (``--only``) replaces that subset's rows and keeps the others from the files already
-in ``out``, so ``bench/results/cpu.md`` always shows every section, each dated.
+in ``out``, so ``bench/results/<device>.md`` always shows every section, each dated.
 
 Ratios are times, fused over the other provider: below 1 the fused op is faster.
 """
@@ -218,7 +218,7 @@ def machine(device: str) -> str:
     """The machine that produced a result, in one line: CPU model, ISA flags, cores, torch threads, versions."""
     from fastvae.machine import describe_machine, machine_label
 
-    return machine_label(describe_machine(device))
+    return machine_label(describe_machine(device.split("-")[0]))  # "cpu-<slug>" or "cuda-<gpu>": the kind
 
 
 _CPU_NOTE = (
@@ -282,17 +282,36 @@ def render(device: str, op_rows: Sequence[dict], loop_rows: Sequence[dict], meta
     return "\n".join(lines).rstrip() + "\n"
 
 
+def careful_best(rows: Sequence[dict], model: str, key: str = "epoch_s") -> float | None:
+    """The faster careful hand-written loop's ``key`` (epoch or steps seconds) on ``model``: the yardstick of
+    fastvae's default loop (``bench.loop.CAREFUL``)."""
+    from .loop import CAREFUL
+
+    times = [r[key] for r in rows if r["model"] == model and r["loop"] in CAREFUL and r.get(key)]
+    return min(times) if times else None
+
+
+def _ratio(value, base) -> str:
+    return f"{value / base:.2f}" if value and base else "–"
+
+
 def loop_table(rows: Sequence[dict]) -> list[str]:
-    lines = ["| model | loop | epoch s [p20, p80] | images/s | time / plain | first epoch s | epochs | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| model | loop | precision | epoch s [p20, p80] | images/s | time / plain | time / best careful "
+             "(epoch, steps) | step GFLOP/s | of GEMM | first epoch s | epochs | note |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         t = r.get("epoch_s")
         cell = "–" if t is None else f"{t:.2f} [{r['p20_s']:.2f}, {r['p80_s']:.2f}]"
         ips = "–" if r.get("images_per_s") is None else f"{r['images_per_s']:,.0f}"
         ratio = "–" if r.get("vs_plain") is None else f"{r['vs_plain']:.2f}"
+        careful = (f"{_ratio(t, careful_best(rows, r['model']))}, "
+                   f"{_ratio(r.get('train_s'), careful_best(rows, r['model'], 'train_s'))}")
+        gflops = "–" if not r.get("step_gflops") else f"{r['step_gflops']:.0f}"
+        of_gemm = "–" if not r.get("of_gemm") else f"{r['of_gemm']:.0%}"
         first = "–" if r.get("first_epoch_s") is None else f"{r['first_epoch_s']:.2f}"
-        lines.append(f"| {r['model']} | {r['loop']} | {cell} | {ips} | {ratio} | {first} | {_fmt_int(r.get('epochs'))} "
-                     f"| {r.get('note') or ''} |")
+        lines.append(f"| {r['model']} | {r['loop']} | {r.get('precision') or '–'} | {cell} | {ips} | {ratio} | "
+                     f"{careful} | {gflops} | {of_gemm} | {first} | {_fmt_int(r.get('epochs'))} | "
+                     f"{r.get('note') or ''} |")
     return lines
 
 

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cache import cache_dir
+
 __all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "as_images", "to_float", "default_root",
            "resolve_dataset", "fashion_mnist_available", "ImageFolder", "BatchStream", "batch_samples", "FOLDER_PREFIX"]
 
@@ -119,10 +121,44 @@ def _labels(array, n: int) -> Tensor:
 # IDX (MNIST, Fashion-MNIST)
 # --------------------------------------------------------------------------------------------------
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (``.gz`` or raw) as a uint8 array: ``(N, H, W)`` images or ``(N,)`` labels."""
+    """An IDX file (``.gz`` or raw) as a uint8 array: ``(N, H, W)`` images or ``(N,)`` labels. A ``.gz`` file is
+    decoded once: its bytes are kept under ``cache_dir() / "datasets"`` (``decoded_idx``) and read from there."""
     path = Path(path)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
-        data = bytearray(handle.read())  # writable, so torch.from_numpy needs no copy
+    if path.suffix == ".gz":
+        cached = decoded_idx(path)
+        try:
+            return _parse_idx(bytearray(cached.read_bytes()), path)
+        except (OSError, ValueError):  # not cached yet, or a damaged copy: decode the file itself
+            pass
+        with gzip.open(path, "rb") as handle:
+            data = bytearray(handle.read())
+        array = _parse_idx(data, path)
+        _keep(cached, data)
+        return array
+    return _parse_idx(bytearray(path.read_bytes()), path)  # writable, so torch.from_numpy needs no copy
+
+
+def decoded_idx(path: Path) -> Path:
+    """Where the decoded bytes of the gzipped IDX file ``path`` are cached: named by the file's name, size and
+    modification time, so that a changed file is decoded afresh."""
+    stat = path.stat()
+    return cache_dir() / "datasets" / f"{path.name[:-len('.gz')]}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _keep(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` whole or not at all (a temporary file, then a rename); a cache that cannot be
+    written is skipped."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+
+
+def _parse_idx(data: bytearray, path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]

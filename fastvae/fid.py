@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .cache import cache_dir
+
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 EXTRACTORS = ("auto", "inception", "classifier")
 CLASSIFIER_VERSION = 1
@@ -182,13 +184,6 @@ class FeatureClassifier(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
-
-
-def cache_dir(root: str | os.PathLike | None = None) -> Path:
-    """``root``, else ``$FASTVAE_CACHE``, else ``~/.cache/fastvae``."""
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get("FASTVAE_CACHE", Path.home() / ".cache" / "fastvae"))
 
 
 def classifier_path(dataset: str, root: str | os.PathLike | None = None) -> Path:

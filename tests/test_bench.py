@@ -17,6 +17,8 @@ from bench.cases import reparameterize_kl as latent_case, variance_law as varian
 from bench.loop import TorchvisionFashionMNIST, as_uint8, load_fashion_mnist
 from fastvae import reference
 
+CPU = measure.device_name(torch.device("cpu"))  # the results files' name on this machine: cpu-<machine slug>
+
 
 def _csv(path):
     with open(path, newline="") as handle:
@@ -25,34 +27,41 @@ def _csv(path):
 
 def test_quick_run_writes_tables_csv_and_charts(tmp_path):
     assert bench_main(["--quick", "--only", "balanced_mse,loop", "--loop-models", "dense", "--out", str(tmp_path)]) == 0
-    md = (tmp_path / "cpu.md").read_text()
+    md = (tmp_path / f"{CPU}.md").read_text()
     for mode in ("forward", "backward", "forward+backward"):
         assert f"### balanced_mse: {mode}" in md
     assert ("| case | eager ms [p20, p80] | compile ms [p20, p80] | fused ms [p20, p80] | fused/eager "
             "| fused/compile |") in md
     assert "## Training loop" in md
-    rows = _csv(tmp_path / "cpu.csv")
+    rows = _csv(tmp_path / f"{CPU}.csv")
     assert set(measure.Row.columns()) <= set(rows[0])
     measured = {(r["provider"], r["mode"]) for r in rows if r["op"] == "balanced_mse" and r["median_ms"]}
     assert measured == {(p, m) for p in cases.PROVIDERS for m in cases.MODES}
     fused_forward = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "forward")
     assert int(fused_forward["triton_launches"]) >= 1  # counted in interpret mode, in a subprocess
     assert int(fused_forward["saved_beyond_inputs"]) <= 8  # the op saves its inputs and gamma^2 only
-    loops = {r["loop"]: r for r in _csv(tmp_path / "cpu_loop.csv")}
-    expected = {"fastvae", "tensors", "plain"} | ({"pythae"} if importlib.util.find_spec("pythae") else set())
+    loops = {r["loop"]: r for r in _csv(tmp_path / f"{CPU}_loop.csv")}
+    expected = {"fastvae", "bare", "tensors", "tensors-bf16", "plain"} | (
+        {"pythae"} if importlib.util.find_spec("pythae") else set())
     assert set(loops) == expected
+    # the bare step of fastvae's ops trains in the precision fastvae's auto chose; the careful loops in theirs
+    assert loops["fastvae"]["precision"] in ("fp32", "bf16")
+    assert loops["bare"]["precision"] == loops["fastvae"]["precision"]
+    assert (loops["tensors"]["precision"], loops["tensors-bf16"]["precision"]) == ("fp32", "bf16")
+    for name in ("fastvae", "bare", "tensors", "tensors-bf16", "plain"):
+        assert 0 < float(loops[name]["step_gflops"]) and 0 < float(loops[name]["of_gemm"]), name
     assert all(float(r["epoch_s"]) > 0 and float(r["images_per_s"]) > 0 for r in loops.values())
     # every loop's epoch includes the same end-of-epoch work as fit's, so it is longer than its steps alone
     assert all(0 < float(r["train_s"]) < float(r["epoch_s"]) and float(r["cpu_s"]) > 0 for r in loops.values())
     assert float(loops["plain"]["vs_plain"]) == pytest.approx(1.0)
-    png = tmp_path / "cpu_balanced_mse.png"
+    png = tmp_path / f"{CPU}_balanced_mse.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a second run of another op keeps the first run's rows and sections
     assert bench_main(["--quick", "--only", "moments", "--providers", "eager,fused", "--out", str(tmp_path)]) == 0
-    ops_now = {r["op"] for r in _csv(tmp_path / "cpu.csv")}
+    ops_now = {r["op"] for r in _csv(tmp_path / f"{CPU}.csv")}
     assert ops_now == {"balanced_mse", "moments"}
-    md = (tmp_path / "cpu.md").read_text()
+    md = (tmp_path / f"{CPU}.md").read_text()
     assert "### moments: forward" in md and "### balanced_mse: forward" in md and "## Training loop" in md
 
 
@@ -85,16 +94,47 @@ def test_readme_tables_are_generated_from_the_results_files():
 def test_readme_check_fails_when_a_number_drifts(tmp_path):
     import shutil
 
-    for name in ("cpu.csv", "cpu_loop.csv", "cpu.json"):
+    machine = readme.machine_files()[0]  # the results of a machine that measured (not necessarily this one)
+    for name in (f"{machine}.csv", f"{machine}_loop.csv", f"{machine}.json"):
         shutil.copy(readme.RESULTS / name, tmp_path / name)
-    rows = _csv(tmp_path / "cpu_loop.csv")
+    rows = _csv(tmp_path / f"{machine}_loop.csv")
     rows[0]["epoch_s"] = str(float(rows[0]["epoch_s"]) * 2)
-    with open(tmp_path / "cpu_loop.csv", "w", newline="") as handle:
+    with open(tmp_path / f"{machine}_loop.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     current = readme.PERFORMANCE.read_text()
     assert readme.render(current, readme.block(tmp_path)) != current
+
+
+def test_each_machine_keeps_its_own_results_and_tables(tmp_path):
+    """A second machine's results sit beside the first one's: two sets of files, two named parts of the tables."""
+    import json
+    import shutil
+
+    first = readme.machine_files()[0]
+    for suffix in (".csv", "_loop.csv", ".json"):
+        shutil.copy(readme.RESULTS / f"{first}{suffix}", tmp_path / f"{first}{suffix}")
+        shutil.copy(readme.RESULTS / f"{first}{suffix}", tmp_path / f"cpu-intel-xeon-amx-bf16-2c{suffix}")
+    meta = json.loads((tmp_path / "cpu-intel-xeon-amx-bf16-2c.json").read_text())
+    meta["machine"] = "Intel(R) Xeon(R) Platinum (avx512f, amx_bf16; 2 cores, 2 torch threads); torch 2.13.0+cpu"
+    (tmp_path / "cpu-intel-xeon-amx-bf16-2c.json").write_text(json.dumps(meta))
+    assert readme.machine_files(tmp_path) == sorted([first, "cpu-intel-xeon-amx-bf16-2c"])
+    text = readme.block(tmp_path)
+    assert "#### Intel(R) Xeon(R) Platinum (avx512f, amx_bf16" in text
+    assert text.count("#### ") == 2 and text.count("| op | forward | backward | forward+backward |") == 2
+    assert "Measured on 2 machine(s)" in text
+    assert CPU.startswith("cpu-") and len(CPU) > len("cpu-")  # this machine's own name for its files
+
+
+def test_step_flops_are_the_linear_layers_forward_and_backward():
+    """A dense step's FLOPs: 2 B in out for each linear's forward, as much again for its weight's gradient and
+    for its input's gradient, but the first layer's (the data needs none)."""
+    from bench.loop import BATCH, build, step_flops
+
+    linears = [m for m in build("dense").modules() if isinstance(m, torch.nn.Linear)]
+    per_layer = [2 * BATCH * m.in_features * m.out_features for m in linears]
+    assert step_flops("dense", torch.device("cpu")) == 3 * sum(per_layer) - per_layer[0]
 
 
 def test_eager_compositions_agree_with_the_reference():

@@ -1,10 +1,15 @@
 """``python -m bench.gpu --dry-run``: the GPU acceptance run's flow on the CPU, so that it cannot rot (issue 21)."""
+import torch
+
 from bench import gpu
+from bench.measure import device_name
+
+CPU = device_name(torch.device("cpu"))
 
 
 def test_dry_run_writes_every_section(tmp_path):
     assert gpu.main(["--dry-run", "--out", str(tmp_path)]) == 0
-    text = (tmp_path / "cpu.md").read_text()
+    text = (tmp_path / f"{CPU}.md").read_text()
     assert "(dry run: CPU, interpreter, tiny sizes)" in text
     tests_line = text.split("## Tests on the device")[1].split("\n\n")[1]
     assert " passed" in tests_line and "failed" not in tests_line, tests_line

@@ -218,3 +218,31 @@ def test_image_folder_streams_uint8_images(tmp_path):
     (tmp_path / "sub" / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="holds no images"):
         ImageFolder(tmp_path / "sub" / "empty")
+
+
+def test_a_gzipped_idx_file_is_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The first read writes the decoded bytes to the cache; later reads take them from there without gunzip;
+    a changed file, or a damaged copy in the cache, is decoded afresh; an unwritable cache is skipped."""
+    import os
+
+    monkeypatch.setenv("FASTVAE_CACHE_DIR", str(tmp_path / "cache"))
+    images = np.arange(5 * 28 * 28).reshape(5, 28, 28) % 256
+    source = tmp_path / "train-images-idx3-ubyte.gz"
+    _write_idx(source, images, compress=True)
+    assert np.array_equal(read_idx(source), images)
+    cached = data.decoded_idx(source)
+    assert cached.is_file() and cached.parent == tmp_path / "cache" / "datasets"
+    opened, gunzip = [], gzip.open
+    monkeypatch.setattr(data.gzip, "open", lambda *a, **k: (a[1:] == ("rb",) and opened.append(a)) or gunzip(*a, **k))
+    assert np.array_equal(read_idx(source), images) and opened == []  # from the cache
+    cached.write_bytes(cached.read_bytes()[:100])  # damaged copy
+    assert np.array_equal(read_idx(source), images) and len(opened) == 1
+    assert cached.stat().st_size == 16 + images.size  # written whole again
+    changed = (images + 1) % 256
+    _write_idx(source, changed, compress=True)
+    os.utime(source, ns=(1, 1))
+    assert np.array_equal(read_idx(source), changed) and len(opened) == 2
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("FASTVAE_CACHE_DIR", str(blocked))
+    assert np.array_equal(read_idx(source), changed) and len(opened) == 3

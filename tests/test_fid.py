@@ -111,7 +111,7 @@ def _digits():
 
 
 def test_classifier_extractor_trains_caches_and_separates(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setenv("FASTVAE_CACHE", str(tmp_path))
+    monkeypatch.setenv("FASTVAE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights there
     monkeypatch.delenv("FASTVAE_INCEPTION_WEIGHTS", raising=False)
     images, labels = _digits()
@@ -150,7 +150,7 @@ def test_classifier_extractor_trains_caches_and_separates(tmp_path, monkeypatch,
 def test_fid_commands_end_to_end(tmp_path, monkeypatch, capsys, one_thread):
     from fastvae.cli import main
 
-    monkeypatch.setenv("FASTVAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTVAE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("FASTVAE_INCEPTION_WEIGHTS", raising=False)
     assert main(["fid-features", "--dataset", "digits", "--epochs", "1"]) == 0

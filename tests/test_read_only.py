@@ -47,7 +47,7 @@ def read_only_run(base_run, tmp_path):
 
 def test_reading_commands_work_on_a_read_only_run(read_only_run, base_run, tmp_path, monkeypatch, capsys):
     before = _snapshot(base_run)
-    monkeypatch.setenv("FASTVAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTVAE_CACHE_DIR", str(tmp_path / "cache"))
     model, config = fastvae.load(read_only_run)
     assert config.dataset == "digits"
     out = tmp_path / "out"

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--extractor", choices=EXTRACTORS, default="auto",
                         help="feature extractor (default: auto, Inception when available, else the classifier)")
     parser.add_argument("--cache-dir", default=None,
-                        help="where the classifier is cached (default: $FASTVAE_CACHE or ~/.cache/fastvae)")
+                        help="where the classifier is cached (default: $FASTVAE_CACHE_DIR or ~/.cache/fastvae)")
     parser.add_argument("--classifier-epochs", type=int, default=3,
                         help="epochs of the classifier when it must be trained first (default: 3)")
     parser.add_argument("--seed", type=seed_value, default=0, help="seed of the generated samples (default: 0)")
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     features.add_argument("--data-root", default=None, help="data folder (default: $FASTVAE_DATA or ./data)")
     features.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
     features.add_argument("--cache-dir", default=None,
-                          help="cache folder (default: $FASTVAE_CACHE or ~/.cache/fastvae)")
+                          help="cache folder (default: $FASTVAE_CACHE_DIR or ~/.cache/fastvae)")
     features.add_argument("--force", action="store_true", help="retrain even when a cached classifier exists")
     features.add_argument("--device", default="cpu", help="device (default: cpu)")
     features.set_defaults(func=run_features, parser=features)

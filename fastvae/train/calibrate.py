@@ -29,12 +29,12 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..cache import cache_dir
 from ..machine import describe_machine
 
 __all__ = ["PrecisionChoice", "calibrate_precision", "candidate_precisions", "cache_dir", "WARMUP", "ROUNDS", "STEPS",
@@ -69,13 +69,6 @@ class PrecisionChoice:
             return f"precision auto: {self.precision}, the only candidate on this device"
         return (f"precision auto: {self.precision}, not measured: the run's {self.steps} steps are too few "
                 f"(calibration takes {_calibration_steps(2)} steps, at most {BUDGET:.0%} of a run)")
-
-
-def cache_dir() -> Path:
-    """``$FASTVAE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastvae``, else ``~/.cache/fastvae``."""
-    if os.environ.get("FASTVAE_CACHE_DIR"):
-        return Path(os.environ["FASTVAE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastvae"
 
 
 def candidate_precisions(device: torch.device) -> tuple[str, ...]:
