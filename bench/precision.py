@@ -3,10 +3,10 @@
     python -m bench.precision [--out bench/results] [--dense-epochs 20] [--conv-epochs 5] [--device cpu]
 
 Trains the default dense VAE (784-256-64-32-16) and the conv VAE on Fashion-MNIST in fp32 with seeds 0 and 1
-(how far a result moves with the seed alone) and in bf16 with seed 0, and writes ``precision.md`` and
-``precision.json``: the test MSE and gamma of the last epoch, the inactive latent variables over the test
-split (``fastvae.analysis.latent_statistics``: small ``Var(mu)`` and ``E[sigma^2]`` near 1) and the median
-epoch time. ``TrainConfig.precision="auto"`` picks bf16 only where it
+(how far a result moves with the seed alone) and in bf16 with seed 0, and writes the test MSE and gamma of the last
+epoch, the inactive latent variables over the test split (``fastvae.analysis.latent_statistics``: small
+``Var(mu)`` and ``E[sigma^2]`` near 1) and the median epoch time to ``precision-<device>.md`` and ``.json``
+(``<device>``: ``cpu-<machine slug>``; a pair of files per machine, every row naming the machine). ``TrainConfig.precision="auto"`` picks bf16 only where it
 measures faster (``fastvae/train/calibrate.py``); this table says what that choice costs in results. README quotes it
 (``python -m bench.readme``).
 """
@@ -26,6 +26,7 @@ from fastvae.data import load_dataset
 from fastvae.train import TrainConfig
 from fastvae.train.from_config import train
 
+from .measure import device_name
 from .report import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,13 +53,20 @@ def run_one(model: str, precision: str, seed: int, epochs: int, device: str, fol
             "epoch_s": statistics.median(epoch_times)}
 
 
-def table(rows: list[dict]) -> list[str]:
-    lines = ["| model | epochs | precision | seed | test MSE | gamma | inactive latents | epoch s (median) |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+def table(rows: list[dict], machine_name: str) -> list[str]:
+    """The rows of one machine, its name (``machine_name``: the CPU model) in every row."""
+    lines = ["| machine | model | epochs | precision | seed | test MSE | gamma | inactive latents | epoch s (median) |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['epochs']} | {r['precision']} | {r['seed']} | {r['test_mse']:.5f} | "
-                     f"{r['gamma']:.4f} | {r['inactive']} of {r['latent_dim']} | {r['epoch_s']:.2f} |")
+        lines.append(f"| {machine_name} | {r['model']} | {r['epochs']} | {r['precision']} | {r['seed']} | "
+                     f"{r['test_mse']:.5f} | {r['gamma']:.4f} | {r['inactive']} of {r['latent_dim']} | "
+                     f"{r['epoch_s']:.2f} |")
     return lines
+
+
+def results_name(device: str) -> str:
+    """The results files' stem on this machine: ``precision-cpu-<machine slug>`` (one pair of files per machine)."""
+    return f"precision-{device_name(torch.device(device))}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         for model, epochs in (("dense", args.dense_epochs), ("conv", args.conv_epochs)):
             for precision, seed in RUNS:
                 rows.append(run_one(model, precision, seed, epochs, args.device, Path(folder), test_images))
-                print(table(rows)[-1], flush=True)
+                print(table(rows, "this machine")[-1], flush=True)
     described = machine(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     text = ["# bf16 against fp32 in `fastvae train`", "",
@@ -86,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             "Fashion-MNIST, the default settings of `fastvae train` (balanced loss, batch 128, Adam lr 1e-3) but the "
             "precision and the seed (fp32 with a second seed shows how far a result moves with the seed alone); "
             "the MSE and gamma of the last epoch's test evaluation, the inactive variables "
-            "(Var(mu) < 0.05 and E[sigma^2] > 0.8) over the 10000 test images.", "", *table(rows), ""]
-    (args.out / "precision.md").write_text("\n".join(text))
-    (args.out / "precision.json").write_text(json.dumps({"machine": described, "date": started, "command": command,
-                                                         "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out / 'precision.md'}")
+            "(Var(mu) < 0.05 and E[sigma^2] > 0.8) over the 10000 test images.", "",
+            *table(rows, described.split(" (")[0]), ""]
+    name = results_name(args.device)
+    (args.out / f"{name}.md").write_text("\n".join(text))
+    (args.out / f"{name}.json").write_text(json.dumps({"machine": described, "date": started, "command": command,
+                                                       "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out / name}.md")
     return 0
 
 

@@ -10,7 +10,7 @@ and the largest ratio of any size. The layout tree sits between ``<!-- layout:be
 sentence of its docstring. The machine-code headline and the
 predicted speedups come from ``static.md`` (``<!-- bench:static:begin/end -->``), the largest kernel errors
 per dtype from ``accuracy.md`` (``<!-- bench:accuracy:begin/end -->``), bf16 against fp32 in ``fastvae train``
-from ``precision.json`` (``<!-- bench:precision:begin/end -->``). ``--check`` writes nothing and
+from ``precision-<device>.json`` (``<!-- bench:precision:begin/end -->``). ``--check`` writes nothing and
 exits 1 when a page differs from what the results files and the modules say, or a block is in no page (the test
 suite runs it).
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .cases import MODE_TITLES, MODES, OPS
 from .precision import table as precision_table
+from .process import table as process_table
 from .report import careful_best, geomean, read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +134,13 @@ def machine_block(results: Path, name: str) -> list[str]:
                   "hand-written loops; step GFLOP/s: the steps' matmul and convolution FLOPs per second and, in "
                   "parentheses, that over this machine's measured GEMM rate in the loop's precision:", "",
                   *loop_table(loop_rows), ""]
+    process = results / f"{name}_process.json"
+    if process.is_file():
+        record = json.loads(process.read_text())
+        lines += [f"The whole process, start-up included, {record['epochs']} epochs of each, in turns "
+                  f"(`{record['command']}`, {record['date']}, load average {record['load']}): `fastvae train` with "
+                  "its defaults (precision auto, measured afresh in every run) against pytorch/examples' VAE script "
+                  "on the same model (`bench/examples_vae.py`):", "", *process_table(record), ""]
     op_rows = read_csv(results / f"{name}.csv")
     if op_rows:
         lines += ["Fused ops on the CPU: fused time over eager time, the geometric mean over the sizes and, in "
@@ -232,10 +240,14 @@ def accuracy_block(results: Path = RESULTS) -> str:
 
 
 def precision_block(results: Path = RESULTS) -> str:
-    """bf16 against fp32 in ``fastvae train``, from ``precision.json`` (``python -m bench.precision``)."""
-    meta = json.loads((results / "precision.json").read_text())
-    return "\n".join([PRECISION_BEGIN, "", f"`{meta['command']}` ({meta['date']}; {meta['machine']}):", "",
-                      *precision_table(meta["rows"]), "", PRECISION_END])
+    """bf16 against fp32 in ``fastvae train``, from every machine's ``precision-<device>.json``
+    (``python -m bench.precision``), one table each."""
+    lines = [PRECISION_BEGIN, ""]
+    for path in sorted(results.glob("precision-*.json")):
+        meta = json.loads(path.read_text())
+        lines += [f"`{meta['command']}` ({meta['date']}; {meta['machine']}):", "",
+                  *precision_table(meta["rows"], meta["machine"].split(" (")[0].split(",")[0]), ""]
+    return "\n".join(lines + [PRECISION_END])
 
 
 def render(readme: str, generated: str, begin: str = BEGIN, end: str = END) -> str:
