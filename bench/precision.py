@@ -6,9 +6,9 @@ Trains the default dense VAE (784-256-64-32-16) and the conv VAE on Fashion-MNIS
 (how far a result moves with the seed alone) and in bf16 with seed 0, and writes the test MSE and gamma of the last
 epoch, the inactive latent variables over the test split (``fastvae.analysis.latent_statistics``: small
 ``Var(mu)`` and ``E[sigma^2]`` near 1) and the median epoch time to ``precision-<device>.md`` and ``.json``
-(``<device>``: ``cpu-<machine slug>``; a pair of files per machine, every row naming the machine). ``TrainConfig.precision="auto"`` picks bf16 only where it
-measures faster (``fastvae/train/calibrate.py``); this table says what that choice costs in results. README quotes it
-(``python -m bench.readme``).
+(``<device>``: ``cpu-<machine slug>``; a pair of files per machine, every row naming the machine).
+``TrainConfig.precision="auto"`` picks bf16 only where it measures faster (``fastvae/train/calibrate.py``); this
+table says what that choice costs in results. README quotes it (``python -m bench.readme``).
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def test_processes_take_turns_and_their_ratio_is_taken_pair_by_pair(tmp_path, mo
         "fastvae train": [sys.executable, "-c", script, str(log), "A", "0.05"],
         "pytorch/examples VAE": [sys.executable, "-c", script, str(log), "B", "0.2"]})
     result = process.measure(epochs=1, rounds=3, log=lambda line: None)
-    assert log.read_text().split() == ["A", "B"] * 3
+    assert log.read_text().split() == ["A", "B"] * 4  # the cold run of each, then the rounds
+    assert set(result["cold"]) == {"fastvae train", "pytorch/examples VAE"}
     a, b = result["runs"]["fastvae train"], result["runs"]["pytorch/examples VAE"]
     ratios = sorted(x["wall_s"] / y["wall_s"] for x, y in zip(a, b))
     assert result["ratio_wall"] == {"min": ratios[0], "median": ratios[1], "max": ratios[2]}
