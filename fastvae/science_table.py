@@ -379,8 +379,9 @@ def _header(data: dict) -> list[str]:
             "standard deviation, then the per-seed values in seed order. A seed counts once its run reached "
             "the row's epochs; the `seeds` column lists those. Two numbers are called different only where "
             f"{data['spread_rule']}."
-            + (f" Training precision as the runs' config.json records it: {', '.join(precisions)} (`auto` resolved "
-               "on this machine)." if precisions else ""), ""]
+            + (f" Training precision as the runs' config.json records it: {', '.join(precisions)} (the rows pin "
+               "`--precision bf16`; the first runs, made before that, trained with `auto`, which chose bf16)."
+               if precisions else ""), ""]
 
 
 SPARSITY_ROWS = (("dense", "8 of 16 inactive"), ("dense-100", "8 of 16 inactive"),
