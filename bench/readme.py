@@ -107,6 +107,16 @@ def _load_range(sections: list[dict]) -> str:
     return f"{min(loads)} to {max(loads)}" if loads else "?"
 
 
+def loop_overhead(rows: list[dict]) -> list[str]:
+    """Per model, ``fastvae``'s steps seconds over ``bare``'s, as ``"dense 1.04x"``."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        steps = {r["loop"]: r.get("train_s") for r in rows if r["model"] == model}
+        if steps.get("fastvae") and steps.get("bare"):
+            out.append(f"{_MODEL_NAMES.get(model, model)} {steps['fastvae'] / steps['bare']:.2f}x")
+    return out
+
+
 def machine_files(results: Path = RESULTS) -> list[str]:
     """The CPU machines with results in ``results``: the names ``cpu-<machine slug>`` of their files, sorted."""
     return sorted(path.stem for path in results.glob("cpu-*.json"))
@@ -134,6 +144,10 @@ def machine_block(results: Path, name: str) -> list[str]:
                   "hand-written loops; step GFLOP/s: the steps' matmul and convolution FLOPs per second and, in "
                   "parentheses, that over this machine's measured GEMM rate in the loop's precision:", "",
                   *loop_table(loop_rows), ""]
+        overhead = loop_overhead(loop_rows)
+        if overhead:
+            lines += ["What fastvae's loop adds around its ops, its steps' seconds over the bare step's (`bare`: the "
+                      "careful loop around the same ops, in the same precision): " + "; ".join(overhead) + ".", ""]
     process = results / f"{name}_process.json"
     if process.is_file():
         record = json.loads(process.read_text())

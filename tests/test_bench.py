@@ -209,3 +209,9 @@ def test_the_other_loops_end_each_epoch_as_fit_does(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "recon-epoch001.png", "samples-epoch001.png"]
     state = torch.load(tmp_path / "checkpoint.pt")
     assert set(state) == {"model", "optimizer", "running_mse", "epoch"} and state["optimizer"]["state"]
+
+
+def test_the_loop_overhead_is_fastvae_steps_over_the_bare_steps():
+    rows = [{"model": "dense", "loop": "fastvae", "train_s": 2.1}, {"model": "dense", "loop": "bare", "train_s": 2.0},
+            {"model": "conv", "loop": "fastvae", "train_s": 7.0}]
+    assert readme.loop_overhead(rows) == ["dense 784-256-64-32-16 1.05x"]  # conv has no bare row: no claim
