@@ -224,6 +224,25 @@ def _z_eps_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, z, eps):
 
 
 @_jit(inline="always")
+def _z_kl_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z, eps, terms):
+    """``_z_row`` (``_z_eps_row`` when ``want_eps``) and ``_kl_row`` in one pass, ``std`` computed once."""
+    if want_eps:
+        for j in range(mu.shape[0]):
+            m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
+            std = _exp(_HALF * lv)
+            e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+            eps[j] = e
+            z[j] = m + std * e
+            terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
+    else:
+        for j in range(mu.shape[0]):
+            m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
+            std = _exp(_HALF * lv)
+            z[j] = m + std * _normal(first + np.uint64(j), seed_lo, seed_hi)
+            terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
+
+
+@_jit(inline="always")
 def _kl_row(mu, logvar, clamp, lo, hi, terms):
     """``terms[j] = ((mu^2 + std^2) - logvar - 1) / 2`` over one row, ``std = exp(logvar / 2)``."""
     for j in range(mu.shape[0]):
@@ -247,14 +266,19 @@ def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, 
     E = mu.shape[1]
     scratch = np.empty(E if want_sums else 0, np.float32)
     for r in range(first_row, end_row):
-        if want_z and want_eps:
-            _z_eps_row(mu[r], logvar[r], clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi, z[r], eps[r])
+        first = np.uint64(r * E)
+        if want_z and (want_terms or want_sums):
+            _z_kl_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r], eps[r if want_eps else 0],
+                      terms[r] if want_terms else scratch)
+        elif want_z and want_eps:
+            _z_eps_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, z[r], eps[r])
         elif want_z:
-            _z_row(mu[r], logvar[r], clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi, z[r])
-        if want_terms:
+            _z_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, z[r])
+        elif want_terms:
             _kl_row(mu[r], logvar[r], clamp, lo, hi, terms[r])
-        if want_sums:
+        elif want_sums:
             _kl_row(mu[r], logvar[r], clamp, lo, hi, scratch)
+        if want_sums:
             sums[r] = _row_sum(scratch)
 
 
