@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastvae
 from fastvae import reference
 from fastvae.ops import engine
 from fastvae.ops.engine import formulas, philox as _philox
@@ -342,3 +343,27 @@ def test_a_forked_child_splits_its_loops_over_threads_of_its_own():
     _compiled_or_skip()
     result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_compiled_moments_and_variance_law_match_the_spec(dtype, monkeypatch):
+    """The numba column loop (two float64 passes) behind ``moments`` and ``variance_law`` on the CPU: every dim of a
+    4-D tensor, a transposed view, a mean far above the spread, against the float64 spec; the public ops run it."""
+    _compiled_or_skip()
+    calls = []
+    real = formulas._column_moments
+    monkeypatch.setattr(formulas, "_column_moments", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    z = (1e3 + torch.randn(6, 5, 4, 3, generator=g)).to(dtype)
+    for t, dim, correction in ((z, 0, 0), (z, 2, 1), (z, 3, 0), (z.transpose(0, 2), 1, 1)):
+        mean, var = fastvae.moments(t, dim=dim, correction=correction)
+        want_var, want_mean = torch.var_mean(t.double(), dim=dim, correction=correction)
+        assert mean.dtype == var.dtype == torch.float32 and mean.shape == want_mean.shape
+        _close(mean, want_mean, dtype)
+        _close(var, want_var, torch.float32)  # float64 sums of the (exact) float32 inputs
+    mu, logvar = (torch.randn(40, 6, generator=g).to(dtype) for _ in range(2))
+    mean, var = fastvae.variance_law(mu, logvar)
+    want_mean, want_var = reference.variance_law(mu.double(), logvar.double())
+    _close(mean, want_mean, dtype)
+    _close(var, want_var, torch.float32)
+    assert len(calls) == 5

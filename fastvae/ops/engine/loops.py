@@ -268,8 +268,8 @@ def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, 
     for r in range(first_row, end_row):
         first = np.uint64(r * E)
         if want_z and (want_terms or want_sums):
-            _z_kl_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r], eps[r if want_eps else 0],
-                      terms[r] if want_terms else scratch)
+            _z_kl_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r],
+                      eps[r if want_eps else 0], terms[r] if want_terms else scratch)
         elif want_z and want_eps:
             _z_eps_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, z[r], eps[r])
         elif want_z:
@@ -365,3 +365,39 @@ def reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed, first_row
         _grad_mu_row(g_z, g_kl, g, elementwise, has_grad_z, mu[r], grad_mu[r])
         _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved_eps, eps[r if saved_eps else 0], logvar[r],
                          clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi, grad_logvar[r])
+
+
+# ------------------------------------------------------------------------------ moments, variance_law
+@_jit
+def column_moments(z, correction, logvar, with_logvar, mean, var):
+    """Per-column ``mean`` and ``var`` (divisor ``N - correction``) of each ``(N, C)`` slab of float32 ``(A, N, C)``
+    ``z`` (C-contiguous), into float32 ``(A, C)``; with ``with_logvar``, ``var`` also gets the column means of
+    ``exp(logvar)`` (``logvar`` as ``z``): the law of total variance. Two passes accumulated in float64, the mean
+    and then the squares of the deviations from it (stable when ``|mean| >> std``), in a fixed order."""
+    A, N, C = z.shape
+    total = np.empty(C)
+    squares = np.empty(C)
+    spread = np.empty(C)
+    for a in range(A):
+        total[:] = 0.0
+        squares[:] = 0.0
+        spread[:] = 0.0
+        for r in range(N):
+            row = z[a, r]
+            for c in range(C):
+                total[c] += np.float64(row[c])
+        for c in range(C):
+            total[c] /= N
+        for r in range(N):
+            row = z[a, r]
+            for c in range(C):
+                d = np.float64(row[c]) - total[c]
+                squares[c] += d * d
+        if with_logvar:
+            for r in range(N):
+                row = logvar[a, r]
+                for c in range(C):
+                    spread[c] += np.float64(_exp(row[c]))
+        for c in range(C):
+            mean[a, c] = total[c]
+            var[a, c] = squares[c] / (N - correction) + spread[c] / N

@@ -38,6 +38,8 @@ def _probe(loops: ModuleType) -> None:
     loops.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
                                           row.copy(), True, row)
     loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
+    cube = np.zeros((1, 1, 1), np.float32)
+    loops.column_moments(cube, 0, cube, True, row.copy(), row.copy())
 
 
 @functools.lru_cache(maxsize=1)
