@@ -256,7 +256,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
     if kl is not None and reduction == "none":
         kl = in_format(kl.view(*mu.shape), mu)
     elif kl is not None and reduction == "per_sample":
-        kl = kl.view(*mu.shape[: mu.dim() - event_dims])
+        kl = kl.view([*mu.shape[: mu.dim() - event_dims]])
     elif kl is not None and kl.dim():
         kl = kl.view(())
     return z, kl, eps
