@@ -361,9 +361,21 @@ def test_compiled_moments_and_variance_law_match_the_spec(dtype, monkeypatch):
         assert mean.dtype == var.dtype == torch.float32 and mean.shape == want_mean.shape
         _close(mean, want_mean, dtype)
         _close(var, want_var, torch.float32)  # float64 sums of the (exact) float32 inputs
-    mu, logvar = (torch.randn(40, 6, generator=g).to(dtype) for _ in range(2))
+    mu, logvar = (torch.randn(40, 6, generator=g).to(dtype).requires_grad_() for _ in range(2))
     mean, var = fastvae.variance_law(mu, logvar)
-    want_mean, want_var = reference.variance_law(mu.double(), logvar.double())
+    mu64, logvar64 = (t.detach().double().requires_grad_() for t in (mu, logvar))
+    want_mean, want_var = reference.variance_law(mu64, logvar64)
     _close(mean, want_mean, dtype)
     _close(var, want_var, torch.float32)
     assert len(calls) == 5
+    backward_calls = []
+    real_backward = formulas._rows_variance_law_backward
+    monkeypatch.setattr(formulas, "_rows_variance_law_backward",
+                        lambda *a: backward_calls.append(1) or real_backward(*a))
+    g_mean, g_var = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    got = torch.autograd.grad((mean, var), (mu, logvar), (g_mean, g_var))
+    want = torch.autograd.grad((want_mean, want_var), (mu64, logvar64), (g_mean.double(), g_var.double()))
+    for a, w in zip(got, want):
+        assert a.dtype == dtype and a.shape == w.shape
+        _close(a, w, dtype)
+    assert backward_calls == [1]

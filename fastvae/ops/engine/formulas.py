@@ -163,14 +163,34 @@ def moments_backward(grad_mean: Tensor | None, grad_var: Tensor | None, z: Tenso
 
 def variance_law_backward(grad_mean: Tensor | None, grad_var: Tensor | None, mu: Tensor, logvar: Tensor,
                           mean: Tensor) -> tuple[Tensor, Tensor]:
-    """``d/dmu = g_mean / N + g_var 2 (mu - mean) / N``, ``d/dlogvar = g_var exp(logvar) / N``."""
+    """``d/dmu = g_mean / N + g_var 2 (mu - mean) / N``, ``d/dlogvar = g_var exp(logvar) / N``; on CPU tensors with
+    float32 accumulation in one numba loop (``loops.rows_variance_law_backward``) instead of six ATen passes."""
     D = mu.shape[-1]
+    loops = _loops_for(mu)
+    if loops is not None and grad_var is not None:
+        return _rows_variance_law_backward(loops, grad_mean, grad_var, mu, logvar, mean)
     grad_mu = moments_backward(grad_mean, grad_var, mu.reshape(-1, D), mean, dim=0).reshape(mu.shape)
     if grad_var is None:
         return grad_mu, torch.zeros_like(logvar)
     acc = accumulation_dtype(logvar.dtype)
     grad_logvar = logvar.to(acc).exp().mul_(grad_var.to(acc) / (logvar.numel() // D))
     return grad_mu, grad_logvar.to(logvar.dtype)
+
+
+def _rows_variance_law_backward(loops, grad_mean: Tensor | None, grad_var: Tensor, mu: Tensor, logvar: Tensor,
+                                mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``variance_law_backward`` from ``loops.rows_variance_law_backward`` on ``(rows, D)`` views (copies where
+    needed), in the inputs' dtypes and shapes."""
+    D = mu.shape[-1]
+    zeros = np.zeros(D, np.float32)
+    g_mean = zeros if grad_mean is None else _float32_rows(grad_mean, D).reshape(D)
+    g_var = _float32_rows(grad_var, D).reshape(D)
+    mu_rows = _float32_rows(mu, D)
+    grad_mu, grad_logvar = np.empty(mu_rows.shape, np.float32), np.empty(mu_rows.shape, np.float32)
+    loops.rows_variance_law_backward(g_mean, g_var, mu_rows, _float32_rows(mean, D).reshape(D),
+                                     _float32_rows(logvar, D), grad_mu, grad_logvar)
+    return (_as_dtype(torch.from_numpy(grad_mu), mu.dtype).view(*mu.shape),
+            _as_dtype(torch.from_numpy(grad_logvar), logvar.dtype).view(*logvar.shape))
 
 
 def scalar_renormalization(var: Tensor, target_var: Tensor | float, eps: float = 1e-6) -> Tensor:

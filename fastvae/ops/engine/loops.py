@@ -401,3 +401,27 @@ def column_moments(z, correction, logvar, with_logvar, mean, var):
         for c in range(C):
             mean[a, c] = total[c]
             var[a, c] = squares[c] / (N - correction) + spread[c] / N
+
+
+@_jit
+def rows_variance_law_backward(grad_mean, grad_var, mu, mean, logvar, grad_mu, grad_logvar):
+    """The gradients of ``variance_law`` over the ``N`` rows of float32 ``(N, C)`` ``mu`` and ``logvar``
+    (C-contiguous), float32: ``d mu = g_mean / N + g_var 2 (mu - mean) / N``, ``d logvar = g_var exp(logvar) / N``,
+    with ``g_mean`` and ``g_var`` of ``(C,)`` (zeros where no gradient flows)."""
+    N, C = mu.shape
+    n = _F(N)
+    shift = np.empty(C, np.float32)
+    scale = np.empty(C, np.float32)
+    spread = np.empty(C, np.float32)
+    for c in range(C):
+        shift[c] = grad_mean[c] / n
+        scale[c] = grad_var[c] * _F(2.0 / N)
+        spread[c] = grad_var[c] / n
+    for r in range(N):
+        m, d_mu = mu[r], grad_mu[r]
+        for c in range(C):
+            d_mu[c] = shift[c] + (m[c] - mean[c]) * scale[c]
+    for r in range(N):
+        lv, d_lv = logvar[r], grad_logvar[r]
+        for c in range(C):
+            d_lv[c] = _exp(lv[c]) * spread[c]
