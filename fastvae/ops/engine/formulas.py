@@ -406,5 +406,5 @@ def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Te
     clamp, lo, hi = _clamp_args(logvar_clamp)
     philox.split(lambda a, b: loops.reparameterize_kl_rows_backward(
         g_z, g_kl, mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, grad_z is not None, grad_kl is not None,
-        grad_mu_np, grad_logvar_np, eps is not None, eps_np), rows, rows * E, light=eps is not None or grad_z is None)
+        grad_mu_np, grad_logvar_np, eps is not None, eps_np), rows, rows * E)
     return _as_dtype(torch.from_numpy(grad_mu_np), mu.dtype), _as_dtype(torch.from_numpy(grad_logvar_np), mu.dtype)

@@ -67,11 +67,7 @@ def numba_available() -> bool:
 
 
 PARALLEL_MIN = 1 << 16
-"""Below this many elements a second thread costs more than it saves, for loops that draw the noise (tens of
-instructions an element)."""
-PARALLEL_MIN_LIGHT = 1 << 18
-"""The same for loops that only read and write memory (the backward that reads the kept noise: a few
-instructions an element, about a quarter of a draw's): a second thread pays off from four times the size."""
+"""Below this many elements a second thread costs more than it saves."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,11 +79,10 @@ if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) has 
     os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def split(loop: Callable[[int, int], None], units: int, elements: int, light: bool = False) -> None:
+def split(loop: Callable[[int, int], None], units: int, elements: int) -> None:
     """``loop(a, b)`` over ``[0, units)`` in contiguous chunks, on up to ``torch.get_num_threads()`` threads
-    when there are ``elements`` enough (``PARALLEL_MIN``, or ``PARALLEL_MIN_LIGHT`` for a ``light`` loop; the loops
-    release the GIL; their results do not depend on the split)."""
-    workers = min(torch.get_num_threads(), elements // (PARALLEL_MIN_LIGHT if light else PARALLEL_MIN), units)
+    when there are ``elements`` enough (the loops release the GIL; their results do not depend on the split)."""
+    workers = min(torch.get_num_threads(), elements // PARALLEL_MIN, units)
     if workers <= 1:
         loop(0, units)
         return
