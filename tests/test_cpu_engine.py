@@ -283,8 +283,9 @@ def test_compiled_reparameterize_kl_split_over_threads_changes_no_bit(monkeypatc
 
     def run():
         forward = engine.reparameterize_kl(mu, logvar, seed, "batchmean", (-2.0, 2.0), 1, keep_noise=True)
-        return forward + engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, "batchmean",
-                                                           (-2.0, 2.0), 1, forward[2])
+        kept, drawn = (engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, "batchmean", (-2.0, 2.0), 1, eps)
+                       for eps in (forward[2], None))
+        return forward + kept + drawn
 
     one_thread = run()
     monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
