@@ -3,7 +3,8 @@
 For ``z = posterior.sample(generator); kl = posterior.kl().mean()`` (and ``sample_kl()``) with the backward of
 ``z.sum() + kl``, it counts the tensor ops run forward and backward (each one kernel launch on a GPU; views
 are not counted) with a ``TorchDispatchMode``, and the bytes autograd saves beyond the encoder output itself
-(``saved_tensors_hooks``). It runs on the CPU with the torch backend: the counts and bytes are the same on a GPU.
+(``saved_tensors_hooks``). It runs on the CPU with the torch backend: the counts are the same on a GPU; the bytes
+are the GPU's plus the float32 noise, which the CPU engine keeps for its backward (the GPU kernels recompute it).
 
     python examples/posterior_cost.py                       # SD-like (4, 8, 64, 64) and (1, 32, 128, 128)
     python examples/posterior_cost.py --shape 2 8 32 32

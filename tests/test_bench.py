@@ -175,6 +175,9 @@ def test_saved_for_backward_separates_inputs_from_intermediates():
     total, beyond = measure.saved_for_backward(latent_case.eager, (mu, logvar))
     assert beyond >= 128 * 16 * 4  # autograd of the composition keeps at least one intermediate
     total, beyond = measure.saved_for_backward(lambda m, v: fastvae.reparameterize_kl(m, v), (mu, logvar))
+    assert total == 3 * 128 * 16 * 4 + 8 and beyond == 128 * 16 * 4 + 8  # mu, logvar, the seed and the CPU's noise
+    with fastvae.use_backend("triton"):  # the kernels (the GPU's path) recompute the noise
+        total, beyond = measure.saved_for_backward(lambda m, v: fastvae.reparameterize_kl(m, v), (mu, logvar))
     assert total == 2 * 128 * 16 * 4 + 8 and beyond == 8  # mu, logvar and the int64 seed
 
 

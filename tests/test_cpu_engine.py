@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastvae
 from fastvae import reference
 from fastvae.ops import engine
 from fastvae.ops.engine import formulas, philox as _philox
@@ -193,7 +194,7 @@ def test_a_failing_numba_falls_back_to_torch_with_a_warning(monkeypatch):
         s = torch.tensor([3])
         assert torch.equal(_philox.philox_randn(s, (10,), torch.device("cpu")), reference.philox_randn(s, (10,)))
         mu = torch.randn(4, 5)
-        z, _ = engine.reparameterize_kl(mu, mu, s, "sum", None, 1)
+        z, _, _ = engine.reparameterize_kl(mu, mu, s, "sum", None, 1)
         assert torch.equal(z, engine.reparameterize_kl_rows(mu, mu, s, "sum")[0])  # the engine's PyTorch ops
     finally:
         _philox.compiled.cache_clear()
@@ -242,7 +243,9 @@ def test_compiled_reparameterize_kl_matches_the_spec(dtype, reduction, layout, c
     _compiled_or_skip()
     mu, logvar, event_dims = _event_latents(layout, dtype)
     seed = torch.tensor([2**40 + 3])
-    z, kl = engine.reparameterize_kl(mu, logvar, seed, reduction, clamp, event_dims)
+    z, kl, eps = engine.reparameterize_kl(mu, logvar, seed, reduction, clamp, event_dims, keep_noise=True)
+    assert eps.dtype == torch.float32 and eps.shape == mu.shape and eps.is_contiguous()
+    _close(eps, reference.philox_randn(seed, mu.shape), torch.float32, noise=True)  # z's noise, kept for backward
     z_ref, kl_ref = reference.reparameterize_kl(mu.double(), logvar.double(), seed=seed, reduction=reduction,
                                                       event_dims=event_dims, logvar_clamp=clamp)
     assert z.dtype == mu.dtype and z.stride() == torch.empty_like(mu).stride()
@@ -253,11 +256,13 @@ def test_compiled_reparameterize_kl_matches_the_spec(dtype, reduction, layout, c
     grad_z = torch.randn(mu.shape, generator=g).to(dtype)
     grad_kl = torch.randn(kl.shape, generator=g).to(kl.dtype)
     for g_z, g_kl in ((grad_z, grad_kl), (None, grad_kl), (grad_z, None)):
-        got = engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, reduction, clamp, event_dims)
+        drawn = engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, reduction, clamp, event_dims)
+        kept = engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, reduction, clamp, event_dims, eps)
         want = _spec_grads(mu, logvar, seed, reduction, clamp, event_dims, g_z, g_kl)
-        for a, w in zip(got, want):
+        for a, b, w in zip(drawn, kept, want):
             assert a.dtype == mu.dtype and a.stride() == torch.empty_like(mu).stride()
             _close(a, w, dtype)
+            assert torch.equal(a, b)  # the noise read back is the noise drawn again, bit for bit
 
 
 def test_compiled_reparameterize_kl_keeps_infinities_and_nans_as_the_spec():
@@ -265,7 +270,7 @@ def test_compiled_reparameterize_kl_keeps_infinities_and_nans_as_the_spec():
     mu = torch.tensor([[0.0, 1.0, -1.0, 3e38, 0.0, 0.0, float("nan"), 0.0, 2.0]])
     logvar = torch.tensor([[88.0, -88.0, 100.0, 0.0, float("inf"), -float("inf"), 0.0, float("nan"), -200.0]])
     seed = torch.tensor([5])
-    z, kl = engine.reparameterize_kl(mu, logvar, seed, "none", None, 1)
+    z, kl, _ = engine.reparameterize_kl(mu, logvar, seed, "none", None, 1)
     z_ref, kl_ref = reference.reparameterize_kl(mu, logvar, seed=seed, reduction="none")
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -277,9 +282,10 @@ def test_compiled_reparameterize_kl_split_over_threads_changes_no_bit(monkeypatc
     seed, g_z, g_kl = torch.tensor([8]), torch.randn(37, 11), torch.tensor(0.7)
 
     def run():
-        forward = engine.reparameterize_kl(mu, logvar, seed, "batchmean", (-2.0, 2.0), 1)
-        return forward + engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, "batchmean",
-                                                                (-2.0, 2.0), 1)
+        forward = engine.reparameterize_kl(mu, logvar, seed, "batchmean", (-2.0, 2.0), 1, keep_noise=True)
+        kept, drawn = (engine.reparameterize_kl_backward(g_z, g_kl, mu, logvar, seed, "batchmean", (-2.0, 2.0), 1, eps)
+                       for eps in (forward[2], None))
+        return forward + kept + drawn
 
     one_thread = run()
     monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
@@ -311,7 +317,7 @@ def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):
 def test_latents_off_the_cpu_never_reach_the_compiled_loops():
     """The engine also serves the ``torch`` backend on other devices; the numba loops read CPU memory only."""
     mu, seed = torch.empty(4, 3, device="meta"), torch.tensor([1], device="meta")
-    z, kl = engine.reparameterize_kl(mu, mu, seed, "batchmean", None, 1)
+    z, kl, _ = engine.reparameterize_kl(mu, mu, seed, "batchmean", None, 1)
     grads = engine.reparameterize_kl_backward(mu, torch.empty((), device="meta"), mu, mu, seed, "batchmean",
                                                    None, 1)
     assert {t.device.type for t in (z, kl, *grads)} == {"meta"} and z.shape == (4, 3)
@@ -338,3 +344,39 @@ def test_a_forked_child_splits_its_loops_over_threads_of_its_own():
     _compiled_or_skip()
     result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_compiled_moments_and_variance_law_match_the_spec(dtype, monkeypatch):
+    """The numba column loop (two float64 passes) behind ``moments`` and ``variance_law`` on the CPU: every dim of a
+    4-D tensor, a transposed view, a mean far above the spread, against the float64 spec; the public ops run it."""
+    _compiled_or_skip()
+    calls = []
+    real = formulas._column_moments
+    monkeypatch.setattr(formulas, "_column_moments", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    z = (1e3 + torch.randn(6, 5, 4, 3, generator=g)).to(dtype)
+    for t, dim, correction in ((z, 0, 0), (z, 2, 1), (z, 3, 0), (z.transpose(0, 2), 1, 1)):
+        mean, var = fastvae.moments(t, dim=dim, correction=correction)
+        want_var, want_mean = torch.var_mean(t.double(), dim=dim, correction=correction)
+        assert mean.dtype == var.dtype == torch.float32 and mean.shape == want_mean.shape
+        _close(mean, want_mean, dtype)
+        _close(var, want_var, torch.float32)  # float64 sums of the (exact) float32 inputs
+    mu, logvar = (torch.randn(40, 6, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    mean, var = fastvae.variance_law(mu, logvar)
+    mu64, logvar64 = (t.detach().double().requires_grad_() for t in (mu, logvar))
+    want_mean, want_var = reference.variance_law(mu64, logvar64)
+    _close(mean, want_mean, dtype)
+    _close(var, want_var, torch.float32)
+    assert len(calls) == 5
+    backward_calls = []
+    real_backward = formulas._rows_variance_law_backward
+    monkeypatch.setattr(formulas, "_rows_variance_law_backward",
+                        lambda *a: backward_calls.append(1) or real_backward(*a))
+    g_mean, g_var = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    got = torch.autograd.grad((mean, var), (mu, logvar), (g_mean, g_var))
+    want = torch.autograd.grad((want_mean, want_var), (mu64, logvar64), (g_mean.double(), g_var.double()))
+    for a, w in zip(got, want):
+        assert a.dtype == dtype and a.shape == w.shape
+        _close(a, w, dtype)
+    assert backward_calls == [1]

@@ -296,19 +296,45 @@ def _saved_tensors(fn):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_only_inputs_and_seed_are_saved_for_backward(backend):
+def test_the_kernels_save_only_inputs_and_seed_the_cpu_engine_also_the_noise(backend):
+    """The Triton kernels (the GPU's memory design) save ``mu``, ``logvar`` and the seed and recompute the noise; the
+    CPU engine also keeps the float32 noise it drew (an empty tensor on the kernels), so its backward draws nothing."""
     h = torch.randn(32, 16, requires_grad=True)
     mu, logvar = h.chunk(2, dim=-1)
     with use_backend(backend):
         saved, (z, kl) = _saved_tensors(lambda: fastvae.reparameterize_kl(mu, logvar, seed=1))
         (z.sum() + kl).backward()
     big = [t for t in saved if t.numel() > 1]
-    assert len(big) == 2
-    assert {(t.data_ptr(), t.stride()) for t in big} == {(mu.data_ptr(), mu.stride()),
-                                                         (logvar.data_ptr(), logvar.stride())}
+    inputs = [t for t in big if t.data_ptr() in (mu.data_ptr(), logvar.data_ptr()) and t.stride() == mu.stride()]
+    assert {t.data_ptr() for t in inputs} == {mu.data_ptr(), logvar.data_ptr()} and len(inputs) == 2
+    noise = [t for t in big if all(t is not i for i in inputs)]
+    if backend == "torch":
+        assert len(noise) == 1 and noise[0].dtype == torch.float32 and noise[0].shape == mu.shape
+        torch.testing.assert_close(noise[0], reference.philox_randn(torch.tensor([1]), mu.shape), rtol=1e-5, atol=1e-5)
+    else:
+        assert noise == []
     small = [t for t in saved if t.numel() == 1]
     assert len(small) == 1 and small[0].dtype == torch.int64  # the seed
     assert h.grad is not None
+
+
+def test_the_cpu_backward_reads_the_noise_the_forward_kept():
+    """Replacing the saved noise by zeros on its way to the backward leaves only the KL's part of d logvar: the
+    backward used the kept noise, it did not draw it again (and without a gradient nothing is kept)."""
+    mu, logvar = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+
+    def zero_noise(t):
+        return t if t.numel() == 1 or t.data_ptr() in (mu.data_ptr(), logvar.data_ptr()) else torch.zeros_like(t)
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, zero_noise):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, seed=3, reduction="sum")
+    grad_mu, grad_logvar = torch.autograd.grad((z, kl), (mu, logvar), (torch.ones_like(z), torch.ones(())))
+    kl_only = (torch.exp(logvar) - 1).detach() / 2  # d KL / d logvar; g_z eps std / 2 read as 0
+    torch.testing.assert_close(grad_logvar, kl_only)
+    torch.testing.assert_close(grad_mu, 1 + mu.detach())
+    with torch.no_grad():
+        saved, _ = _saved_tensors(lambda: fastvae.reparameterize_kl(mu, logvar, seed=3))
+    assert saved == []
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -47,7 +47,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _plain_cpu(t: Tensor) -> bool:
-    return type(t) in _PLAIN and t.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return type(t) in _PLAIN and t.is_cpu and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def applies(first: Tensor, *others: Tensor) -> bool:
@@ -103,13 +103,14 @@ class Op:
         hints = typing.get_type_hints(self.engine)
         parameters = list(inspect.signature(self.engine).parameters.values())
         self.arguments = tuple(p.name for p in parameters)
+        self._defaults = tuple(p.default for p in parameters)
         self._tensor_positions = tuple(i for i, p in enumerate(parameters) if _is_tensor(hints[p.name]))
         self._param_positions = tuple(i for i, p in enumerate(parameters) if not _is_tensor(hints[p.name]))
         self._grad_positions = tuple(self.arguments.index(n) for n in self.differentiable)
         self._saved_from = tuple((n in self.outputs, (self.outputs if n in self.outputs else self.arguments).index(n))
                                  for n in self.saves)
         self._non_differentiable = tuple(self.outputs.index(n) for n in self.non_differentiable)
-        self._setup, self._grad = self._autograd()
+        self._save, self._setup, self._grad = self._autograd()
         self.custom = torch.library.custom_op(f"fastvae::{self.name}", self._forward, mutates_args=self.mutates,
                                               schema=torch.library.infer_schema(self.engine,
                                                                                 mutates_args=self.mutates))
@@ -126,7 +127,10 @@ class Op:
             backward_op, grad = self._backward_op, self._grad
             self.custom.register_autograd(lambda ctx, *grads: grad(ctx, grads, backward_op), setup_context=self._setup)
             self._through_custom = self.custom
-        self._eager = self._function("", self.engine, self._engine_backward)
+        self._eager = self._eager_function()
+        # autograd.Function.apply minus its Python prologue (functorch's dead-wrapper unwrapping over every
+        # argument, ~3 us a call): the fast path takes no functorch-wrapped tensor (``applies``)
+        self._eager_apply = super(torch.autograd.Function, self._eager).apply
         ALL[self.name] = self
 
     # -------------------------------------------------------------------------------- the two paths
@@ -136,7 +140,7 @@ class Op:
         tensors = [args[i] for i in self._tensor_positions if args[i] is not None]
         if applies(*tensors):
             if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
-                return self._eager.apply(*args)
+                return self._eager_apply(*args, *self._defaults[len(args):])  # forward(ctx, *args) binds no defaults
             return self.engine(*args)
         return self._through_custom(*args)
 
@@ -179,21 +183,43 @@ class Op:
             "backward": staticmethod(lambda ctx, *grads: grad(ctx, grads, backward_op)),
         })
 
+    def _eager_function(self) -> type:
+        """The eager fast path's ``autograd.Function``: ``forward(ctx, *args)`` runs the engine and then ``save``
+        itself, so that ``apply`` skips what a ``setup_context`` costs it on every call (binding the arguments to
+        ``forward``'s signature with ``inspect``: ~10 us, as much as the engine at ``(128, 16)``); the fast path
+        runs outside functorch, which is what ``setup_context`` is for."""
+        engine, save, grad, backward = self.engine, self._save, self._grad, self._engine_backward
+
+        def forward(ctx, *args):
+            output = engine(*args)
+            save(ctx, args, output, "torch")  # the backend ``applies`` found
+            return output
+
+        return type(f"_{_camel(self.name)}", (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(lambda ctx, *grads: grad(ctx, grads, backward)),
+        })
+
     def _autograd(self):
-        """``(setup_context, grad)``: what is saved after the forward, and the backward from it, shared by
-        the custom op's autograd and the eager fast path."""
+        """``(save, setup_context, grad)``: what is saved after the forward (``save(ctx, inputs, output, backend)``;
+        ``setup_context`` decides the backend), and the backward from it, shared by the custom op's autograd and the
+        eager fast path."""
         saved_from, param_positions = self._saved_from, self._param_positions
         non_differentiable, grad_positions, n_args = self._non_differentiable, self._grad_positions, len(self.arguments)
 
-        def setup(ctx, inputs, output):
-            """Save what the backward needs; runs right after the forward, in its backend state."""
+        def save(ctx, inputs, output, backend_name):
+            """Save what the backward needs and the backend it runs on."""
             outputs = output if isinstance(output, tuple) else (output,)
             ctx.save_for_backward(*((outputs if is_output else inputs)[i] for is_output, i in saved_from))
             ctx.params = tuple(inputs[i] for i in param_positions)
-            ctx.backend = backend.decide(inputs[0])
+            ctx.backend = backend_name
             ctx.set_materialize_grads(False)  # an output that is not used gets None, not a zero fill (a launch)
             if non_differentiable:
                 ctx.mark_non_differentiable(*(outputs[i] for i in non_differentiable))
+
+        def setup(ctx, inputs, output):
+            """``save`` right after the forward, in its backend state."""
+            save(ctx, inputs, output, backend.decide(inputs[0]))
 
         def grad(ctx, grads, backward_op):
             needs = [ctx.needs_input_grad[i] for i in grad_positions]
@@ -207,7 +233,7 @@ class Op:
                 result[position] = gradient if need else None
             return tuple(result)
 
-        return setup, grad
+        return save, setup, grad
 
     def _backward_schema(self, hints: dict) -> str:
         """``(Tensor? grad_<output>..., Tensor? <saved>..., <non-tensor arguments>..., bool[] needs,

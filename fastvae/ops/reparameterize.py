@@ -1,10 +1,13 @@
 """Reparameterized sampling and the closed-form KL divergence: ``reparameterize_kl``, ``reparameterize``,
 ``kl_divergence``, all three on one custom op, ``fastvae::reparameterize_kl``.
 
-The op takes an optional seed and an optional reduction and returns ``(z, kl)``, an output not asked for
-as an empty tensor; its backward is ``fastvae::reparameterize_kl_backward``. The noise is Philox with the
-seed as a one-element int64 tensor: the backward recomputes it, and only ``mu``, ``logvar`` and the seed
-are saved for backward.
+The op takes an optional seed and an optional reduction and returns ``(z, kl, eps)``, an output not asked
+for as an empty tensor; its backward is ``fastvae::reparameterize_kl_backward``. The noise is Philox with the
+seed as a one-element int64 tensor. On the Triton kernels (the GPU) the backward recomputes it, and only
+``mu``, ``logvar`` and the seed are saved for backward. On the CPU engine, when a gradient will flow
+(``keep_noise``), the forward also returns the float32 noise it drew and the backward reads it: drawing the
+noise costs the CPU about as much as the rest of the backward, and memory is not what a CPU run is short of;
+that costs one float32 tensor of the latents' size saved (what eager PyTorch's ``randn_like`` saves too).
 
 The custom op takes the latents in their own shape and strides with ``event_dims`` (the trailing dims of
 one sample). The kernels read them in place (the halves of chunk(2, dim=1) of a contiguous or channels_last
@@ -38,12 +41,24 @@ __all__ = ["reparameterize_kl", "reparameterize", "kl_divergence"]
 
 # ------------------------------------------------------------------------------------ declaration
 def _engine(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optional[str],
-            logvar_clamp: Optional[list[float]] = None, event_dims: int = 1) -> tuple[Tensor, Tensor]:
-    z, kl = engine.reparameterize_kl(mu, logvar, seed, reduction, logvar_clamp, event_dims)
-    return _present(z, mu), _present(kl, mu)
+            logvar_clamp: Optional[list[float]] = None, event_dims: int = 1,
+            keep_noise: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    z, kl, eps = engine.reparameterize_kl(mu, logvar, seed, reduction, logvar_clamp, event_dims,
+                                          _keeps_noise(mu, seed, keep_noise))
+    return _present(z, mu), _present(kl, mu), _present_noise(eps, mu)
 
 
-def _kernel(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1):
+def _keeps_noise(mu: Tensor, seed: Optional[Tensor], keep_noise: bool) -> bool:
+    """Whether the engine's forward returns the noise it drew: asked for, drawn, and on the CPU."""
+    return keep_noise and seed is not None and mu.device.type == "cpu"
+
+
+def _present_noise(eps: Optional[Tensor], mu: Tensor) -> Tensor:
+    """The noise kept for backward (float32, contiguous, mu's shape), or an empty float32 tensor."""
+    return eps if eps is not None else mu.new_empty(0, dtype=torch.float32)
+
+
+def _kernel(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1, keep_noise=False):
     if kernels_reparameterize.reads_in_place(event_dims, mu, logvar):
         z, kl = kernels_reparameterize.forward(mu, logvar, seed, reduction, logvar_clamp, event_dims)
     else:  # strides the kernel cannot index (more than 3 sample or 2 event dims after merging): contiguous copies
@@ -51,7 +66,7 @@ def _kernel(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1):
                                                event_dims)
         z = None if z is None else in_format(z, mu)
         kl = in_format(kl, mu) if reduction == "none" else kl
-    return _present(z, mu), _present(kl, mu)
+    return _present(z, mu), _present(kl, mu), _present_noise(None, mu)  # the backward recomputes the noise
 
 
 def _present(t: Optional[Tensor], mu: Tensor) -> Tensor:
@@ -59,14 +74,16 @@ def _present(t: Optional[Tensor], mu: Tensor) -> Tensor:
     return t if t is not None else mu.new_empty(0)
 
 
-def _fake(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1):
+def _fake(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1, keep_noise=False):
     z = torch.empty_like(mu) if seed is not None else mu.new_empty(0)
+    kept = backend.decide(mu) == "torch" and _keeps_noise(mu, seed, keep_noise)
+    eps = mu.new_empty(mu.shape, dtype=torch.float32) if kept else _present_noise(None, mu)
     if reduction is None:
-        return z, mu.new_empty(0)
+        return z, mu.new_empty(0), eps
     if reduction == "none":
-        return z, torch.empty_like(mu)
+        return z, torch.empty_like(mu), eps
     shape = mu.shape[: mu.dim() - event_dims] if reduction == "per_sample" else ()
-    return z, mu.new_empty(shape, dtype=reference.accumulation_dtype(mu.dtype))
+    return z, mu.new_empty(shape, dtype=reference.accumulation_dtype(mu.dtype)), eps
 
 
 def _flowing(grad_z, grad_kl, seed, reduction):
@@ -74,13 +91,15 @@ def _flowing(grad_z, grad_kl, seed, reduction):
     return (grad_z if seed is not None else None), (grad_kl if reduction is not None else None)
 
 
-def _engine_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims, needs):
+def _engine_backward(grad_z, grad_kl, grad_eps, mu, logvar, seed, eps, reduction, logvar_clamp, event_dims, keep_noise,
+                     needs):
     grad_z, grad_kl = _flowing(grad_z, grad_kl, seed, reduction)
     return engine.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction or "none", logvar_clamp,
-                                             event_dims)
+                                             event_dims, eps if eps is not None and eps.numel() else None)
 
 
-def _kernel_backward(grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, event_dims, needs):
+def _kernel_backward(grad_z, grad_kl, grad_eps, mu, logvar, seed, eps, reduction, logvar_clamp, event_dims, keep_noise,
+                     needs):
     grad_z, grad_kl = _flowing(grad_z, grad_kl, seed, reduction)
     reduction = reduction or "none"
     operands = [t for t in (mu, logvar, grad_z, grad_kl if reduction == "none" else None) if t is not None]
@@ -98,13 +117,14 @@ def _examples(n: int, d: int, device: torch.device) -> list[tuple]:
     mu, logvar = (half.float().requires_grad_() for half in h.chunk(2, dim=-1))  # strided views
     seed = torch.tensor([7], device=device)
     lat = torch.randn(2, 3, 4, 5, device=device).requires_grad_()
-    return [(mu, logvar, seed, "batchmean", [-0.7, 0.4], 1), (mu, logvar, seed, None, None, 1),
-            (mu, logvar, None, "none", [-0.2, 0.3], 1), (lat, lat.flip(1).detach() * 0.5, seed, "per_sample", None, 3)]
+    return [(mu, logvar, seed, "batchmean", [-0.7, 0.4], 1, True), (mu, logvar, seed, None, None, 1),
+            (mu, logvar, None, "none", [-0.2, 0.3], 1), (lat, lat.flip(1).detach() * 0.5, seed, "per_sample", None, 3),
+            (lat, lat.flip(1).detach() * 0.5, seed, "none", [-0.5, 0.5], 3, True)]
 
 
 REPARAMETERIZE_KL = Op(
-    "reparameterize_kl", _engine, _fake, _engine_backward, outputs=("z", "kl"), saves=("mu", "logvar", "seed"),
-    differentiable=("mu", "logvar"),
+    "reparameterize_kl", _engine, _fake, _engine_backward, outputs=("z", "kl", "eps"),
+    saves=("mu", "logvar", "seed", "eps"), differentiable=("mu", "logvar"), non_differentiable=("eps",),
     kernel=_kernel, kernel_backward=_kernel_backward,
     examples=_examples, bench=("bench.cases.reparameterize_kl", "bench.cases.latent_posterior"),
     aot="bench.aot.reparameterize",
@@ -156,7 +176,9 @@ def reparameterize_kl(
         ``(z, kl)``: ``z`` of ``mu``'s shape, dtype and memory format (a channels_last ``mu`` gives a
         channels_last ``z``; so do the gradients), and the reduced KL.
 
-    The backward recomputes ``eps`` from the seed; only ``mu``, ``logvar`` and the seed are saved.
+    On the GPU (the Triton kernels) the backward recomputes ``eps`` from the seed; only ``mu``, ``logvar`` and the
+    seed are saved. On the CPU engine the backward reads the float32 ``eps`` the forward drew, saved beside them
+    (drawing it again would cost the CPU as much as the rest of the backward).
 
     Example::
 
@@ -171,9 +193,10 @@ def reparameterize_kl(
     check_choice(op, "reduction", reduction, REDUCTIONS + (MEAN,))
     seed = _seed(op, seed, generator, mu.device)
     if reduction == MEAN:
-        z, total = REPARAMETERIZE_KL(mu, logvar, seed, "sum", clamp, event_dims)
+        z, total, _ = REPARAMETERIZE_KL(mu, logvar, seed, "sum", clamp, event_dims, _grad_flows(mu, logvar))
         return z, total / mu.numel()
-    return REPARAMETERIZE_KL(mu, logvar, seed, reduction, clamp, event_dims)
+    z, kl, _ = REPARAMETERIZE_KL(mu, logvar, seed, reduction, clamp, event_dims, _grad_flows(mu, logvar))
+    return z, kl
 
 
 def reparameterize(
@@ -184,7 +207,8 @@ def reparameterize(
     same ``z``; ``event_dims`` only decides the layout the kernel reads, never the values)."""
     op = "reparameterize"
     clamp = _check_latents(op, mu, logvar, event_dims, logvar_clamp)
-    return REPARAMETERIZE_KL(mu, logvar, _seed(op, seed, generator, mu.device), None, clamp, event_dims)[0]
+    return REPARAMETERIZE_KL(mu, logvar, _seed(op, seed, generator, mu.device), None, clamp, event_dims,
+                             _grad_flows(mu, logvar))[0]
 
 
 def kl_divergence(
@@ -199,6 +223,11 @@ def kl_divergence(
     if reduction == MEAN:
         return REPARAMETERIZE_KL(mu, logvar, None, "sum", clamp, event_dims)[1] / mu.numel()
     return REPARAMETERIZE_KL(mu, logvar, None, reduction, clamp, event_dims)[1]
+
+
+def _grad_flows(mu: Tensor, logvar: Tensor) -> bool:
+    """Whether autograd will record this call (so that a backward may read the noise the forward keeps)."""
+    return torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
 
 
 def seed_from_generator(generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:

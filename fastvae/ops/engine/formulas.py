@@ -4,7 +4,7 @@ Each function returns the values of its spec in ``fastvae.reference`` (the tests
 as few passes over memory and ATen dispatches as plain PyTorch allows: in-place chains, ``addcmul``, statistics
 folded into per-dimension scale and shift, the noise from ``philox`` (the Philox stream of the kernels). On
 CPU tensors with float32 accumulation ``reparameterize_kl`` runs ``loops``' one pass instead. The backward
-recomputes the noise from the seed; nothing of the input's size is saved.
+recomputes the noise from the seed, unless the forward kept it (``keep_noise``, which the op asks for on the CPU).
 """
 from __future__ import annotations
 
@@ -39,26 +39,29 @@ def _reduce_kl(terms: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     return reduce_loss(terms, reduction, (-1,), dtype).mul_(0.5)
 
 
-def reparameterize_kl_rows(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None
-                      ) -> tuple[Tensor | None, Tensor | None]:
+def reparameterize_kl_rows(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None,
+                           eps: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """``(z, kl)`` of ``reference.reparameterize_kl``, either None when not asked for (no seed, no
-    reduction): ``std = exp(logvar / 2)`` once, ``z = addcmul(mu, std, eps)``, ``exp(logvar) = std^2``."""
+    reduction): ``std = exp(logvar / 2)`` once, ``z = addcmul(mu, std, eps)``, ``exp(logvar) = std^2``;
+    ``eps`` the seed's float32 noise when the caller drew it already, else drawn here."""
     acc = accumulation_dtype(mu.dtype)
     mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
     std = logvar_acc.mul(0.5).exp_()
     if seed is None:  # exp(logvar) as std^2 here too, so the KL alone has the bits of the KL beside z
         return None, _reduce_kl(_kl_terms(mu_acc, logvar_acc, std.mul_(std)), reduction, mu.dtype)
-    z = torch.addcmul(mu_acc, std, _noise(seed, mu, acc)).to(mu.dtype)
+    z = torch.addcmul(mu_acc, std, _noise(seed, mu, acc) if eps is None else eps.to(acc)).to(mu.dtype)
     if reduction is None:
         return z, None
     return z, _reduce_kl(_kl_terms(mu_acc, logvar_acc, std.mul_(std)), reduction, mu.dtype)
 
 
 def reparameterize_kl_rows_backward(
-    grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str
+    grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str,
+    eps: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``d/dmu = g_z + g_kl mu``, ``d/dlogvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2`` with
-    ``std = exp(logvar / 2)`` computed once and ``eps`` drawn again from the seed."""
+    ``std = exp(logvar / 2)`` computed once and ``eps`` the forward's float32 noise (given) or drawn again from the
+    seed (None)."""
     acc = accumulation_dtype(mu.dtype)
     mu_acc, logvar_acc = mu.to(acc), logvar.to(acc)
     if grad_z is None and grad_kl is None:
@@ -71,7 +74,7 @@ def reparameterize_kl_rows_backward(
         grad_logvar = torch.mul(std, std).sub_(1).mul_(g_kl).mul_(0.5)
     if grad_z is not None:
         g_z = grad_z.to(acc)
-        eps_std = _noise(seed, mu, acc).mul_(std)
+        eps_std = (_noise(seed, mu, acc) if eps is None else eps.to(acc, copy=True)).mul_(std)
         grad_mu = g_z.clone() if grad_mu is None else grad_mu.add_(g_z)
         grad_logvar = (eps_std.mul_(g_z).mul_(0.5) if grad_logvar is None
                        else grad_logvar.addcmul_(g_z, eps_std, value=0.5))
@@ -110,15 +113,36 @@ def balanced_mse_backward(grad: Tensor, x_hat: Tensor, x: Tensor, running_mse: T
 
 # ------------------------------------------------------------------ moments, renormalize, variance_law
 def moments(z: Tensor, dim: int = 0, correction: int = 0) -> tuple[Tensor, Tensor]:
-    """``torch.var_mean`` in the accumulation dtype: ATen's one-pass Welford, stable when ``|mean| >> std``."""
+    """``torch.var_mean`` in the accumulation dtype: ATen's one-pass Welford, stable when ``|mean| >> std``; on CPU
+    tensors with float32 accumulation ``loops.column_moments``' two float64 passes (ATen's reduction over a dim
+    that is not the last runs at a few nanoseconds an element, the loop's at a fraction of one)."""
+    loops = _loops_for(z)
+    if loops is not None and isinstance(dim, int):
+        return _column_moments(loops, z, None, dim % z.dim(), correction)
     var, mean = torch.var_mean(z.to(accumulation_dtype(z.dtype)), dim=dim, correction=correction)
     return mean, var
+
+
+def _column_moments(loops, z: Tensor, logvar: Tensor | None, dim: int, correction: int) -> tuple[Tensor, Tensor]:
+    """``(mean, var)`` over ``dim`` from ``loops.column_moments`` (``var`` plus ``E[exp(logvar)]`` with a
+    ``logvar``), float32, of ``z``'s shape without ``dim``."""
+    A, N = math.prod(z.shape[:dim]), z.shape[dim]
+    C = z.numel() // (A * N)
+    slabs = _float32_rows(z, C).reshape(A, N, C)
+    mean, var = np.empty((A, C), np.float32), np.empty((A, C), np.float32)
+    spread = slabs if logvar is None else _float32_rows(logvar, C).reshape(A, N, C)
+    loops.column_moments(slabs, correction, spread, logvar is not None, mean, var)
+    shape = [*z.shape[:dim], *z.shape[dim + 1:]]
+    return torch.from_numpy(mean).view(shape), torch.from_numpy(var).view(shape)
 
 
 def variance_law(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     """``(E[mu], Var(mu) + E[exp(logvar)])`` over the rows of ``(..., D)``."""
     acc = accumulation_dtype(mu.dtype)
     D = mu.shape[-1]
+    loops = _loops_for(mu)
+    if loops is not None:
+        return _column_moments(loops, mu.reshape(-1, D), logvar.reshape(-1, D), 0, 0)
     var_mu, mean = torch.var_mean(mu.reshape(-1, D).to(acc), dim=0, correction=0)
     return mean, var_mu.add_(logvar.reshape(-1, D).to(acc).exp().mean(dim=0))
 
@@ -139,14 +163,34 @@ def moments_backward(grad_mean: Tensor | None, grad_var: Tensor | None, z: Tenso
 
 def variance_law_backward(grad_mean: Tensor | None, grad_var: Tensor | None, mu: Tensor, logvar: Tensor,
                           mean: Tensor) -> tuple[Tensor, Tensor]:
-    """``d/dmu = g_mean / N + g_var 2 (mu - mean) / N``, ``d/dlogvar = g_var exp(logvar) / N``."""
+    """``d/dmu = g_mean / N + g_var 2 (mu - mean) / N``, ``d/dlogvar = g_var exp(logvar) / N``; on CPU tensors with
+    float32 accumulation in one numba loop (``loops.rows_variance_law_backward``) instead of six ATen passes."""
     D = mu.shape[-1]
+    loops = _loops_for(mu)
+    if loops is not None and grad_var is not None:
+        return _rows_variance_law_backward(loops, grad_mean, grad_var, mu, logvar, mean)
     grad_mu = moments_backward(grad_mean, grad_var, mu.reshape(-1, D), mean, dim=0).reshape(mu.shape)
     if grad_var is None:
         return grad_mu, torch.zeros_like(logvar)
     acc = accumulation_dtype(logvar.dtype)
     grad_logvar = logvar.to(acc).exp().mul_(grad_var.to(acc) / (logvar.numel() // D))
     return grad_mu, grad_logvar.to(logvar.dtype)
+
+
+def _rows_variance_law_backward(loops, grad_mean: Tensor | None, grad_var: Tensor, mu: Tensor, logvar: Tensor,
+                                mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``variance_law_backward`` from ``loops.rows_variance_law_backward`` on ``(rows, D)`` views (copies where
+    needed), in the inputs' dtypes and shapes."""
+    D = mu.shape[-1]
+    zeros = np.zeros(D, np.float32)
+    g_mean = zeros if grad_mean is None else _float32_rows(grad_mean, D).reshape(D)
+    g_var = _float32_rows(grad_var, D).reshape(D)
+    mu_rows = _float32_rows(mu, D)
+    grad_mu, grad_logvar = np.empty(mu_rows.shape, np.float32), np.empty(mu_rows.shape, np.float32)
+    loops.rows_variance_law_backward(g_mean, g_var, mu_rows, _float32_rows(mean, D).reshape(D),
+                                     _float32_rows(logvar, D), grad_mu, grad_logvar)
+    return (_as_dtype(torch.from_numpy(grad_mu), mu.dtype).view(*mu.shape),
+            _as_dtype(torch.from_numpy(grad_logvar), logvar.dtype).view(*logvar.shape))
 
 
 def scalar_renormalization(var: Tensor, target_var: Tensor | float, eps: float = 1e-6) -> Tensor:
@@ -210,49 +254,58 @@ def update_running_mse(running_mse: Tensor, batch_mse: Tensor, *, momentum: floa
 
 
 def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
-                             event_dims: int) -> tuple[Tensor | None, Tensor | None]:
+                      event_dims: int, keep_noise: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``reparameterize_kl`` on latents whose last ``event_dims`` dims form one sample, ``logvar`` clamped
     first: ``z`` and the elementwise KL in mu's memory format, a ``per_sample`` KL of shape
-    ``mu.shape[:-event_dims]``. Float32 accumulation with numba: ``loops``'s one pass; otherwise the
-    engine above on ``(samples, event elements)`` rows (a copy where no view exists)."""
+    ``mu.shape[:-event_dims]``, and with ``keep_noise`` (and a seed) the float32 noise drawn, contiguous of mu's
+    shape, for the backward to read instead of drawing it again. Float32 accumulation with numba: ``loops``'s one
+    pass; otherwise the engine above on ``(samples, event elements)`` rows (a copy where no view exists)."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
+    keep_noise = keep_noise and seed is not None
     loops = _loops_for(mu)
     if loops is not None:
-        z, kl = _fused_forward(loops, mu, logvar, seed, reduction, logvar_clamp, E)
+        z, kl, eps = _fused_forward(loops, mu, logvar, seed, reduction, logvar_clamp, E, keep_noise)
     else:
+        eps = philox.philox_randn(seed, (mu.numel() // E, E), mu.device) if keep_noise else None
         z, kl = reparameterize_kl_rows(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed,
-                                  reduction)
+                                       reduction, eps)
+    if eps is not None:
+        eps = eps.view(*mu.shape)  # (a shape as ints: a torch.Size argument costs the view a microsecond more)
     if z is not None:
-        z = in_format(z.view(mu.shape), mu)
+        z = in_format(z.view(*mu.shape), mu)
     if kl is not None and reduction == "none":
-        kl = in_format(kl.view(mu.shape), mu)
+        kl = in_format(kl.view(*mu.shape), mu)
     elif kl is not None and reduction == "per_sample":
-        kl = kl.view(mu.shape[: mu.dim() - event_dims])
-    elif kl is not None:
+        kl = kl.view([*mu.shape[: mu.dim() - event_dims]])
+    elif kl is not None and kl.dim():
         kl = kl.view(())
-    return z, kl
+    return z, kl, eps
 
 
 def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
-                                      seed: Tensor | None, reduction: str, logvar_clamp, event_dims: int):
-    """The gradients of ``reparameterize_kl`` with torch.clamp's rule, in mu's memory format."""
+                               seed: Tensor | None, reduction: str, logvar_clamp, event_dims: int,
+                               eps: Tensor | None = None):
+    """The gradients of ``reparameterize_kl`` with torch.clamp's rule, in mu's memory format; ``eps`` the noise the
+    forward kept (``keep_noise``), else None and the noise is drawn again from the seed."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
+    eps = None if eps is None or grad_z is None else eps.reshape(-1, E)
     loops = _loops_for(mu)
     if loops is not None:
-        grad_mu, grad_logvar = _fused_backward(loops, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E)
+        grad_mu, grad_logvar = _fused_backward(loops, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E,
+                                               eps)
     else:
         g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
         lv = logvar.reshape(-1, E)
         grad_mu, grad_logvar = reparameterize_kl_rows_backward(
             None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
-            seed, reduction,
+            seed, reduction, eps,
         )
         grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
-    return in_format(grad_mu.view(mu.shape), mu), in_format(grad_logvar.view(mu.shape), mu)
+    return in_format(grad_mu.view(*mu.shape), mu), in_format(grad_logvar.view(*mu.shape), mu)
 
 
 # ------------------------------------------------------------- reparameterize_kl through loops
-_NONE = np.empty((0, 0), np.float32)  # an output the loop is told to skip
+_NONE = np.empty((1, 0), np.float32)  # an output the loop is told to skip (one empty row: its row 0 is in bounds)
 _ZERO_GRAD = np.zeros((1, 1), np.float32)  # a gradient that does not flow in, read as 0 (never written)
 
 
@@ -279,38 +332,63 @@ def _clamp_args(logvar_clamp) -> tuple[bool, np.float32, np.float32]:
     return True, np.float32(logvar_clamp[0]), np.float32(logvar_clamp[1])
 
 
+_ROW_WIDTH = 1024
+"""The loops' rows are merged up to this many elements where no reduction needs the samples' rows: a loop
+pays tens of nanoseconds a row around its vectorized body, as much as 16 elements cost."""
+
+
+def _loop_width(samples: int, E: int, per_row: bool) -> int:
+    """The row length the loops run on: ``E`` when ``per_row`` (a per-sample KL or its gradient), else ``k E``
+    for the largest ``k`` that divides ``samples`` with ``k E <= _ROW_WIDTH`` (row ``r`` of width ``k E`` holds
+    flat elements ``r k E ...``, so the noise's counters, and every value, stay those of the samples' rows)."""
+    if per_row or E >= _ROW_WIDTH:
+        return E
+    return E * math.gcd(samples, 1 << (_ROW_WIDTH // E).bit_length() - 1)
+
+
 def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
-                   E: int) -> tuple[Tensor | None, Tensor | None]:
-    """``(z, kl)`` as ``reparameterize_kl`` returns them on ``(rows, E)``, from ``reparameterize_kl_rows``;
+                   E: int, keep_noise: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(z, kl, eps)`` as ``reparameterize_kl`` returns them on ``(rows, E)``, from ``reparameterize_kl_rows``;
     rows split over threads (each row's KL is summed whole, and the rows' sums added in order after, so the
     split changes no bit)."""
+    samples = mu.numel() // E
+    E = _loop_width(samples, E, reduction == "per_sample")
     mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
     rows = mu_rows.shape[0]
-    z = torch.empty((rows, E), dtype=torch.float32) if seed is not None else None
-    terms = torch.empty((rows, E), dtype=torch.float32) if reduction == "none" else None
+    z_np = np.empty((rows, E), np.float32) if seed is not None else _NONE
+    terms_np = np.empty((rows, E), np.float32) if reduction == "none" else _NONE
+    eps_np = np.empty((rows, E), np.float32) if keep_noise else _NONE
     sums = np.empty(rows if reduction not in (None, "none") else 0)
-    z_np = _NONE if z is None else z.numpy()
-    terms_np = _NONE if terms is None else terms.numpy()
+    z, terms, eps = (None if a is _NONE else torch.from_numpy(a) for a in (z_np, terms_np, eps_np))
     seed_value = 0 if seed is None else seed.item()
     clamp, lo, hi = _clamp_args(logvar_clamp)
     philox.split(lambda a, b: loops.reparameterize_kl_rows(
         mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, z is not None, z_np, terms is not None, terms_np,
-        sums.size > 0, sums), rows, rows * E)
-    z = None if z is None else z.to(mu.dtype)
+        sums.size > 0, sums, eps is not None, eps_np), rows, rows * E)
+    z = _as_dtype(z, mu.dtype)
     if reduction is None:
-        return z, None
+        return z, None, eps
     if reduction == "none":
-        return z, terms.to(mu.dtype)
+        return z, _as_dtype(terms, mu.dtype), eps
     if reduction == "per_sample":
-        return z, torch.from_numpy(sums).to(torch.float32)
-    kl = torch.empty(1, dtype=torch.float32)
-    loops.scaled_total(sums, 1.0 / rows if reduction == "batchmean" else 1.0, kl.numpy())
-    return z, kl
+        return z, torch.from_numpy(sums).to(torch.float32), eps
+    kl = np.empty((), np.float32)
+    loops.scaled_total(sums, 1.0 / samples if reduction == "batchmean" else 1.0, kl.reshape(1))
+    return z, torch.from_numpy(kl), eps
+
+
+def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t.to(dtype)``, without the call (a microsecond) where it is a float32 tensor already."""
+    return t if t is None or dtype == torch.float32 else t.to(dtype)
 
 
 def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
-                    seed: Tensor | None, reduction: str, logvar_clamp, E: int) -> tuple[Tensor, Tensor]:
-    """``(d mu, d logvar)`` on ``(rows, E)`` from ``reparameterize_kl_rows_backward``."""
+                    seed: Tensor | None, reduction: str, logvar_clamp, E: int,
+                    eps: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(d mu, d logvar)`` on ``(rows, E)`` from ``reparameterize_kl_rows_backward``, reading the noise from ``eps``
+    (``(rows, E)`` float32) when given."""
+    samples = mu.numel() // E
+    E = _loop_width(samples, E, reduction == "per_sample")
     mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
     rows = mu_rows.shape[0]
     g_z = _ZERO_GRAD if grad_z is None else _float32_rows(grad_z, E)
@@ -321,13 +399,12 @@ def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Te
     elif reduction == "per_sample":
         g_kl = _float32_rows(grad_kl, 1)
     else:  # one gradient for every element: a number, divided here for batchmean
-        g_kl = np.full((1, 1), float(grad_kl) / (rows if reduction == "batchmean" else 1), np.float32)
-    grad_mu = torch.empty((rows, E), dtype=torch.float32)
-    grad_logvar = torch.empty((rows, E), dtype=torch.float32)
-    grad_mu_np, grad_logvar_np = grad_mu.numpy(), grad_logvar.numpy()
-    seed_value = 0 if grad_z is None else seed.item()
+        g_kl = np.array([[float(grad_kl) / (samples if reduction == "batchmean" else 1)]], np.float32)
+    grad_mu_np, grad_logvar_np = np.empty((rows, E), np.float32), np.empty((rows, E), np.float32)
+    seed_value = 0 if grad_z is None or eps is not None else seed.item()
+    eps_np = _NONE if eps is None else _float32_rows(eps, E)
     clamp, lo, hi = _clamp_args(logvar_clamp)
     philox.split(lambda a, b: loops.reparameterize_kl_rows_backward(
         g_z, g_kl, mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, grad_z is not None, grad_kl is not None,
-        grad_mu_np, grad_logvar_np), rows, rows * E)
-    return grad_mu.to(mu.dtype), grad_logvar.to(mu.dtype)
+        grad_mu_np, grad_logvar_np, eps is not None, eps_np), rows, rows * E)
+    return _as_dtype(torch.from_numpy(grad_mu_np), mu.dtype), _as_dtype(torch.from_numpy(grad_logvar_np), mu.dtype)

@@ -202,14 +202,44 @@ def _clamped(logvar, clamp, lo, hi):
     return lo if logvar < lo else (hi if logvar > hi else logvar)
 
 
-# Each inner loop below reads and writes few arrays: LLVM vectorizes a loop only when it can check at run
-# time that its arrays do not overlap, and it gives up beyond a handful of such checks.
+# Each inner loop below reads and writes few arrays, and every branch on an argument sits outside the inner loops:
+# LLVM vectorizes a loop only when it can check at run time that its arrays do not overlap (it gives up beyond a
+# handful of such checks) and when its body has no control flow it cannot turn into selects.
 @_jit(inline="always")
 def _z_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, z):
     """``z[j] = mu[j] + exp(logvar[j] / 2) eps(first + j)`` over one row."""
     for j in range(mu.shape[0]):
         std = _exp(_HALF * _clamped(logvar[j], clamp, lo, hi))
         z[j] = mu[j] + std * _normal(first + np.uint64(j), seed_lo, seed_hi)
+
+
+@_jit(inline="always")
+def _z_eps_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, z, eps):
+    """``_z_row``, and the noise it drew in ``eps``."""
+    for j in range(mu.shape[0]):
+        std = _exp(_HALF * _clamped(logvar[j], clamp, lo, hi))
+        e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+        eps[j] = e
+        z[j] = mu[j] + std * e
+
+
+@_jit(inline="always")
+def _z_kl_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z, eps, terms):
+    """``_z_row`` (``_z_eps_row`` when ``want_eps``) and ``_kl_row`` in one pass, ``std`` computed once."""
+    if want_eps:
+        for j in range(mu.shape[0]):
+            m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
+            std = _exp(_HALF * lv)
+            e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+            eps[j] = e
+            z[j] = m + std * e
+            terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
+    else:
+        for j in range(mu.shape[0]):
+            m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
+            std = _exp(_HALF * lv)
+            z[j] = m + std * _normal(first + np.uint64(j), seed_lo, seed_hi)
+            terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
 
 
 @_jit(inline="always")
@@ -223,11 +253,11 @@ def _kl_row(mu, logvar, clamp, lo, hi, terms):
 
 @_jit
 def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, want_z, z, want_terms, terms,
-                           want_sums, sums):
+                           want_sums, sums, want_eps, eps):
     """``reparameterize_kl`` on rows ``first_row .. end_row - 1`` of float32 ``(rows, E)`` latents,
     ``std = exp(logvar / 2)``, in float32:
 
-    - ``z[r, j] = mu + std eps`` (``want_z``),
+    - ``z[r, j] = mu + std eps`` (``want_z``), and ``eps[r, j]`` the noise drawn (``want_eps``, with ``want_z``),
     - ``terms[r, j] = ((mu^2 + std^2) - logvar - 1) / 2``, the elementwise KL (``want_terms``),
     - ``sums[r] = sum_j terms[r, j]`` in float64 (``want_sums``),
 
@@ -236,41 +266,162 @@ def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, 
     E = mu.shape[1]
     scratch = np.empty(E if want_sums else 0, np.float32)
     for r in range(first_row, end_row):
-        if want_z:
-            _z_row(mu[r], logvar[r], clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi, z[r])
-        if want_terms:
+        first = np.uint64(r * E)
+        if want_z and (want_terms or want_sums):
+            _z_kl_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r],
+                      eps[r if want_eps else 0], terms[r] if want_terms else scratch)
+        elif want_z and want_eps:
+            _z_eps_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, z[r], eps[r])
+        elif want_z:
+            _z_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, z[r])
+        elif want_terms:
             _kl_row(mu[r], logvar[r], clamp, lo, hi, terms[r])
-        if want_sums:
+        elif want_sums:
             _kl_row(mu[r], logvar[r], clamp, lo, hi, scratch)
+        if want_sums:
             sums[r] = _row_sum(scratch)
+
+
+@_jit(inline="always")
+def _grad_mu_row(g_z, g_kl, g, elementwise, has_grad_z, m, d_mu):
+    """``d_mu[j] = g_z[j] + g_kl m[j]`` (``g_kl`` the row's ``g_kl[j]``, or ``g`` for all), without ``g_z`` when
+    it does not flow."""
+    E = m.shape[0]
+    if elementwise and has_grad_z:
+        for j in range(E):
+            d_mu[j] = g_z[j] + g_kl[j] * m[j]
+    elif elementwise:
+        for j in range(E):
+            d_mu[j] = g_kl[j] * m[j]
+    elif has_grad_z:
+        for j in range(E):
+            d_mu[j] = g_z[j] + g * m[j]
+    else:
+        for j in range(E):
+            d_mu[j] = g * m[j]
+
+
+@_jit(inline="always")
+def _kl_grad(g, raw, clamp, lo, hi):
+    """``(g (std^2 - 1) / 2, std)`` for one element, ``std = exp(clamp(raw) / 2)``."""
+    std = _exp(_HALF * _clamped(raw, clamp, lo, hi))
+    return _HALF * g * (std * std - _ONE), std
+
+
+@_jit(inline="always")
+def _through_clamp(d, raw, clamp, lo, hi):
+    """torch.clamp's rule: ``d`` where ``lo <= raw <= hi`` (or no clamp), zero elsewhere."""
+    return d if ((raw >= lo and raw <= hi) or not clamp) else _F(0.0)
+
+
+@_jit(inline="always")
+def _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved, eps, raw, clamp, lo, hi, first, seed_lo, seed_hi,
+                     d_lv):
+    """``d_lv[j] = g_kl (std^2 - 1) / 2 + g_z eps std / 2`` through the clamp, ``eps`` read from ``eps`` when
+    ``saved``, else drawn from the seed (``g_kl``, ``g``, ``elementwise`` as in ``_grad_mu_row``)."""
+    E = raw.shape[0]
+    if not has_grad_z and elementwise:
+        for j in range(E):
+            d_lv[j] = _through_clamp(_kl_grad(g_kl[j], raw[j], clamp, lo, hi)[0], raw[j], clamp, lo, hi)
+    elif not has_grad_z:
+        for j in range(E):
+            d_lv[j] = _through_clamp(_kl_grad(g, raw[j], clamp, lo, hi)[0], raw[j], clamp, lo, hi)
+    elif saved and elementwise:
+        for j in range(E):
+            d, std = _kl_grad(g_kl[j], raw[j], clamp, lo, hi)
+            d_lv[j] = _through_clamp(d + _HALF * g_z[j] * std * eps[j], raw[j], clamp, lo, hi)
+    elif saved:
+        for j in range(E):
+            d, std = _kl_grad(g, raw[j], clamp, lo, hi)
+            d_lv[j] = _through_clamp(d + _HALF * g_z[j] * std * eps[j], raw[j], clamp, lo, hi)
+    elif elementwise:
+        for j in range(E):
+            d, std = _kl_grad(g_kl[j], raw[j], clamp, lo, hi)
+            e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+            d_lv[j] = _through_clamp(d + _HALF * g_z[j] * std * e, raw[j], clamp, lo, hi)
+    else:
+        for j in range(E):
+            d, std = _kl_grad(g, raw[j], clamp, lo, hi)
+            e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+            d_lv[j] = _through_clamp(d + _HALF * g_z[j] * std * e, raw[j], clamp, lo, hi)
 
 
 @_jit
 def reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed, first_row, end_row, clamp, lo, hi, has_grad_z,
-                                    has_grad_kl, grad_mu, grad_logvar):
-    """The gradients of ``reparameterize_kl_rows`` on rows ``first_row .. end_row - 1``, ``eps`` drawn again from
-    the seed, in float32:
+                                    has_grad_kl, grad_mu, grad_logvar, saved_eps, eps):
+    """The gradients of ``reparameterize_kl_rows`` on rows ``first_row .. end_row - 1``, in float32:
 
     ``d mu = g_z + g_kl mu``, ``d logvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2``, zero where the clamp
-    cut ``logvar`` (torch.clamp's rule). ``grad_kl`` is ``(rows or 1, E or 1)``: the elementwise, per-row
-    or one gradient of the KL, broadcast; ``grad_z`` is read only when ``has_grad_z``."""
+    cut ``logvar`` (torch.clamp's rule), ``eps`` read from ``eps`` (``(rows, E)``, the forward's) when
+    ``saved_eps``, else drawn again from the seed. ``grad_kl`` is ``(rows or 1, E or 1)``: the elementwise,
+    per-row or one gradient of the KL, broadcast; ``grad_z`` is read only when ``has_grad_z``."""
     seed_lo, seed_hi = _seed_words(seed)
     E = mu.shape[1]
     elementwise = grad_kl.shape[1] > 1
-    zero = _F(0.0)
     for r in range(first_row, end_row):
-        first = np.uint64(r * E)
         g_kl = grad_kl[r if grad_kl.shape[0] > 1 else 0]
-        g_kl_row = g_kl[0] if has_grad_kl else zero
-        g_z, m, raw, d_mu, d_lv = grad_z[r if has_grad_z else 0], mu[r], logvar[r], grad_mu[r], grad_logvar[r]
-        for j in range(E):
-            g = g_kl[j] if elementwise else g_kl_row
-            d_mu[j] = (g_z[j] + g * m[j]) if has_grad_z else g * m[j]
-        for j in range(E):
-            g = g_kl[j] if elementwise else g_kl_row
-            std = _exp(_HALF * _clamped(raw[j], clamp, lo, hi))
-            d = _HALF * g * (std * std - _ONE)
-            if has_grad_z:
-                d += _HALF * g_z[j] * std * _normal(first + np.uint64(j), seed_lo, seed_hi)
-            inside = raw[j] >= lo and raw[j] <= hi
-            d_lv[j] = d if (inside or not clamp) else zero
+        g = g_kl[0] if has_grad_kl else _F(0.0)
+        g_z = grad_z[r if has_grad_z else 0]
+        _grad_mu_row(g_z, g_kl, g, elementwise, has_grad_z, mu[r], grad_mu[r])
+        _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved_eps, eps[r if saved_eps else 0], logvar[r],
+                         clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi, grad_logvar[r])
+
+
+# ------------------------------------------------------------------------------ moments, variance_law
+@_jit
+def column_moments(z, correction, logvar, with_logvar, mean, var):
+    """Per-column ``mean`` and ``var`` (divisor ``N - correction``) of each ``(N, C)`` slab of float32 ``(A, N, C)``
+    ``z`` (C-contiguous), into float32 ``(A, C)``; with ``with_logvar``, ``var`` also gets the column means of
+    ``exp(logvar)`` (``logvar`` as ``z``): the law of total variance. Two passes accumulated in float64, the mean
+    and then the squares of the deviations from it (stable when ``|mean| >> std``), in a fixed order."""
+    A, N, C = z.shape
+    total = np.empty(C)
+    squares = np.empty(C)
+    spread = np.empty(C)
+    for a in range(A):
+        total[:] = 0.0
+        squares[:] = 0.0
+        spread[:] = 0.0
+        for r in range(N):
+            row = z[a, r]
+            for c in range(C):
+                total[c] += np.float64(row[c])
+        for c in range(C):
+            total[c] /= N
+        for r in range(N):
+            row = z[a, r]
+            for c in range(C):
+                d = np.float64(row[c]) - total[c]
+                squares[c] += d * d
+        if with_logvar:
+            for r in range(N):
+                row = logvar[a, r]
+                for c in range(C):
+                    spread[c] += np.float64(_exp(row[c]))
+        for c in range(C):
+            mean[a, c] = total[c]
+            var[a, c] = squares[c] / (N - correction) + spread[c] / N
+
+
+@_jit
+def rows_variance_law_backward(grad_mean, grad_var, mu, mean, logvar, grad_mu, grad_logvar):
+    """The gradients of ``variance_law`` over the ``N`` rows of float32 ``(N, C)`` ``mu`` and ``logvar``
+    (C-contiguous), float32: ``d mu = g_mean / N + g_var 2 (mu - mean) / N``, ``d logvar = g_var exp(logvar) / N``,
+    with ``g_mean`` and ``g_var`` of ``(C,)`` (zeros where no gradient flows)."""
+    N, C = mu.shape
+    n = _F(N)
+    shift = np.empty(C, np.float32)
+    scale = np.empty(C, np.float32)
+    spread = np.empty(C, np.float32)
+    for c in range(C):
+        shift[c] = grad_mean[c] / n
+        scale[c] = grad_var[c] * _F(2.0 / N)
+        spread[c] = grad_var[c] / n
+    for r in range(N):
+        m, d_mu = mu[r], grad_mu[r]
+        for c in range(C):
+            d_mu[c] = shift[c] + (m[c] - mean[c]) * scale[c]
+    for r in range(N):
+        lv, d_lv = logvar[r], grad_logvar[r]
+        for c in range(C):
+            d_lv[c] = _exp(lv[c]) * spread[c]

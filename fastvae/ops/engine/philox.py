@@ -33,10 +33,15 @@ def _probe(loops: ModuleType) -> None:
     loops.normal_loop(1, 0, 1, np.empty(1, np.float32))
     row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
-    loops.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums)
+    loops.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums,
+                                 True, row.copy())
     loops.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
-                                            row.copy())
+                                          row.copy(), True, row)
     loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
+    cube = np.zeros((1, 1, 1), np.float32)
+    loops.column_moments(cube, 0, cube, True, row.copy(), row.copy())
+    column = np.zeros(1, np.float32)
+    loops.rows_variance_law_backward(column, column, row, column, row, row.copy(), row.copy())
 
 
 @functools.lru_cache(maxsize=1)
