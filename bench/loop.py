@@ -21,9 +21,12 @@ size 128 and Adam with lr 1e-3:
 - ``tensors``: a careful hand-written loop over in-memory tensors (``TensorLoop``): the images as one tensor,
   one ``randperm`` per epoch, ``index_select`` batches, fused Adam, the loss read once per epoch, and the same
   plain-PyTorch objective as ``plain``; ``tensors-bf16`` the same under bf16 autocast. fastvae's loop must beat
-  the faster of the two to show that its ops pay, not only its data path.
+  the faster of the two to show that its ops pay, not only its data path. ``tensors-ftz`` is the fp32 one with
+  subnormals flushed to zero as ``fit`` flushes them (``fastvae.train.denormals``): what the careful loop gains
+  from that setting alone, shown beside the others and not among the two the target names.
 - ``bare``: the same careful loop around fastvae's own step (its model's fused forward, the balanced loss module,
-  fastvae's precision as ``auto`` chose it for the ``fastvae`` loop): the bare step of fastvae's ops. fastvae's
+  fastvae's precision as ``auto`` chose it for the ``fastvae`` loop, subnormals flushed as fit flushes them): the
+  bare step of fastvae's ops. fastvae's
   ``steps s`` against ``bare``'s is what its loop adds around the ops (window, schedule, objective wrapper, metrics).
 - ``pythae`` (when ``pythae`` imports): pythae 0.1.2's ``BaseTrainer.train_step`` (one epoch: its
   ``DataLoader`` over ``BaseDataset`` in memory, its callbacks) on a ``pythae.models.VAE`` whose encoder and
@@ -60,13 +63,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fastvae.train.denormals import flushed_denormals
+
 from .cases.balanced_mse import eager as eager_balanced_mse
 from .cases.reparameterize_kl import eager as eager_reparameterize_kl
 from .examples_vae import TorchvisionFashionMNIST
 
-LOOPS = ("fastvae", "fastvae-fp32", "fastvae-compile", "bare", "tensors", "tensors-bf16", "plain", "pythae")
+LOOPS = ("fastvae", "fastvae-fp32", "fastvae-compile", "bare", "tensors", "tensors-bf16", "tensors-ftz", "plain",
+         "pythae")
 #: the careful hand-written loops: fastvae's default must be faster than the faster of them
 CAREFUL = ("tensors", "tensors-bf16")
+#: the loops besides fit's that flush subnormals to zero as fit does by default (the others keep IEEE subnormals,
+#: also when they run from fit's epoch-end callback)
+FLUSHING = ("bare", "tensors-ftz")
 VARIANTS = {"fastvae": {}, "fastvae-fp32": {"precision": "fp32"}, "fastvae-compile": {"compile": True}}
 MODELS = ("dense", "conv")
 BATCH = 128
@@ -338,10 +347,11 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
     with tempfile.TemporaryDirectory(prefix="fastvae-bench-loop-") as tmp:
         if "bare" in loops:
             others["bare"] = None  # built at fastvae's first epoch end, in the precision its auto chose
-        for name in CAREFUL:
+        for name in (*CAREFUL, "tensors-ftz"):
             if name in loops:
-                others[name] = TensorLoop(build(model_name), images, device, precision=name[len("tensors-"):] or "fp32")
-                results[name]["precision"] = others[name].precision
+                precision = "bf16" if name == "tensors-bf16" else "fp32"
+                others[name] = TensorLoop(build(model_name), images, device, precision=precision)
+                results[name]["precision"] = precision
         if "plain" in loops:
             others["plain"] = PlainLoop(build(model_name), images, labels, device)
         if "pythae" in loops:
@@ -349,11 +359,12 @@ def run_model(model_name: str, device: torch.device, images: Tensor, labels: Ten
 
         def run_one(name: str, k: int) -> None:
             loop = others[name]
-            wall, cpu = time.perf_counter(), time.process_time()
-            train = _timed(loop.epoch, device)
-            end_of_epoch(loop.model, loop.optimizer, loop.running_mse, test_images, f"{tmp}/{name}-run", k + 1)
-            _sync(device)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            with flushed_denormals(name in FLUSHING):
+                wall, cpu = time.perf_counter(), time.process_time()
+                train = _timed(loop.epoch, device)
+                end_of_epoch(loop.model, loop.optimizer, loop.running_mse, test_images, f"{tmp}/{name}-run", k + 1)
+                _sync(device)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             results[name]["times"].append(wall)
             results[name]["train"].append(train)
             results[name]["cpu"].append(cpu)
@@ -458,9 +469,12 @@ def run_loops(device: torch.device, *, quick: bool = False, epochs: int | None =
             "equivalent FashionMNIST dataset (PIL image + ToTensor per sample; torchvision itself is not installable "
             "beside this torch build), the same model and balanced objective in plain PyTorch. `tensors`: a careful "
             "hand-written loop over the images held as one tensor (randperm, index_select, fused Adam, one loss "
-            "read per epoch), the same objective as `plain`; `tensors-bf16` the same under bf16 autocast. `bare`: "
+            "read per epoch), the same objective as `plain`; `tensors-bf16` the same under bf16 autocast; "
+            "`tensors-ftz` the fp32 one with subnormals flushed to zero, as fit flushes them by default "
+            "(`--no-flush-denormal` keeps them; every other loop but `bare` keeps them). `bare`: "
             "that loop around fastvae's own step (the model's fused forward, the balanced loss module) in the "
-            "precision fastvae's auto chose: what fastvae's loop adds around its ops is its steps s over bare's. "
+            "precision fastvae's auto chose, subnormals flushed: what fastvae's loop adds around its ops is its "
+            "steps s over bare's. "
             "`pythae`: pythae "
             "0.1.2's BaseTrainer.train_step on the same encoder/decoder, its own VAE loss. `fastvae`: "
             "fastvae.train.fit with test_data, as `fastvae train` runs it, precision auto (the faster of fp32 and bf16 "
@@ -509,7 +523,8 @@ def print_ratios(rows: Sequence[LoopRow], log: Callable[[str], None] = print) ->
     for model_name in dict.fromkeys(r.model for r in rows):
         times = {r.loop: r.epoch_s for r in rows if r.model == model_name and r.epoch_s}
         pairs = (("fastvae", "plain"), ("tensors", "plain"), ("pythae", "plain"), ("fastvae", "tensors"),
-                 ("fastvae", "tensors-bf16"), ("fastvae-fp32", "tensors"), ("fastvae-compile", "tensors"),
+                 ("fastvae", "tensors-bf16"), ("fastvae", "tensors-ftz"), ("tensors-ftz", "tensors"),
+                 ("fastvae-fp32", "tensors"), ("fastvae-compile", "tensors"),
                  ("fastvae", "bare"), ("fastvae", "pythae"))
         parts = [f"{a}/{b} {times[a] / times[b]:.2f}" for a, b in pairs
                  if a in times and b in times]

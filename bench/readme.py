@@ -53,6 +53,7 @@ _LOOP_NAMES = {
     "fastvae-compile": "fastvae `fit`, `--compile`",
     "tensors": "careful hand-written loop over in-memory tensors",
     "tensors-bf16": "the same careful loop, bf16 autocast",
+    "tensors-ftz": "the same careful loop, fp32, subnormals flushed to zero as fit flushes them",
     "bare": "that careful loop around fastvae's own step (its ops, its precision)",
     "plain": "pytorch/examples style (DataLoader, PIL + ToTensor per image)",
     "pythae": "pythae 0.1.2 `BaseTrainer`",

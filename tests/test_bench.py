@@ -41,14 +41,14 @@ def test_quick_run_writes_tables_csv_and_charts(tmp_path):
     assert int(fused_forward["triton_launches"]) >= 1  # counted in interpret mode, in a subprocess
     assert int(fused_forward["saved_beyond_inputs"]) <= 8  # the op saves its inputs and gamma^2 only
     loops = {r["loop"]: r for r in _csv(tmp_path / f"{CPU}_loop.csv")}
-    expected = {"fastvae", "bare", "tensors", "tensors-bf16", "plain"} | (
+    expected = {"fastvae", "bare", "tensors", "tensors-bf16", "tensors-ftz", "plain"} | (
         {"pythae"} if importlib.util.find_spec("pythae") else set())
     assert set(loops) == expected
     # the bare step of fastvae's ops trains in the precision fastvae's auto chose; the careful loops in theirs
     assert loops["fastvae"]["precision"] in ("fp32", "bf16")
     assert loops["bare"]["precision"] == loops["fastvae"]["precision"]
-    assert (loops["tensors"]["precision"], loops["tensors-bf16"]["precision"]) == ("fp32", "bf16")
-    for name in ("fastvae", "bare", "tensors", "tensors-bf16", "plain"):
+    assert [loops[name]["precision"] for name in ("tensors", "tensors-bf16", "tensors-ftz")] == ["fp32", "bf16", "fp32"]
+    for name in ("fastvae", "bare", "tensors", "tensors-bf16", "tensors-ftz", "plain"):
         assert 0 < float(loops[name]["step_gflops"]) and 0 < float(loops[name]["of_gemm"]), name
     assert all(float(r["epoch_s"]) > 0 and float(r["images_per_s"]) > 0 for r in loops.values())
     # every loop's epoch includes the same end-of-epoch work as fit's, so it is longer than its steps alone

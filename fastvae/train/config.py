@@ -87,6 +87,10 @@ class TrainConfig:
                                          "replay it (default: on for CUDA when its replays measure faster than "
                                          "eager steps, off on the CPU)", bool)
     threads: int = option(0, "torch CPU threads (0: torch's default)", int, minimum=0)
+    flush_denormal: bool = option(True, "flush subnormal floats to zero on the CPU while training, in every torch "
+                                  "thread (torch.set_flush_denormal): Adam's first moments of weights whose gradient "
+                                  "is zero sink into subnormals, which x86 CPUs compute 10-100x slower; "
+                                  "--no-flush-denormal keeps IEEE subnormals", bool)
     seed: int = option(0, "seed of the initial weights, the data order and the noise", int, minimum=0,
                      maximum=2**63 - 1)
     # output

@@ -10,7 +10,8 @@ each checkpoint, so that a non-finite loss never reaches a checkpoint). A Ctrl-C
 SIGUSR1 (what Slurm, Kubernetes and a dropped ssh send) lets the running step finish, writes a checkpoint at that
 step and raises ``TrainingInterrupted``; under ``torchrun`` the ranks agree on that step at a log row, where a
 flag of the signals each rank received travels with the window's all-reduce. Under ``torchrun`` the objective
-trains under DDP, each rank takes its shard of every permutation, and only rank 0 writes files.
+trains under DDP, each rank takes its shard of every permutation, and only rank 0 writes files. While it
+trains, subnormal floats are flushed to zero on the CPU (``flush_denormal``, ``denormals.py``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .calibrate import PrecisionChoice, calibrate_precision
 from .checkpoint import (CHECKPOINT, PREVIOUS, load_run_checkpoint, repair_run, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig
+from .denormals import flushed_denormals
 from .devices import resolve_device
 from .log import MetricsLog
 from .objective import TrainObjective
@@ -107,7 +109,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *, test_data=
     with (run_lock(out, "fastvae train") if rank == 0 else contextlib.nullcontext(out)):
         _prepare_folder(out, config, resume, rank)
         # a stop signal during the set-up (the precision's calibration, a resume) is acted on after the first step
-        with _deferred_interrupt() as received:
+        with flushed_denormals(config.flush_denormal), _deferred_interrupt() as received:
             run = _Run(model, images, test_images, config, out, callbacks, rank, world, resume, transform)
             run.received = received
             try:
