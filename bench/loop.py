@@ -26,8 +26,8 @@ size 128 and Adam with lr 1e-3:
   from that setting alone, shown beside the others and not among the two the target names.
 - ``bare``: the same careful loop around fastvae's own step (its model's fused forward, the balanced loss module,
   fastvae's precision as ``auto`` chose it for the ``fastvae`` loop, subnormals flushed as fit flushes them): the
-  bare step of fastvae's ops. fastvae's
-  ``steps s`` against ``bare``'s is what its loop adds around the ops (window, schedule, objective wrapper, metrics).
+  bare step of fastvae's ops. fastvae's ``steps s`` against ``bare``'s is what its loop adds around the ops
+  (window, schedule, objective wrapper, metrics).
 - ``pythae`` (when ``pythae`` imports): pythae 0.1.2's ``BaseTrainer.train_step`` (one epoch: its
   ``DataLoader`` over ``BaseDataset`` in memory, its callbacks) on a ``pythae.models.VAE`` whose encoder and
   decoder are the same modules; pythae's own VAE loss (``0.5 * sum of squared errors + KL``, batch mean).
