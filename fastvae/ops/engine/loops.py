@@ -47,6 +47,19 @@ def _bitcast(source, target):
     return cast
 
 
+@intrinsic
+def _wide_vectors(typingctx):
+    """Mark the function this is called in (after numba's inlining: the loop that calls it) with LLVM's
+    ``"prefer-vector-width"="512"``: on CPUs where LLVM prefers 256-bit vectors although AVX-512 is there (Intel's
+    since Skylake-X), its loops then vectorize on 512-bit registers, 16 float32 lanes; elsewhere it changes
+    nothing (LLVM caps the width at the widest the CPU has). ``FunctionAttributes`` takes only LLVM's enumerated
+    attributes, so the string attribute goes in through ``set.add``."""
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
 _bits32 = _bitcast(types.float32, types.int32)
 """The bits of a float32 as an int32."""
 _from_bits32 = _bitcast(types.int32, types.float32)
@@ -169,6 +182,7 @@ def _normal(counter, seed_lo, seed_hi):
 @_jit
 def normal_loop(seed, first, end, out):
     """``out[i] = _normal(i)`` for ``first <= i < end``: the noise alone (``philox_randn``), int64 seed."""
+    _wide_vectors()
     seed_lo, seed_hi = _seed_words(seed)
     for i in range(first, end):
         out[i] = _normal(np.uint64(i), seed_lo, seed_hi)
@@ -177,6 +191,7 @@ def normal_loop(seed, first, end, out):
 @_jit(fastmath={"reassoc"})
 def _row_sum(values):
     """The float64 sum of a float32 row, in any order (so that it vectorizes): deterministic for one build."""
+    _wide_vectors()
     total = 0.0
     for v in values:
         total += np.float64(v)
@@ -262,6 +277,7 @@ def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, 
     - ``sums[r] = sum_j terms[r, j]`` in float64 (``want_sums``),
 
     with ``logvar`` clamped to ``[lo, hi]`` (float32) first when ``clamp``. Unused outputs may be empty."""
+    _wide_vectors()
     seed_lo, seed_hi = _seed_words(seed)
     E = mu.shape[1]
     scratch = np.empty(E if want_sums else 0, np.float32)
@@ -355,6 +371,7 @@ def reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed, first_row
     cut ``logvar`` (torch.clamp's rule), ``eps`` read from ``eps`` (``(rows, E)``, the forward's) when
     ``saved_eps``, else drawn again from the seed. ``grad_kl`` is ``(rows or 1, E or 1)``: the elementwise,
     per-row or one gradient of the KL, broadcast; ``grad_z`` is read only when ``has_grad_z``."""
+    _wide_vectors()
     seed_lo, seed_hi = _seed_words(seed)
     E = mu.shape[1]
     elementwise = grad_kl.shape[1] > 1
@@ -374,6 +391,7 @@ def column_moments(z, correction, logvar, with_logvar, mean, var):
     ``z`` (C-contiguous), into float32 ``(A, C)``; with ``with_logvar``, ``var`` also gets the column means of
     ``exp(logvar)`` (``logvar`` as ``z``): the law of total variance. Two passes accumulated in float64, the mean
     and then the squares of the deviations from it (stable when ``|mean| >> std``), in a fixed order."""
+    _wide_vectors()
     A, N, C = z.shape
     total = np.empty(C)
     squares = np.empty(C)
@@ -408,6 +426,7 @@ def rows_variance_law_backward(grad_mean, grad_var, mu, mean, logvar, grad_mu, g
     """The gradients of ``variance_law`` over the ``N`` rows of float32 ``(N, C)`` ``mu`` and ``logvar``
     (C-contiguous), float32: ``d mu = g_mean / N + g_var 2 (mu - mean) / N``, ``d logvar = g_var exp(logvar) / N``,
     with ``g_mean`` and ``g_var`` of ``(C,)`` (zeros where no gradient flows)."""
+    _wide_vectors()
     N, C = mu.shape
     n = _F(N)
     shift = np.empty(C, np.float32)
