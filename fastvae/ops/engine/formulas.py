@@ -263,18 +263,20 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
     E = math.prod(mu.shape[mu.dim() - event_dims:])
     keep_noise = keep_noise and seed is not None
     loops = _loops_for(mu)
-    if loops is not None:
+    if loops is not None:  # z, the elementwise KL and eps already of mu's shape, contiguous
         z, kl, eps = _fused_forward(loops, mu, logvar, seed, reduction, logvar_clamp, E, keep_noise)
     else:
         eps = philox.philox_randn(seed, (mu.numel() // E, E), mu.device) if keep_noise else None
         z, kl = reparameterize_kl_rows(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed,
                                        reduction, eps)
-    if eps is not None:
-        eps = eps.view(*mu.shape)  # (a shape as ints: a torch.Size argument costs the view a microsecond more)
+        # (a shape as ints: a torch.Size argument costs the view a microsecond more)
+        eps = None if eps is None else eps.view(*mu.shape)
+        z = None if z is None else z.view(*mu.shape)
+        kl = kl.view(*mu.shape) if kl is not None and reduction == "none" else kl
     if z is not None:
-        z = in_format(z.view(*mu.shape), mu)
+        z = in_format(z, mu)
     if kl is not None and reduction == "none":
-        kl = in_format(kl.view(*mu.shape), mu)
+        kl = in_format(kl, mu)
     elif kl is not None and reduction == "per_sample":
         kl = kl.view([*mu.shape[: mu.dim() - event_dims]])
     elif kl is not None and kl.dim():
@@ -348,33 +350,50 @@ def _loop_width(samples: int, E: int, per_row: bool) -> int:
 
 def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
                    E: int, keep_noise: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(z, kl, eps)`` as ``reparameterize_kl`` returns them on ``(rows, E)``, from ``reparameterize_kl_rows``;
-    rows split over threads (each row's KL is summed whole, and the rows' sums added in order after, so the
-    split changes no bit)."""
+    """``(z, kl, eps)`` of ``reparameterize_kl_rows``: ``z``, an elementwise KL and ``eps`` contiguous of mu's shape
+    (the loops write them as ``(rows, E)`` views), a reduced KL of ``(rows,)`` or ``()``. Rows split over threads
+    (each row's KL is summed whole, and the rows' sums added in order after, so the split changes no bit)."""
     samples = mu.numel() // E
     E = _loop_width(samples, E, reduction == "per_sample")
     mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
     rows = mu_rows.shape[0]
-    z_np = np.empty((rows, E), np.float32) if seed is not None else _NONE
-    terms_np = np.empty((rows, E), np.float32) if reduction == "none" else _NONE
-    eps_np = np.empty((rows, E), np.float32) if keep_noise else _NONE
-    sums = np.empty(rows if reduction not in (None, "none") else 0)
-    z, terms, eps = (None if a is _NONE else torch.from_numpy(a) for a in (z_np, terms_np, eps_np))
+    # Straight-line on purpose: at (128, 16) the Python around the loop costs as much as the loop.
+    shape = tuple(mu.shape)
+    z = z_np = terms = terms_np = eps = eps_np = _NONE
+    if seed is not None:
+        z = np.empty(shape, np.float32)
+        z_np = z.reshape(rows, E)
+    if reduction == "none":
+        terms = np.empty(shape, np.float32)
+        terms_np = terms.reshape(rows, E)
+    if keep_noise:
+        eps = np.empty(shape, np.float32)
+        eps_np = eps.reshape(rows, E)
+    want_sums = reduction is not None and reduction != "none"
+    sums = np.empty(rows if want_sums else 0)
+    total = np.empty((), np.float32)
+    total_np = total.reshape(1)
+    want_total = reduction == "batchmean" or reduction == "sum"
+    scale = 1.0 / samples if reduction == "batchmean" else 1.0
     seed_value = 0 if seed is None else seed.item()
     clamp, lo, hi = _clamp_args(logvar_clamp)
-    philox.split(lambda a, b: loops.reparameterize_kl_rows(
-        mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, z is not None, z_np, terms is not None, terms_np,
-        sums.size > 0, sums, eps is not None, eps_np), rows, rows * E)
-    z = _as_dtype(z, mu.dtype)
+    want_z, want_terms, want_eps = z is not _NONE, terms is not _NONE, eps is not _NONE
+    # the call that runs every row (no split) adds the rows' sums too; a split adds them after, in the same order
+    if philox.split(lambda a, b: loops.reparameterize_kl_rows(
+            mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, want_z, z_np, want_terms, terms_np, want_sums, sums,
+            want_eps, eps_np, want_total and a == 0 and b == rows, scale, total_np), rows, rows * E) and want_total:
+        loops.scaled_total(sums, scale, total_np)
+    z = torch.from_numpy(z) if want_z else None
+    eps = torch.from_numpy(eps) if want_eps else None
+    if mu.dtype != torch.float32 and want_z:
+        z = z.to(mu.dtype)
     if reduction is None:
         return z, None, eps
-    if reduction == "none":
-        return z, _as_dtype(terms, mu.dtype), eps
-    if reduction == "per_sample":
-        return z, torch.from_numpy(sums).to(torch.float32), eps
-    kl = np.empty((), np.float32)
-    loops.scaled_total(sums, 1.0 / samples if reduction == "batchmean" else 1.0, kl.reshape(1))
-    return z, torch.from_numpy(kl), eps
+    if want_total:
+        return z, torch.from_numpy(total), eps
+    if want_terms:
+        return z, _as_dtype(torch.from_numpy(terms), mu.dtype), eps
+    return z, torch.from_numpy(sums).to(torch.float32), eps
 
 
 def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

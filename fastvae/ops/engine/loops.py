@@ -268,13 +268,15 @@ def _kl_row(mu, logvar, clamp, lo, hi, terms):
 
 @_jit
 def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, want_z, z, want_terms, terms,
-                           want_sums, sums, want_eps, eps):
+                           want_sums, sums, want_eps, eps, want_total, scale, total):
     """``reparameterize_kl`` on rows ``first_row .. end_row - 1`` of float32 ``(rows, E)`` latents,
     ``std = exp(logvar / 2)``, in float32:
 
     - ``z[r, j] = mu + std eps`` (``want_z``), and ``eps[r, j]`` the noise drawn (``want_eps``, with ``want_z``),
     - ``terms[r, j] = ((mu^2 + std^2) - logvar - 1) / 2``, the elementwise KL (``want_terms``),
     - ``sums[r] = sum_j terms[r, j]`` in float64 (``want_sums``),
+    - ``total[0] = scale * sum_r sums[r]`` (``want_total``, with ``want_sums``, in a call that runs every row):
+      ``scaled_total`` without a second call,
 
     with ``logvar`` clamped to ``[lo, hi]`` (float32) first when ``clamp``. Unused outputs may be empty."""
     _wide_vectors()
@@ -296,6 +298,8 @@ def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, 
             _kl_row(mu[r], logvar[r], clamp, lo, hi, scratch)
         if want_sums:
             sums[r] = _row_sum(scratch)
+    if want_total:
+        scaled_total(sums, scale, total)
 
 
 @_jit(inline="always")

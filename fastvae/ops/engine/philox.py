@@ -34,7 +34,7 @@ def _probe(loops: ModuleType) -> None:
     row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
     loops.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums,
-                                 True, row.copy())
+                                 True, row.copy(), True, 1.0, np.empty(1, np.float32))
     loops.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
                                           row.copy(), True, row)
     loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
@@ -79,18 +79,20 @@ if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) has 
     os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def split(loop: Callable[[int, int], None], units: int, elements: int) -> None:
+def split(loop: Callable[[int, int], None], units: int, elements: int) -> bool:
     """``loop(a, b)`` over ``[0, units)`` in contiguous chunks, on up to ``torch.get_num_threads()`` threads
-    when there are ``elements`` enough (the loops release the GIL; their results do not depend on the split)."""
+    when there are ``elements`` enough (the loops release the GIL; their results do not depend on the split).
+    Whether it split (else one call ran ``loop(0, units)``)."""
     workers = min(torch.get_num_threads(), elements // PARALLEL_MIN, units)
     if workers <= 1:
         loop(0, units)
-        return
+        return False
     bounds = [units * k // workers for k in range(workers + 1)]
     jobs = [_pool(workers).submit(loop, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
     loop(0, bounds[1])
     for job in jobs:
         job.result()
+    return True
 
 
 def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
