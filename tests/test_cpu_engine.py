@@ -316,6 +316,24 @@ def test_every_loop_asks_llvm_for_512_bit_vectors():
         assert "_wide_vectors()" in inspect.getsource(getattr(loops, name).py_func), name
 
 
+@pytest.mark.parametrize("reduction", ["per_sample", "batchmean", "none", None])
+def test_the_halves_of_an_encoder_output_are_read_in_place(reduction):
+    """The halves of a (B, 2C, H, W) output's chunk(2, dim=1), whose samples are long rows at one stride, reach the
+    forward loop as their own memory (no copy), with the bits of contiguous copies."""
+    _compiled_or_skip()
+    h = torch.randn(3, 2 * 4, 8, 9)
+    mean, logvar = h.chunk(2, dim=1)
+    address, stride, owner = formulas._float32_rows_at(logvar, 4 * 8 * 9)
+    assert (address, stride, owner) == (logvar.data_ptr(), 2 * 4 * 8 * 9, logvar)
+    seed = torch.tensor([3])
+    got = engine.reparameterize_kl(mean, logvar, seed, reduction, (-2.0, 2.0),
+                                   3, keep_noise=True)
+    want = engine.reparameterize_kl(mean.contiguous(), logvar.contiguous(), seed, reduction, (-2.0, 2.0), 3,
+                                    keep_noise=True)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):
     _compiled_or_skip()
     import fastvae

@@ -325,6 +325,27 @@ def _float32_rows(t: Tensor, E: int) -> np.ndarray:
     return t.detach().reshape(-1, E).to(torch.float32).contiguous().numpy()
 
 
+def _float32_rows_at(t: Tensor, E: int) -> tuple[int, int, Tensor]:
+    """``(address, row stride, owner)`` of ``t`` as float32 rows of ``E`` contiguous elements, for the loops that read
+    memory in place: ``t``'s own where it is float32 and holds such rows at one stride (contiguous, or the halves of
+    ``h.chunk(2, dim=1)``), else a contiguous float32 copy's (``owner``: what must live while the loop reads it)."""
+    if t.dtype == torch.float32:
+        if t.is_contiguous():
+            return t.data_ptr(), E, t
+        try:
+            rows = t.view(-1, E)
+        except RuntimeError:  # no view: a copy below
+            rows = None
+        if rows is not None and (rows.stride(1) == 1 or E == 1):
+            return rows.data_ptr(), rows.stride(0), t
+    copy = t.detach().reshape(-1, E).to(torch.float32).contiguous()
+    return copy.data_ptr(), E, copy
+
+
+_IN_PLACE_MIN = 256
+"""Rows shorter than this are copied into contiguous ones when they are not (the loops then merge them): a loop pays
+tens of nanoseconds a row."""
+
 _NO_CLAMP = (False, np.float32(0), np.float32(0))
 
 
@@ -354,9 +375,14 @@ def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduc
     (the loops write them as ``(rows, E)`` views), a reduced KL of ``(rows,)`` or ``()``. Rows split over threads
     (each row's KL is summed whole, and the rows' sums added in order after, so the split changes no bit)."""
     samples = mu.numel() // E
-    E = _loop_width(samples, E, reduction == "per_sample")
-    mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
-    rows = mu_rows.shape[0]
+    dense = mu.is_contiguous() and logvar.is_contiguous()
+    if not dense and E < _IN_PLACE_MIN:  # short rows merge into long ones: copies cost less than a loop per row
+        mu, logvar, dense = mu.contiguous(), logvar.contiguous(), True
+    if dense:
+        E = _loop_width(samples, E, reduction == "per_sample")
+    rows = mu.numel() // E
+    mu_at, mu_stride, mu_owner = _float32_rows_at(mu, E)
+    logvar_at, logvar_stride, logvar_owner = _float32_rows_at(logvar, E)
     # Straight-line on purpose: at (128, 16) the Python around the loop costs as much as the loop.
     shape = tuple(mu.shape)
     z = z_np = terms = terms_np = eps = eps_np = _NONE
@@ -380,9 +406,10 @@ def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduc
     want_z, want_terms, want_eps = z is not _NONE, terms is not _NONE, eps is not _NONE
     # the call that runs every row (no split) adds the rows' sums too; a split adds them after, in the same order
     if philox.split(lambda a, b: loops.reparameterize_kl_rows(
-            mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, want_z, z_np, want_terms, terms_np, want_sums, sums,
+            mu_at, mu_stride, logvar_at, logvar_stride, E, seed_value, a, b, clamp, lo, hi, want_z, z_np, want_terms, terms_np, want_sums, sums,
             want_eps, eps_np, want_total and a == 0 and b == rows, scale, total_np), rows, rows * E) and want_total:
         loops.scaled_total(sums, scale, total_np)
+    del mu_owner, logvar_owner  # (the copies, where any, lived through the loop)
     z = torch.from_numpy(z) if want_z else None
     eps = torch.from_numpy(eps) if want_eps else None
     if mu.dtype != torch.float32 and want_z:

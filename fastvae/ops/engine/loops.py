@@ -60,6 +60,21 @@ def _wide_vectors(typingctx):
     return types.none(), codegen
 
 
+@intrinsic
+def _float32_at(typingctx, address):
+    """The float32 pointer at an integer address (a tensor's ``data_ptr()``)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
+    return types.CPointer(types.float32)(types.int64), codegen
+
+
+@_jit(inline="always")
+def _row_at(address, stride, r, E):
+    """Row ``r`` of float32 rows of ``E`` contiguous elements, ``stride`` elements apart from ``address`` on: a
+    C-contiguous array over that memory (the halves of ``h.chunk(2, dim=1)`` read in place)."""
+    return numba.carray(_float32_at(address + r * stride * 4), E)
+
+
 _bits32 = _bitcast(types.float32, types.int32)
 """The bits of a float32 as an int32."""
 _from_bits32 = _bitcast(types.int32, types.float32)
@@ -267,10 +282,12 @@ def _kl_row(mu, logvar, clamp, lo, hi, terms):
 
 
 @_jit
-def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, want_z, z, want_terms, terms,
-                           want_sums, sums, want_eps, eps, want_total, scale, total):
+def reparameterize_kl_rows(mu, mu_stride, logvar, logvar_stride, E, seed, first_row, end_row, clamp, lo, hi, want_z, z,
+                           want_terms, terms, want_sums, sums, want_eps, eps, want_total, scale, total):
     """``reparameterize_kl`` on rows ``first_row .. end_row - 1`` of float32 ``(rows, E)`` latents,
-    ``std = exp(logvar / 2)``, in float32:
+    ``std = exp(logvar / 2)``, in float32. The latents are read in place: ``mu`` and ``logvar`` are the addresses of
+    their row 0, rows of ``E`` contiguous elements ``mu_stride`` and ``logvar_stride`` elements apart; the outputs
+    are C-contiguous ``(rows, E)`` arrays:
 
     - ``z[r, j] = mu + std eps`` (``want_z``), and ``eps[r, j]`` the noise drawn (``want_eps``, with ``want_z``),
     - ``terms[r, j] = ((mu^2 + std^2) - logvar - 1) / 2``, the elementwise KL (``want_terms``),
@@ -281,21 +298,21 @@ def reparameterize_kl_rows(mu, logvar, seed, first_row, end_row, clamp, lo, hi, 
     with ``logvar`` clamped to ``[lo, hi]`` (float32) first when ``clamp``. Unused outputs may be empty."""
     _wide_vectors()
     seed_lo, seed_hi = _seed_words(seed)
-    E = mu.shape[1]
     scratch = np.empty(E if want_sums else 0, np.float32)
     for r in range(first_row, end_row):
         first = np.uint64(r * E)
+        m, lv = _row_at(mu, mu_stride, r, E), _row_at(logvar, logvar_stride, r, E)
         if want_z and (want_terms or want_sums):
-            _z_kl_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r],
+            _z_kl_row(m, lv, clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r],
                       eps[r if want_eps else 0], terms[r] if want_terms else scratch)
         elif want_z and want_eps:
-            _z_eps_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, z[r], eps[r])
+            _z_eps_row(m, lv, clamp, lo, hi, first, seed_lo, seed_hi, z[r], eps[r])
         elif want_z:
-            _z_row(mu[r], logvar[r], clamp, lo, hi, first, seed_lo, seed_hi, z[r])
+            _z_row(m, lv, clamp, lo, hi, first, seed_lo, seed_hi, z[r])
         elif want_terms:
-            _kl_row(mu[r], logvar[r], clamp, lo, hi, terms[r])
+            _kl_row(m, lv, clamp, lo, hi, terms[r])
         elif want_sums:
-            _kl_row(mu[r], logvar[r], clamp, lo, hi, scratch)
+            _kl_row(m, lv, clamp, lo, hi, scratch)
         if want_sums:
             sums[r] = _row_sum(scratch)
     if want_total:

@@ -33,8 +33,8 @@ def _probe(loops: ModuleType) -> None:
     loops.normal_loop(1, 0, 1, np.empty(1, np.float32))
     row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
-    loops.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums,
-                                 True, row.copy(), True, 1.0, np.empty(1, np.float32))
+    loops.reparameterize_kl_rows(row.ctypes.data, 1, row.ctypes.data, 1, 1, 1, 0, 1, True, lo, hi, True, row.copy(),
+                                 True, row.copy(), True, sums, True, row.copy(), True, 1.0, np.empty(1, np.float32))
     loops.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
                                           row.copy(), True, row)
     loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
