@@ -319,7 +319,7 @@ def test_every_loop_asks_llvm_for_512_bit_vectors():
 @pytest.mark.parametrize("reduction", ["per_sample", "batchmean", "none", None])
 def test_the_halves_of_an_encoder_output_are_read_in_place(reduction):
     """The halves of a (B, 2C, H, W) output's chunk(2, dim=1), whose samples are long rows at one stride, reach the
-    forward loop as their own memory (no copy), with the bits of contiguous copies."""
+    forward and backward loops as their own memory (no copy), with the bits of contiguous copies."""
     _compiled_or_skip()
     h = torch.randn(3, 2 * 4, 8, 9)
     mean, logvar = h.chunk(2, dim=1)
@@ -332,6 +332,14 @@ def test_the_halves_of_an_encoder_output_are_read_in_place(reduction):
                                     keep_noise=True)
     for a, b in zip(got, want):
         assert (a is None and b is None) or torch.equal(a, b)
+    if reduction is None:
+        return
+    g_z, g_kl = torch.randn(mean.shape), torch.randn(want[1].shape)
+    for eps in (got[2], None):  # the kept noise, and the noise drawn again
+        got_grads = engine.reparameterize_kl_backward(g_z, g_kl, mean, logvar, seed, reduction, (-2.0, 2.0), 3, eps)
+        want_grads = engine.reparameterize_kl_backward(g_z, g_kl, mean.contiguous(), logvar.contiguous(), seed,
+                                                       reduction, (-2.0, 2.0), 3, eps)
+        assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
 
 
 def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):

@@ -290,19 +290,19 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
     """The gradients of ``reparameterize_kl`` with torch.clamp's rule, in mu's memory format; ``eps`` the noise the
     forward kept (``keep_noise``), else None and the noise is drawn again from the seed."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    eps = None if eps is None or grad_z is None else eps.reshape(-1, E)
+    eps = None if eps is None or grad_z is None else eps
     loops = _loops_for(mu)
-    if loops is not None:
+    if loops is not None:  # contiguous, of mu's shape
         grad_mu, grad_logvar = _fused_backward(loops, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E,
                                                eps)
-    else:
-        g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
-        lv = logvar.reshape(-1, E)
-        grad_mu, grad_logvar = reparameterize_kl_rows_backward(
-            None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
-            seed, reduction, eps,
-        )
-        grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
+        return in_format(grad_mu, mu), in_format(grad_logvar, mu)
+    g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
+    lv = logvar.reshape(-1, E)
+    grad_mu, grad_logvar = reparameterize_kl_rows_backward(
+        None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
+        seed, reduction, None if eps is None else eps.reshape(-1, E),
+    )
+    grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
     return in_format(grad_mu.view(*mu.shape), mu), in_format(grad_logvar.view(*mu.shape), mu)
 
 
@@ -431,13 +431,25 @@ def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
                     seed: Tensor | None, reduction: str, logvar_clamp, E: int,
                     eps: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(d mu, d logvar)`` on ``(rows, E)`` from ``reparameterize_kl_rows_backward``, reading the noise from ``eps``
-    (``(rows, E)`` float32) when given."""
+    """``(d mu, d logvar)``, contiguous of mu's shape, from ``reparameterize_kl_rows_backward`` on ``(rows, E)``
+    rows read in place (copies where no such rows exist, or short strided ones), reading the noise from ``eps``
+    (float32, contiguous) when given."""
     samples = mu.numel() // E
-    E = _loop_width(samples, E, reduction == "per_sample")
-    mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
-    rows = mu_rows.shape[0]
-    g_z = _ZERO_GRAD if grad_z is None else _float32_rows(grad_z, E)
+    elementwise = grad_kl is not None and reduction == "none"
+    streams = [t for t in (mu, logvar, grad_z, eps, grad_kl if elementwise else None) if t is not None]
+    dense = all(t.is_contiguous() for t in streams)
+    if not dense and E < _IN_PLACE_MIN:  # short rows merge into long ones: copies cost less than a loop per row
+        mu, logvar = mu.contiguous(), logvar.contiguous()
+        grad_z = None if grad_z is None else grad_z.contiguous()
+        grad_kl = grad_kl.contiguous() if elementwise else grad_kl
+        dense = True
+    if dense:
+        E = _loop_width(samples, E, reduction == "per_sample")
+    rows = mu.numel() // E
+    mu_at, mu_stride, mu_owner = _float32_rows_at(mu, E)
+    logvar_at, logvar_stride, logvar_owner = _float32_rows_at(logvar, E)
+    g_z_at, g_z_stride, g_z_owner = (0, 0, None) if grad_z is None else _float32_rows_at(grad_z, E)
+    eps_at, eps_stride, eps_owner = (0, 0, None) if eps is None else _float32_rows_at(eps, E)
     if grad_kl is None:
         g_kl = _ZERO_GRAD  # d mu = g_z + 0 mu: the loop's one formula
     elif reduction == "none":
@@ -446,11 +458,14 @@ def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Te
         g_kl = _float32_rows(grad_kl, 1)
     else:  # one gradient for every element: a number, divided here for batchmean
         g_kl = np.array([[float(grad_kl) / (samples if reduction == "batchmean" else 1)]], np.float32)
-    grad_mu_np, grad_logvar_np = np.empty((rows, E), np.float32), np.empty((rows, E), np.float32)
+    shape = tuple(mu.shape)
+    grad_mu_np, grad_logvar_np = np.empty(shape, np.float32), np.empty(shape, np.float32)
     seed_value = 0 if grad_z is None or eps is not None else seed.item()
-    eps_np = _NONE if eps is None else _float32_rows(eps, E)
     clamp, lo, hi = _clamp_args(logvar_clamp)
+    has_grad_z, has_grad_kl, saved_eps = grad_z is not None, grad_kl is not None, eps is not None
+    grad_mu_rows, grad_logvar_rows = grad_mu_np.reshape(rows, E), grad_logvar_np.reshape(rows, E)
     philox.split(lambda a, b: loops.reparameterize_kl_rows_backward(
-        g_z, g_kl, mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, grad_z is not None, grad_kl is not None,
-        grad_mu_np, grad_logvar_np, eps is not None, eps_np), rows, rows * E)
+        g_z_at, g_z_stride, g_kl, mu_at, mu_stride, logvar_at, logvar_stride, E, seed_value, a, b, clamp, lo, hi,
+        has_grad_z, has_grad_kl, grad_mu_rows, grad_logvar_rows, saved_eps, eps_at, eps_stride), rows, rows * E)
+    del mu_owner, logvar_owner, g_z_owner, eps_owner  # (the copies, where any, lived through the loop)
     return _as_dtype(torch.from_numpy(grad_mu_np), mu.dtype), _as_dtype(torch.from_numpy(grad_logvar_np), mu.dtype)

@@ -384,25 +384,30 @@ def _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved, eps, raw, cla
 
 
 @_jit
-def reparameterize_kl_rows_backward(grad_z, grad_kl, mu, logvar, seed, first_row, end_row, clamp, lo, hi, has_grad_z,
-                                    has_grad_kl, grad_mu, grad_logvar, saved_eps, eps):
+def reparameterize_kl_rows_backward(grad_z, grad_z_stride, grad_kl, mu, mu_stride, logvar, logvar_stride, E, seed,
+                                    first_row, end_row, clamp, lo, hi, has_grad_z, has_grad_kl, grad_mu, grad_logvar,
+                                    saved_eps, eps, eps_stride):
     """The gradients of ``reparameterize_kl_rows`` on rows ``first_row .. end_row - 1``, in float32:
 
     ``d mu = g_z + g_kl mu``, ``d logvar = g_z eps std / 2 + g_kl (std^2 - 1) / 2``, zero where the clamp
-    cut ``logvar`` (torch.clamp's rule), ``eps`` read from ``eps`` (``(rows, E)``, the forward's) when
-    ``saved_eps``, else drawn again from the seed. ``grad_kl`` is ``(rows or 1, E or 1)``: the elementwise,
-    per-row or one gradient of the KL, broadcast; ``grad_z`` is read only when ``has_grad_z``."""
+    cut ``logvar`` (torch.clamp's rule), ``eps`` read from ``eps`` (the forward's) when ``saved_eps``, else drawn
+    again from the seed. ``grad_z``, ``mu``, ``logvar`` and ``eps`` are read in place, as the forward reads its
+    latents: the addresses of row 0 of rows of ``E`` contiguous elements, each with its row stride; ``grad_z`` is read
+    only when ``has_grad_z``, ``eps`` only when ``saved_eps``. ``grad_kl`` is a ``(rows or 1, E or 1)`` array: the
+    elementwise, per-row or one gradient of the KL, broadcast. ``grad_mu`` and ``grad_logvar``: C-contiguous
+    ``(rows, E)``."""
     _wide_vectors()
     seed_lo, seed_hi = _seed_words(seed)
-    E = mu.shape[1]
     elementwise = grad_kl.shape[1] > 1
     for r in range(first_row, end_row):
         g_kl = grad_kl[r if grad_kl.shape[0] > 1 else 0]
         g = g_kl[0] if has_grad_kl else _F(0.0)
-        g_z = grad_z[r if has_grad_z else 0]
-        _grad_mu_row(g_z, g_kl, g, elementwise, has_grad_z, mu[r], grad_mu[r])
-        _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved_eps, eps[r if saved_eps else 0], logvar[r],
-                         clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi, grad_logvar[r])
+        g_z = _row_at(grad_z, grad_z_stride, r if has_grad_z else 0, E if has_grad_z else 0)
+        _grad_mu_row(g_z, g_kl, g, elementwise, has_grad_z, _row_at(mu, mu_stride, r, E), grad_mu[r])
+        _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved_eps,
+                         _row_at(eps, eps_stride, r if saved_eps else 0, E if saved_eps else 0),
+                         _row_at(logvar, logvar_stride, r, E), clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi,
+                         grad_logvar[r])
 
 
 # ------------------------------------------------------------------------------ moments, variance_law

@@ -35,8 +35,9 @@ def _probe(loops: ModuleType) -> None:
     lo, hi = np.float32(-1), np.float32(1)
     loops.reparameterize_kl_rows(row.ctypes.data, 1, row.ctypes.data, 1, 1, 1, 0, 1, True, lo, hi, True, row.copy(),
                                  True, row.copy(), True, sums, True, row.copy(), True, 1.0, np.empty(1, np.float32))
-    loops.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
-                                          row.copy(), True, row)
+    at = row.ctypes.data
+    loops.reparameterize_kl_rows_backward(at, 1, row, at, 1, at, 1, 1, 1, 0, 1, True, lo, hi, True, True, row.copy(),
+                                          row.copy(), True, at, 1)
     loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
     cube = np.zeros((1, 1, 1), np.float32)
     loops.column_moments(cube, 0, cube, True, row.copy(), row.copy())
