@@ -74,6 +74,7 @@ def test_noise_split_over_threads_is_the_same_stream(monkeypatch):
     s = torch.tensor([99])
     one_thread = _philox.philox_randn(s, (1001,), torch.device("cpu"))
     monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(_philox, "DRAWING_PARALLEL_MIN", 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -81,6 +82,24 @@ def test_noise_split_over_threads_is_the_same_stream(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(eps, one_thread)
+
+
+def test_the_loops_that_draw_split_over_threads_from_fewer_elements():
+    """Drawing the noise costs several times what the other loops cost an element: a second thread pays for itself
+    from fewer elements there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n = 2 * _philox.DRAWING_PARALLEL_MIN
+        assert n < 2 * _philox.PARALLEL_MIN
+        calls = []
+        assert _philox.split(lambda a, b: calls.append((a, b)), 4, n, draws=True)
+        assert sorted(calls) == [(0, 2), (2, 4)]
+        calls.clear()
+        assert not _philox.split(lambda a, b: calls.append((a, b)), 4, n)
+        assert calls == [(0, 4)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _latents(dtype):
@@ -289,6 +308,7 @@ def test_compiled_reparameterize_kl_split_over_threads_changes_no_bit(monkeypatc
 
     one_thread = run()
     monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(_philox, "DRAWING_PARALLEL_MIN", 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:

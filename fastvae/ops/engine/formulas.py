@@ -405,9 +405,12 @@ def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduc
     clamp, lo, hi = _clamp_args(logvar_clamp)
     want_z, want_terms, want_eps = z is not _NONE, terms is not _NONE, eps is not _NONE
     # the call that runs every row (no split) adds the rows' sums too; a split adds them after, in the same order
-    if philox.split(lambda a, b: loops.reparameterize_kl_rows(
-            mu_at, mu_stride, logvar_at, logvar_stride, E, seed_value, a, b, clamp, lo, hi, want_z, z_np, want_terms, terms_np, want_sums, sums,
-            want_eps, eps_np, want_total and a == 0 and b == rows, scale, total_np), rows, rows * E) and want_total:
+    def run(a: int, b: int) -> None:
+        loops.reparameterize_kl_rows(mu_at, mu_stride, logvar_at, logvar_stride, E, seed_value, a, b, clamp, lo, hi,
+                                     want_z, z_np, want_terms, terms_np, want_sums, sums, want_eps, eps_np,
+                                     want_total and a == 0 and b == rows, scale, total_np)
+
+    if philox.split(run, rows, rows * E, draws=want_z) and want_total:
         loops.scaled_total(sums, scale, total_np)
     del mu_owner, logvar_owner  # (the copies, where any, lived through the loop)
     z = torch.from_numpy(z) if want_z else None
@@ -466,6 +469,7 @@ def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Te
     grad_mu_rows, grad_logvar_rows = grad_mu_np.reshape(rows, E), grad_logvar_np.reshape(rows, E)
     philox.split(lambda a, b: loops.reparameterize_kl_rows_backward(
         g_z_at, g_z_stride, g_kl, mu_at, mu_stride, logvar_at, logvar_stride, E, seed_value, a, b, clamp, lo, hi,
-        has_grad_z, has_grad_kl, grad_mu_rows, grad_logvar_rows, saved_eps, eps_at, eps_stride), rows, rows * E)
+        has_grad_z, has_grad_kl, grad_mu_rows, grad_logvar_rows, saved_eps, eps_at, eps_stride), rows, rows * E,
+        has_grad_z and not saved_eps)
     del mu_owner, logvar_owner, g_z_owner, eps_owner  # (the copies, where any, lived through the loop)
     return _as_dtype(torch.from_numpy(grad_mu_np), mu.dtype), _as_dtype(torch.from_numpy(grad_logvar_np), mu.dtype)
