@@ -362,6 +362,34 @@ def test_the_halves_of_an_encoder_output_are_read_in_place(reduction):
         assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
 
 
+@pytest.mark.parametrize("reduction", ["per_sample", "batchmean", "none"])
+def test_a_single_long_sample_is_cut_into_parts_that_threads_share(monkeypatch, reduction):
+    """One sample (an SD3 latent: one row) would keep one thread; cut into parts it splits over threads, with the
+    same noise and z, the KL to float32 rounding (its parts' sums added in order), and no bit from the split."""
+    _compiled_or_skip()
+    h = torch.randn(1, 2 * 4, 8, 8)
+    mean, logvar = h.chunk(2, dim=1)
+    seed = torch.tensor([21])
+
+    def run():
+        return engine.reparameterize_kl(mean, logvar, seed, reduction, (-2.0, 2.0), 3, keep_noise=True)
+
+    whole = run()
+    monkeypatch.setattr(_philox, "DRAWING_PARALLEL_MIN", 16)
+    assert formulas._row_parts(1, 256) == 8 and formulas._row_parts(2, 256) == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = run()
+        torch.set_num_threads(3)
+        split = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(split, one_thread))
+    assert torch.equal(one_thread[0], whole[0]) and torch.equal(one_thread[2], whole[2])
+    torch.testing.assert_close(one_thread[1], whole[1], rtol=1e-6, atol=1e-6)
+
+
 def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):
     _compiled_or_skip()
     import fastvae

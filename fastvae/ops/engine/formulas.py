@@ -373,16 +373,19 @@ def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduc
                    E: int, keep_noise: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(z, kl, eps)`` of ``reparameterize_kl_rows``: ``z``, an elementwise KL and ``eps`` contiguous of mu's shape
     (the loops write them as ``(rows, E)`` views), a reduced KL of ``(rows,)`` or ``()``. Rows split over threads
-    (each row's KL is summed whole, and the rows' sums added in order after, so the split changes no bit)."""
+    (each row's KL is summed whole, and the rows' sums added in order after, so the split changes no bit); a single
+    long sample is cut into parts first (``_row_parts``), so that it splits too."""
     samples = mu.numel() // E
     dense = mu.is_contiguous() and logvar.is_contiguous()
     if not dense and E < _IN_PLACE_MIN:  # short rows merge into long ones: copies cost less than a loop per row
         mu, logvar, dense = mu.contiguous(), logvar.contiguous(), True
     if dense:
         E = _loop_width(samples, E, reduction == "per_sample")
-    rows = mu.numel() // E
+    whole = mu.numel() // E  # rows, before a single long one is cut into parts
     mu_at, mu_stride, mu_owner = _float32_rows_at(mu, E)
     logvar_at, logvar_stride, logvar_owner = _float32_rows_at(logvar, E)
+    parts = _row_parts(whole, E)
+    rows, E = whole * parts, E // parts
     # Straight-line on purpose: at (128, 16) the Python around the loop costs as much as the loop.
     shape = tuple(mu.shape)
     z = z_np = terms = terms_np = eps = eps_np = _NONE
@@ -406,8 +409,8 @@ def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduc
     want_z, want_terms, want_eps = z is not _NONE, terms is not _NONE, eps is not _NONE
     # the call that runs every row (no split) adds the rows' sums too; a split adds them after, in the same order
     def run(a: int, b: int) -> None:
-        loops.reparameterize_kl_rows(mu_at, mu_stride, logvar_at, logvar_stride, E, seed_value, a, b, clamp, lo, hi,
-                                     want_z, z_np, want_terms, terms_np, want_sums, sums, want_eps, eps_np,
+        loops.reparameterize_kl_rows(mu_at, mu_stride, logvar_at, logvar_stride, E, parts, seed_value, a, b, clamp,
+                                     lo, hi, want_z, z_np, want_terms, terms_np, want_sums, sums, want_eps, eps_np,
                                      want_total and a == 0 and b == rows, scale, total_np)
 
     if philox.split(run, rows, rows * E, draws=want_z) and want_total:
@@ -423,7 +426,20 @@ def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduc
         return z, torch.from_numpy(total), eps
     if want_terms:
         return z, _as_dtype(torch.from_numpy(terms), mu.dtype), eps
+    if parts > 1:  # each sample's parts, added in order
+        sums = sums.reshape(whole, parts).sum(axis=1)
     return z, torch.from_numpy(sums).to(torch.float32), eps
+
+
+def _row_parts(rows: int, E: int) -> int:
+    """Into how many parts the forward loop cuts each row: 1, or for a single sample long enough that a second thread
+    pays (``philox.DRAWING_PARALLEL_MIN`` elements a part), up to 8 equal parts. From the shape only, never the
+    threads, so that the KL's bits do not depend on them (its parts' sums are added in order)."""
+    parts = 1
+    if rows == 1:
+        while parts < 8 and E % (2 * parts) == 0 and E // (2 * parts) >= philox.DRAWING_PARALLEL_MIN:
+            parts *= 2
+    return parts
 
 
 def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -74,6 +74,12 @@ def _float32_at(typingctx, address):
 
 
 @_jit(inline="always")
+def _part_at(address, stride, r, parts, E):
+    """Part ``r % parts`` (``E`` elements) of row ``r // parts`` of rows ``stride`` elements apart (``_row_at``)."""
+    return numba.carray(_float32_at(address + ((r // parts) * stride + (r % parts) * E) * 4), E)
+
+
+@_jit(inline="always")
 def _row_at(address, stride, r, E):
     """Row ``r`` of float32 rows of ``E`` contiguous elements, ``stride`` elements apart from ``address`` on: a
     C-contiguous array over that memory (the halves of ``h.chunk(2, dim=1)`` read in place)."""
@@ -287,12 +293,13 @@ def _kl_row(mu, logvar, clamp, lo, hi, terms):
 
 
 @_jit
-def reparameterize_kl_rows(mu, mu_stride, logvar, logvar_stride, E, seed, first_row, end_row, clamp, lo, hi, want_z, z,
-                           want_terms, terms, want_sums, sums, want_eps, eps, want_total, scale, total):
+def reparameterize_kl_rows(mu, mu_stride, logvar, logvar_stride, E, parts, seed, first_row, end_row, clamp, lo, hi,
+                           want_z, z, want_terms, terms, want_sums, sums, want_eps, eps, want_total, scale, total):
     """``reparameterize_kl`` on rows ``first_row .. end_row - 1`` of float32 ``(rows, E)`` latents,
     ``std = exp(logvar / 2)``, in float32. The latents are read in place: ``mu`` and ``logvar`` are the addresses of
-    their row 0, rows of ``E`` contiguous elements ``mu_stride`` and ``logvar_stride`` elements apart; the outputs
-    are C-contiguous ``(rows, E)`` arrays:
+    their row 0, rows of ``parts E`` contiguous elements ``mu_stride`` and ``logvar_stride`` elements apart, each
+    row taken as ``parts`` rows of ``E`` (so that threads may share a single long sample); the rows below are those,
+    and the outputs C-contiguous ``(rows, E)`` arrays:
 
     - ``z[r, j] = mu + std eps`` (``want_z``), and ``eps[r, j]`` the noise drawn (``want_eps``, with ``want_z``),
     - ``terms[r, j] = ((mu^2 + std^2) - logvar - 1) / 2``, the elementwise KL (``want_terms``),
@@ -306,7 +313,7 @@ def reparameterize_kl_rows(mu, mu_stride, logvar, logvar_stride, E, seed, first_
     scratch = np.empty(E if want_sums else 0, np.float32)
     for r in range(first_row, end_row):
         first = np.uint64(r * E)
-        m, lv = _row_at(mu, mu_stride, r, E), _row_at(logvar, logvar_stride, r, E)
+        m, lv = _part_at(mu, mu_stride, r, parts, E), _part_at(logvar, logvar_stride, r, parts, E)
         if want_z and (want_terms or want_sums):
             _z_kl_row(m, lv, clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r],
                       eps[r if want_eps else 0], terms[r] if want_terms else scratch)

@@ -33,7 +33,7 @@ def _probe(loops: ModuleType) -> None:
     loops.normal_loop(1, 0, 1, np.empty(1, np.float32))
     row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
-    loops.reparameterize_kl_rows(row.ctypes.data, 1, row.ctypes.data, 1, 1, 1, 0, 1, True, lo, hi, True, row.copy(),
+    loops.reparameterize_kl_rows(row.ctypes.data, 1, row.ctypes.data, 1, 1, 1, 1, 0, 1, True, lo, hi, True, row.copy(),
                                  True, row.copy(), True, sums, True, row.copy(), True, 1.0, np.empty(1, np.float32))
     at = row.ctypes.data
     loops.reparameterize_kl_rows_backward(at, 1, row, at, 1, at, 1, 1, 1, 0, 1, True, lo, hi, True, True, row.copy(),
