@@ -74,6 +74,7 @@ def test_noise_split_over_threads_is_the_same_stream(monkeypatch):
     s = torch.tensor([99])
     one_thread = _philox.philox_randn(s, (1001,), torch.device("cpu"))
     monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(_philox, "DRAWING_PARALLEL_MIN", 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -81,6 +82,24 @@ def test_noise_split_over_threads_is_the_same_stream(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(eps, one_thread)
+
+
+def test_the_loops_that_draw_split_over_threads_from_fewer_elements():
+    """Drawing the noise costs several times what the other loops cost an element: a second thread pays for itself
+    from fewer elements there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n = 2 * _philox.DRAWING_PARALLEL_MIN
+        assert n < 2 * _philox.PARALLEL_MIN
+        calls = []
+        assert _philox.split(lambda a, b: calls.append((a, b)), 4, n, draws=True)
+        assert sorted(calls) == [(0, 2), (2, 4)]
+        calls.clear()
+        assert not _philox.split(lambda a, b: calls.append((a, b)), 4, n)
+        assert calls == [(0, 4)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _latents(dtype):
@@ -289,6 +308,7 @@ def test_compiled_reparameterize_kl_split_over_threads_changes_no_bit(monkeypatc
 
     one_thread = run()
     monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(_philox, "DRAWING_PARALLEL_MIN", 16)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -296,6 +316,78 @@ def test_compiled_reparameterize_kl_split_over_threads_changes_no_bit(monkeypatc
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(split, one_thread))
+
+
+def test_every_loop_asks_llvm_for_512_bit_vectors():
+    """LLVM prefers 256-bit vectors on Intel's AVX-512 CPUs unless a function asks otherwise; the loops ask (1.5x
+    on the noise of a Xeon), and a CPU without AVX-512 ignores it. (Cached code cannot be inspected: the noise loop
+    is compiled afresh to see the attribute reach LLVM.)"""
+    import inspect
+
+    import numba
+
+    _compiled_or_skip()
+    loops = _philox.compiled()
+    fresh = numba.njit(loops.normal_loop.py_func)
+    fresh(1, 0, 1, np.empty(1, np.float32))
+    assert '"prefer-vector-width"="512"' in "".join(fresh.inspect_llvm().values())
+    for name in ("normal_loop", "reparameterize_kl_rows", "reparameterize_kl_rows_backward", "column_moments",
+                 "rows_variance_law_backward", "_row_sum"):
+        assert "_wide_vectors()" in inspect.getsource(getattr(loops, name).py_func), name
+
+
+@pytest.mark.parametrize("reduction", ["per_sample", "batchmean", "none", None])
+def test_the_halves_of_an_encoder_output_are_read_in_place(reduction):
+    """The halves of a (B, 2C, H, W) output's chunk(2, dim=1), whose samples are long rows at one stride, reach the
+    forward and backward loops as their own memory (no copy), with the bits of contiguous copies."""
+    _compiled_or_skip()
+    h = torch.randn(3, 2 * 4, 8, 9)
+    mean, logvar = h.chunk(2, dim=1)
+    address, stride, owner = formulas._float32_rows_at(logvar, 4 * 8 * 9)
+    assert (address, stride, owner) == (logvar.data_ptr(), 2 * 4 * 8 * 9, logvar)
+    seed = torch.tensor([3])
+    got = engine.reparameterize_kl(mean, logvar, seed, reduction, (-2.0, 2.0),
+                                   3, keep_noise=True)
+    want = engine.reparameterize_kl(mean.contiguous(), logvar.contiguous(), seed, reduction, (-2.0, 2.0), 3,
+                                    keep_noise=True)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if reduction is None:
+        return
+    g_z, g_kl = torch.randn(mean.shape), torch.randn(want[1].shape)
+    for eps in (got[2], None):  # the kept noise, and the noise drawn again
+        got_grads = engine.reparameterize_kl_backward(g_z, g_kl, mean, logvar, seed, reduction, (-2.0, 2.0), 3, eps)
+        want_grads = engine.reparameterize_kl_backward(g_z, g_kl, mean.contiguous(), logvar.contiguous(), seed,
+                                                       reduction, (-2.0, 2.0), 3, eps)
+        assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+
+
+@pytest.mark.parametrize("reduction", ["per_sample", "batchmean", "none"])
+def test_a_single_long_sample_is_cut_into_parts_that_threads_share(monkeypatch, reduction):
+    """One sample (an SD3 latent: one row) would keep one thread; cut into parts it splits over threads, with the
+    same noise and z, the KL to float32 rounding (its parts' sums added in order), and no bit from the split."""
+    _compiled_or_skip()
+    h = torch.randn(1, 2 * 4, 8, 8)
+    mean, logvar = h.chunk(2, dim=1)
+    seed = torch.tensor([21])
+
+    def run():
+        return engine.reparameterize_kl(mean, logvar, seed, reduction, (-2.0, 2.0), 3, keep_noise=True)
+
+    whole = run()
+    monkeypatch.setattr(_philox, "DRAWING_PARALLEL_MIN", 16)
+    assert formulas._row_parts(1, 256) == 8 and formulas._row_parts(2, 256) == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = run()
+        torch.set_num_threads(3)
+        split = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(split, one_thread))
+    assert torch.equal(one_thread[0], whole[0]) and torch.equal(one_thread[2], whole[2])
+    torch.testing.assert_close(one_thread[1], whole[1], rtol=1e-6, atol=1e-6)
 
 
 def test_the_public_op_runs_the_compiled_loops_on_cpu(monkeypatch):

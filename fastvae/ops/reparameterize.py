@@ -50,7 +50,7 @@ def _engine(mu: Tensor, logvar: Tensor, seed: Optional[Tensor], reduction: Optio
 
 def _keeps_noise(mu: Tensor, seed: Optional[Tensor], keep_noise: bool) -> bool:
     """Whether the engine's forward returns the noise it drew: asked for, drawn, and on the CPU."""
-    return keep_noise and seed is not None and mu.device.type == "cpu"
+    return keep_noise and seed is not None and mu.is_cpu
 
 
 def _present_noise(eps: Optional[Tensor], mu: Tensor) -> Tensor:

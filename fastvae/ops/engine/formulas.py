@@ -263,18 +263,20 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
     E = math.prod(mu.shape[mu.dim() - event_dims:])
     keep_noise = keep_noise and seed is not None
     loops = _loops_for(mu)
-    if loops is not None:
+    if loops is not None:  # z, the elementwise KL and eps already of mu's shape, contiguous
         z, kl, eps = _fused_forward(loops, mu, logvar, seed, reduction, logvar_clamp, E, keep_noise)
     else:
         eps = philox.philox_randn(seed, (mu.numel() // E, E), mu.device) if keep_noise else None
         z, kl = reparameterize_kl_rows(mu.reshape(-1, E), clamp_logvar(logvar.reshape(-1, E), logvar_clamp), seed,
                                        reduction, eps)
-    if eps is not None:
-        eps = eps.view(*mu.shape)  # (a shape as ints: a torch.Size argument costs the view a microsecond more)
+        # (a shape as ints: a torch.Size argument costs the view a microsecond more)
+        eps = None if eps is None else eps.view(*mu.shape)
+        z = None if z is None else z.view(*mu.shape)
+        kl = kl.view(*mu.shape) if kl is not None and reduction == "none" else kl
     if z is not None:
-        z = in_format(z.view(*mu.shape), mu)
+        z = in_format(z, mu)
     if kl is not None and reduction == "none":
-        kl = in_format(kl.view(*mu.shape), mu)
+        kl = in_format(kl, mu)
     elif kl is not None and reduction == "per_sample":
         kl = kl.view([*mu.shape[: mu.dim() - event_dims]])
     elif kl is not None and kl.dim():
@@ -288,19 +290,19 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
     """The gradients of ``reparameterize_kl`` with torch.clamp's rule, in mu's memory format; ``eps`` the noise the
     forward kept (``keep_noise``), else None and the noise is drawn again from the seed."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
-    eps = None if eps is None or grad_z is None else eps.reshape(-1, E)
+    eps = None if eps is None or grad_z is None else eps
     loops = _loops_for(mu)
-    if loops is not None:
+    if loops is not None:  # contiguous, of mu's shape
         grad_mu, grad_logvar = _fused_backward(loops, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E,
                                                eps)
-    else:
-        g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
-        lv = logvar.reshape(-1, E)
-        grad_mu, grad_logvar = reparameterize_kl_rows_backward(
-            None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
-            seed, reduction, eps,
-        )
-        grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
+        return in_format(grad_mu, mu), in_format(grad_logvar, mu)
+    g_kl = None if grad_kl is None else grad_kl.reshape(-1, E) if reduction == "none" else grad_kl.reshape(-1)
+    lv = logvar.reshape(-1, E)
+    grad_mu, grad_logvar = reparameterize_kl_rows_backward(
+        None if grad_z is None else grad_z.reshape(-1, E), g_kl, mu.reshape(-1, E), clamp_logvar(lv, logvar_clamp),
+        seed, reduction, None if eps is None else eps.reshape(-1, E),
+    )
+    grad_logvar = clamp_logvar_grad(grad_logvar, lv, logvar_clamp)
     return in_format(grad_mu.view(*mu.shape), mu), in_format(grad_logvar.view(*mu.shape), mu)
 
 
@@ -322,6 +324,27 @@ def _float32_rows(t: Tensor, E: int) -> np.ndarray:
         return t.detach().numpy().reshape(-1, E)
     return t.detach().reshape(-1, E).to(torch.float32).contiguous().numpy()
 
+
+def _float32_rows_at(t: Tensor, E: int) -> tuple[int, int, Tensor]:
+    """``(address, row stride, owner)`` of ``t`` as float32 rows of ``E`` contiguous elements, for the loops that read
+    memory in place: ``t``'s own where it is float32 and holds such rows at one stride (contiguous, or the halves of
+    ``h.chunk(2, dim=1)``), else a contiguous float32 copy's (``owner``: what must live while the loop reads it)."""
+    if t.dtype == torch.float32:
+        if t.is_contiguous():
+            return t.data_ptr(), E, t
+        try:
+            rows = t.view(-1, E)
+        except RuntimeError:  # no view: a copy below
+            rows = None
+        if rows is not None and (rows.stride(1) == 1 or E == 1):
+            return rows.data_ptr(), rows.stride(0), t
+    copy = t.detach().reshape(-1, E).to(torch.float32).contiguous()
+    return copy.data_ptr(), E, copy
+
+
+_IN_PLACE_MIN = 256
+"""Rows shorter than this are copied into contiguous ones when they are not (the loops then merge them): a loop pays
+tens of nanoseconds a row."""
 
 _NO_CLAMP = (False, np.float32(0), np.float32(0))
 
@@ -348,33 +371,75 @@ def _loop_width(samples: int, E: int, per_row: bool) -> int:
 
 def _fused_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
                    E: int, keep_noise: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(z, kl, eps)`` as ``reparameterize_kl`` returns them on ``(rows, E)``, from ``reparameterize_kl_rows``;
-    rows split over threads (each row's KL is summed whole, and the rows' sums added in order after, so the
-    split changes no bit)."""
+    """``(z, kl, eps)`` of ``reparameterize_kl_rows``: ``z``, an elementwise KL and ``eps`` contiguous of mu's shape
+    (the loops write them as ``(rows, E)`` views), a reduced KL of ``(rows,)`` or ``()``. Rows split over threads
+    (each row's KL is summed whole, and the rows' sums added in order after, so the split changes no bit); a single
+    long sample is cut into parts first (``_row_parts``), so that it splits too."""
     samples = mu.numel() // E
-    E = _loop_width(samples, E, reduction == "per_sample")
-    mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
-    rows = mu_rows.shape[0]
-    z_np = np.empty((rows, E), np.float32) if seed is not None else _NONE
-    terms_np = np.empty((rows, E), np.float32) if reduction == "none" else _NONE
-    eps_np = np.empty((rows, E), np.float32) if keep_noise else _NONE
-    sums = np.empty(rows if reduction not in (None, "none") else 0)
-    z, terms, eps = (None if a is _NONE else torch.from_numpy(a) for a in (z_np, terms_np, eps_np))
+    dense = mu.is_contiguous() and logvar.is_contiguous()
+    if not dense and E < _IN_PLACE_MIN:  # short rows merge into long ones: copies cost less than a loop per row
+        mu, logvar, dense = mu.contiguous(), logvar.contiguous(), True
+    if dense:
+        E = _loop_width(samples, E, reduction == "per_sample")
+    whole = mu.numel() // E  # rows, before a single long one is cut into parts
+    mu_at, mu_stride, mu_owner = _float32_rows_at(mu, E)
+    logvar_at, logvar_stride, logvar_owner = _float32_rows_at(logvar, E)
+    parts = _row_parts(whole, E)
+    rows, E = whole * parts, E // parts
+    # Straight-line on purpose: at (128, 16) the Python around the loop costs as much as the loop.
+    shape = tuple(mu.shape)
+    z = z_np = terms = terms_np = eps = eps_np = _NONE
+    if seed is not None:
+        z = np.empty(shape, np.float32)
+        z_np = z.reshape(rows, E)
+    if reduction == "none":
+        terms = np.empty(shape, np.float32)
+        terms_np = terms.reshape(rows, E)
+    if keep_noise:
+        eps = np.empty(shape, np.float32)
+        eps_np = eps.reshape(rows, E)
+    want_sums = reduction is not None and reduction != "none"
+    sums = np.empty(rows if want_sums else 0)
+    total = np.empty((), np.float32)
+    total_np = total.reshape(1)
+    want_total = reduction == "batchmean" or reduction == "sum"
+    scale = 1.0 / samples if reduction == "batchmean" else 1.0
     seed_value = 0 if seed is None else seed.item()
     clamp, lo, hi = _clamp_args(logvar_clamp)
-    philox.split(lambda a, b: loops.reparameterize_kl_rows(
-        mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, z is not None, z_np, terms is not None, terms_np,
-        sums.size > 0, sums, eps is not None, eps_np), rows, rows * E)
-    z = _as_dtype(z, mu.dtype)
+    want_z, want_terms, want_eps = z is not _NONE, terms is not _NONE, eps is not _NONE
+    # the call that runs every row (no split) adds the rows' sums too; a split adds them after, in the same order
+    def run(a: int, b: int) -> None:
+        loops.reparameterize_kl_rows(mu_at, mu_stride, logvar_at, logvar_stride, E, parts, seed_value, a, b, clamp,
+                                     lo, hi, want_z, z_np, want_terms, terms_np, want_sums, sums, want_eps, eps_np,
+                                     want_total and a == 0 and b == rows, scale, total_np)
+
+    if philox.split(run, rows, rows * E, draws=want_z) and want_total:
+        loops.scaled_total(sums, scale, total_np)
+    del mu_owner, logvar_owner  # (the copies, where any, lived through the loop)
+    z = torch.from_numpy(z) if want_z else None
+    eps = torch.from_numpy(eps) if want_eps else None
+    if mu.dtype != torch.float32 and want_z:
+        z = z.to(mu.dtype)
     if reduction is None:
         return z, None, eps
-    if reduction == "none":
-        return z, _as_dtype(terms, mu.dtype), eps
-    if reduction == "per_sample":
-        return z, torch.from_numpy(sums).to(torch.float32), eps
-    kl = np.empty((), np.float32)
-    loops.scaled_total(sums, 1.0 / samples if reduction == "batchmean" else 1.0, kl.reshape(1))
-    return z, torch.from_numpy(kl), eps
+    if want_total:
+        return z, torch.from_numpy(total), eps
+    if want_terms:
+        return z, _as_dtype(torch.from_numpy(terms), mu.dtype), eps
+    if parts > 1:  # each sample's parts, added in order
+        sums = sums.reshape(whole, parts).sum(axis=1)
+    return z, torch.from_numpy(sums).to(torch.float32), eps
+
+
+def _row_parts(rows: int, E: int) -> int:
+    """Into how many parts the forward loop cuts each row: 1, or for a single sample long enough that a second thread
+    pays (``philox.DRAWING_PARALLEL_MIN`` elements a part), up to 8 equal parts. From the shape only, never the
+    threads, so that the KL's bits do not depend on them (its parts' sums are added in order)."""
+    parts = 1
+    if rows == 1:
+        while parts < 8 and E % (2 * parts) == 0 and E // (2 * parts) >= philox.DRAWING_PARALLEL_MIN:
+            parts *= 2
+    return parts
 
 
 def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -385,13 +450,25 @@ def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
                     seed: Tensor | None, reduction: str, logvar_clamp, E: int,
                     eps: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(d mu, d logvar)`` on ``(rows, E)`` from ``reparameterize_kl_rows_backward``, reading the noise from ``eps``
-    (``(rows, E)`` float32) when given."""
+    """``(d mu, d logvar)``, contiguous of mu's shape, from ``reparameterize_kl_rows_backward`` on ``(rows, E)``
+    rows read in place (copies where no such rows exist, or short strided ones), reading the noise from ``eps``
+    (float32, contiguous) when given."""
     samples = mu.numel() // E
-    E = _loop_width(samples, E, reduction == "per_sample")
-    mu_rows, logvar_rows = _float32_rows(mu, E), _float32_rows(logvar, E)
-    rows = mu_rows.shape[0]
-    g_z = _ZERO_GRAD if grad_z is None else _float32_rows(grad_z, E)
+    elementwise = grad_kl is not None and reduction == "none"
+    streams = [t for t in (mu, logvar, grad_z, eps, grad_kl if elementwise else None) if t is not None]
+    dense = all(t.is_contiguous() for t in streams)
+    if not dense and E < _IN_PLACE_MIN:  # short rows merge into long ones: copies cost less than a loop per row
+        mu, logvar = mu.contiguous(), logvar.contiguous()
+        grad_z = None if grad_z is None else grad_z.contiguous()
+        grad_kl = grad_kl.contiguous() if elementwise else grad_kl
+        dense = True
+    if dense:
+        E = _loop_width(samples, E, reduction == "per_sample")
+    rows = mu.numel() // E
+    mu_at, mu_stride, mu_owner = _float32_rows_at(mu, E)
+    logvar_at, logvar_stride, logvar_owner = _float32_rows_at(logvar, E)
+    g_z_at, g_z_stride, g_z_owner = (0, 0, None) if grad_z is None else _float32_rows_at(grad_z, E)
+    eps_at, eps_stride, eps_owner = (0, 0, None) if eps is None else _float32_rows_at(eps, E)
     if grad_kl is None:
         g_kl = _ZERO_GRAD  # d mu = g_z + 0 mu: the loop's one formula
     elif reduction == "none":
@@ -400,11 +477,15 @@ def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Te
         g_kl = _float32_rows(grad_kl, 1)
     else:  # one gradient for every element: a number, divided here for batchmean
         g_kl = np.array([[float(grad_kl) / (samples if reduction == "batchmean" else 1)]], np.float32)
-    grad_mu_np, grad_logvar_np = np.empty((rows, E), np.float32), np.empty((rows, E), np.float32)
+    shape = tuple(mu.shape)
+    grad_mu_np, grad_logvar_np = np.empty(shape, np.float32), np.empty(shape, np.float32)
     seed_value = 0 if grad_z is None or eps is not None else seed.item()
-    eps_np = _NONE if eps is None else _float32_rows(eps, E)
     clamp, lo, hi = _clamp_args(logvar_clamp)
+    has_grad_z, has_grad_kl, saved_eps = grad_z is not None, grad_kl is not None, eps is not None
+    grad_mu_rows, grad_logvar_rows = grad_mu_np.reshape(rows, E), grad_logvar_np.reshape(rows, E)
     philox.split(lambda a, b: loops.reparameterize_kl_rows_backward(
-        g_z, g_kl, mu_rows, logvar_rows, seed_value, a, b, clamp, lo, hi, grad_z is not None, grad_kl is not None,
-        grad_mu_np, grad_logvar_np, eps is not None, eps_np), rows, rows * E)
+        g_z_at, g_z_stride, g_kl, mu_at, mu_stride, logvar_at, logvar_stride, E, seed_value, a, b, clamp, lo, hi,
+        has_grad_z, has_grad_kl, grad_mu_rows, grad_logvar_rows, saved_eps, eps_at, eps_stride), rows, rows * E,
+        has_grad_z and not saved_eps)
+    del mu_owner, logvar_owner, g_z_owner, eps_owner  # (the copies, where any, lived through the loop)
     return _as_dtype(torch.from_numpy(grad_mu_np), mu.dtype), _as_dtype(torch.from_numpy(grad_logvar_np), mu.dtype)

@@ -33,10 +33,11 @@ def _probe(loops: ModuleType) -> None:
     loops.normal_loop(1, 0, 1, np.empty(1, np.float32))
     row, sums = np.zeros((1, 1), np.float32), np.empty(1)
     lo, hi = np.float32(-1), np.float32(1)
-    loops.reparameterize_kl_rows(row, row, 1, 0, 1, True, lo, hi, True, row.copy(), True, row.copy(), True, sums,
-                                 True, row.copy())
-    loops.reparameterize_kl_rows_backward(row, row, row, row, 1, 0, 1, True, lo, hi, True, True, row.copy(),
-                                          row.copy(), True, row)
+    loops.reparameterize_kl_rows(row.ctypes.data, 1, row.ctypes.data, 1, 1, 1, 1, 0, 1, True, lo, hi, True, row.copy(),
+                                 True, row.copy(), True, sums, True, row.copy(), True, 1.0, np.empty(1, np.float32))
+    at = row.ctypes.data
+    loops.reparameterize_kl_rows_backward(at, 1, row, at, 1, at, 1, 1, 1, 0, 1, True, lo, hi, True, True, row.copy(),
+                                          row.copy(), True, at, 1)
     loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
     cube = np.zeros((1, 1, 1), np.float32)
     loops.column_moments(cube, 0, cube, True, row.copy(), row.copy())
@@ -69,6 +70,11 @@ def numba_available() -> bool:
 PARALLEL_MIN = 1 << 16
 """Below this many elements a second thread costs more than it saves."""
 
+DRAWING_PARALLEL_MIN = 1 << 15
+"""The same for the loops that draw the noise (~4 ns an element on one core, several times the others): a second
+thread pays for waking it from 2 x this many elements on (measured on a 2-core Xeon: 0.94x -> 0.86x eager at
+65536 elements, and no gain below)."""
+
 
 @functools.lru_cache(maxsize=1)
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -79,18 +85,21 @@ if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) has 
     os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def split(loop: Callable[[int, int], None], units: int, elements: int) -> None:
+def split(loop: Callable[[int, int], None], units: int, elements: int, draws: bool = False) -> bool:
     """``loop(a, b)`` over ``[0, units)`` in contiguous chunks, on up to ``torch.get_num_threads()`` threads
-    when there are ``elements`` enough (the loops release the GIL; their results do not depend on the split)."""
-    workers = min(torch.get_num_threads(), elements // PARALLEL_MIN, units)
+    when there are ``elements`` enough, ``PARALLEL_MIN`` a thread (``DRAWING_PARALLEL_MIN`` for a loop that ``draws``
+    the noise); the loops release the GIL, and their results do not depend on the split.
+    Whether it split (else one call ran ``loop(0, units)``)."""
+    workers = min(torch.get_num_threads(), elements // (DRAWING_PARALLEL_MIN if draws else PARALLEL_MIN), units)
     if workers <= 1:
         loop(0, units)
-        return
+        return False
     bounds = [units * k // workers for k in range(workers + 1)]
     jobs = [_pool(workers).submit(loop, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
     loop(0, bounds[1])
     for job in jobs:
         job.result()
+    return True
 
 
 def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
@@ -101,7 +110,7 @@ def philox_randn(seed: Tensor, shape: torch.Size | tuple[int, ...], device: torc
     if compiled_loops is not None:
         eps = torch.empty(n, dtype=torch.float32)
         out, seed_value = eps.numpy(), seed.item()
-        split(lambda a, b: compiled_loops.normal_loop(seed_value, a, b, out), n, n)
+        split(lambda a, b: compiled_loops.normal_loop(seed_value, a, b, out), n, n, draws=True)
         return eps.view(shape)
     u0, u1 = _torch_uniforms(seed, n, device)
     return u0.log_().mul_(-2.0).sqrt_().mul_(u1.cos_()).view(shape)
