@@ -84,6 +84,30 @@ def test_the_cached_decision_is_reused_for_the_same_machine_model_and_batch(cach
     assert len(json.loads(cache.read_text())) == 3
 
 
+class BusyClock(FakeClock):
+    """fp32 faster, but every third read of the clock comes 10 s late: another process took the cores (two
+    rounds of bf16 take more than twice as long as its third)."""
+
+    def __init__(self):
+        super().__init__(1.0, 2.0)
+        self.reads_seen = 0
+
+    def __call__(self) -> float:
+        self.reads_seen += 1
+        if self.reads_seen % 3 == 0:
+            self.now += 10 * self.costs["fp32"]
+        return super().__call__()
+
+
+def test_a_measurement_on_a_busy_machine_is_used_but_not_cached(cache):
+    busy = _choose(BusyClock())
+    assert busy.how == "busy" and busy.spread > calibrate.NOISE
+    assert "not cached" in busy.message() and not cache.exists()
+    # the next run measures again, and caches a steady measurement
+    assert (_choose(FakeClock(2.0, 1.0)).how, _choose(FakeClock(1.0, 2.0)).how) == ("measured", "cached")
+    assert cache.is_file()
+
+
 def test_a_foreign_cache_file_is_ignored_and_replaced(cache):
     cache.parent.mkdir(parents=True)
     cache.write_text("not json")
@@ -130,7 +154,7 @@ def test_fit_trains_in_the_precision_measured_and_reuses_it(tmp_path, cache, mon
     """The choice reaches the run (bf16 when bf16 measured faster) and a second run of the same step reuses it."""
     x = torch.rand(64, 1, 8, 8)
     monkeypatch.setattr(calibrate, "BUDGET", 100.0)
-    monkeypatch.setattr(calibrate, "_time_candidates", lambda *args: {"fp32": 2.0, "bf16": 1.0})
+    monkeypatch.setattr(calibrate, "_time_candidates", lambda *args: ({"fp32": 2.0, "bf16": 1.0}, 1.0))
     config = dict(epochs=1, batch_size=16, progress=False, tensorboard=False)
     first = fit(DenseVAE((1, 8, 8), 2, hidden=(8,)), x, TrainConfig(out=str(tmp_path / "a"), **config))
     assert TrainConfig.load(first.out_dir / "config.json").precision == "bf16"

@@ -13,6 +13,10 @@ AMX (cast and dispatch overhead around tiny GEMMs). So ``calibrate_precision`` t
 - a candidate whose loss is not finite is dropped; bf16 must beat fp32 by ``MARGIN`` to be chosen (fp32 is the
   reference precision: a reduced one has to pay for itself);
 - the calibration spends at most ``BUDGET`` of the run's steps; a shorter run trains in fp32 without measuring;
+- a measurement taken while the machine was busy is used for this run but never cached: when a candidate's slowest
+  round took more than ``NOISE`` times its fastest (other processes took the cores), the next run measures again
+  (a conv VAE's calibration beside two other jobs once timed 658 against 757 ms a step for a 25 ms step, and the
+  cache would have kept its fp32 for good);
 - the decision is cached in ``calibration.json`` under ``cache_dir()`` keyed by the machine (CPU model, ISA flags,
   cores, torch threads, torch version), the device, the model's spec, the batch's shape and the objective, and
   reused by every later run with the same key.
@@ -38,17 +42,19 @@ from ..cache import cache_dir
 from ..machine import describe_machine
 
 __all__ = ["PrecisionChoice", "calibrate_precision", "candidate_precisions", "cache_dir", "WARMUP", "ROUNDS", "STEPS",
-           "MARGIN", "BUDGET"]
+           "MARGIN", "BUDGET", "NOISE"]
 
 WARMUP, ROUNDS, STEPS = 2, 3, 4  # per candidate: 2 + 3 * 4 = 14 steps
 MARGIN = 0.03  # bf16 must be at least 3% faster per step than fp32
+NOISE = 1.5  # a candidate's slowest round over its fastest beyond which the machine was busy: not cached
 BUDGET = 0.03  # at most 3% of the run's steps
 
 
 @dataclass
 class PrecisionChoice:
-    """What ``auto`` chose and why: ``how`` is ``measured``, ``cached``, ``too-short`` or ``only`` (one
-    candidate); ``ms_per_step`` the median step time of each candidate (empty when nothing was measured)."""
+    """What ``auto`` chose and why: ``how`` is ``measured``, ``busy`` (measured, not cached: the rounds varied by
+    ``spread``, the slowest round over the fastest), ``cached``, ``too-short`` or ``only`` (one candidate);
+    ``ms_per_step`` the median step time of each candidate (empty when nothing was measured)."""
 
     precision: str
     how: str
@@ -56,12 +62,16 @@ class PrecisionChoice:
     steps: int = 0
     key: str = ""
     date: str = ""
+    spread: float = 1.0
 
     def message(self) -> str:
         """The one line ``fit`` prints."""
         times = ", ".join(f"{p} {ms:.3g} ms/step" for p, ms in self.ms_per_step.items())
         if self.how == "measured":
             return f"precision auto: {self.precision}, measured on this machine ({times}; {self.steps} steps each)"
+        if self.how == "busy":
+            return (f"precision auto: {self.precision}, measured on this machine ({times}; {self.steps} steps each) "
+                    f"but not cached: step times varied {self.spread:.1f}x between rounds (a busy machine)")
         if self.how == "cached":
             return (f"precision auto: {self.precision}, as measured on {self.date} for this machine, model and batch "
                     f"({times}; cache {cache_dir() / 'calibration.json'})")
@@ -100,20 +110,23 @@ def calibrate_precision(objective: nn.Module, make_optimizer: Callable[[list], t
                                key, cached.get("date", "?"))
     if _calibration_steps(len(candidates)) > BUDGET * run_steps:
         return PrecisionChoice("fp32", "too-short", {}, run_steps)
-    ms = _time_candidates(objective, make_optimizer, batch, device, candidates, timer or time.perf_counter)
+    ms, spread = _time_candidates(objective, make_optimizer, batch, device, candidates, timer or time.perf_counter)
     finite = {p: t for p, t in ms.items() if math.isfinite(t)}
     precision = "fp32"
     if "bf16" in finite and ("fp32" not in finite or finite["bf16"] < (1 - MARGIN) * finite["fp32"]):
         precision = "bf16"
-    choice = PrecisionChoice(precision, "measured", ms, ROUNDS * STEPS, key, time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                           time.gmtime()))
-    _write_cache(key, choice)
+    busy = spread > NOISE
+    choice = PrecisionChoice(precision, "busy" if busy else "measured", ms, ROUNDS * STEPS, key,
+                             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), round(spread, 3))
+    if not busy:
+        _write_cache(key, choice)
     return choice
 
 
 def _time_candidates(objective: nn.Module, make_optimizer, batch: Tensor, device: torch.device,
                      candidates: Sequence[str], timer) -> dict:
-    """Median ms per step of each candidate (``inf`` where its loss was not finite); the RNG states as before."""
+    """``(median ms per step of each candidate (inf where its loss was not finite), the largest slowest-over-fastest
+    round of a candidate)``; the RNG states as before."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     try:
@@ -128,7 +141,8 @@ def _time_candidates(objective: nn.Module, make_optimizer, batch: Tensor, device
                 _synchronize(device)
                 rounds[p].append((timer() - start) / STEPS * 1e3)
                 finite[p] = finite[p] and bool(torch.isfinite(torch.stack(losses)).all())
-        return {p: statistics.median(rounds[p]) if finite[p] else math.inf for p in candidates}
+        spread = max(max(r) / min(r) if min(r) > 0 else math.inf for r in rounds.values())
+        return {p: statistics.median(rounds[p]) if finite[p] else math.inf for p in candidates}, spread
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
