@@ -119,8 +119,9 @@ def loop_overhead(rows: list[dict]) -> list[str]:
 
 
 def machine_files(results: Path = RESULTS) -> list[str]:
-    """The CPU machines with results in ``results``: the names ``cpu-<machine slug>`` of their files, sorted."""
-    return sorted(path.stem for path in results.glob("cpu-*.json"))
+    """The CPU machines with results in ``results``: the names ``cpu-<machine slug>`` of their files, sorted (a
+    machine's other records, such as ``cpu-<slug>_process.json``, are not machines)."""
+    return sorted(path.stem for path in results.glob("cpu-*.json") if "_" not in path.stem)
 
 
 def machine_block(results: Path, name: str) -> list[str]:

@@ -116,6 +116,7 @@ def test_each_machine_keeps_its_own_results_and_tables(tmp_path):
     for suffix in (".csv", "_loop.csv", ".json"):
         shutil.copy(readme.RESULTS / f"{first}{suffix}", tmp_path / f"{first}{suffix}")
         shutil.copy(readme.RESULTS / f"{first}{suffix}", tmp_path / f"cpu-intel-xeon-amx-bf16-2c{suffix}")
+    shutil.copy(readme.RESULTS / "cpu-intel-xeon-amx-bf16-2c_process.json", tmp_path)  # a record, not a machine
     meta = json.loads((tmp_path / "cpu-intel-xeon-amx-bf16-2c.json").read_text())
     meta["machine"] = "Intel(R) Xeon(R) Platinum (avx512f, amx_bf16; 2 cores, 2 torch threads); torch 2.13.0+cpu"
     (tmp_path / "cpu-intel-xeon-amx-bf16-2c.json").write_text(json.dumps(meta))
