@@ -77,3 +77,16 @@ def test_fit_flushes_subnormals_while_it_trains_unless_told_not_to(tmp_path, poo
     fit(DenseVAE((1, 8, 8), 2, hidden=(8,)), torch.rand(64, 1, 8, 8), config, callbacks=[callback])
     assert seen == [True] * 4
     assert subnormals_survive_everywhere() == (True, True)
+
+
+def test_torch_s_own_pool_is_reached_beside_another_libgomp(pool):
+    """scikit-learn ships a libgomp of its own, whose path sorts before torch's: its threads are not torch's."""
+    import sklearn.linear_model  # noqa: F401 - loads scikit_learn.libs/libgomp-*.so
+
+    with open("/proc/self/maps") as maps:
+        assert len({line.split()[-1] for line in maps if "/libgomp" in line}) >= 2
+    try:
+        assert set_flush_denormal(True) == "all threads"
+        assert subnormals_flushed_everywhere()
+    finally:
+        set_flush_denormal(False)

@@ -14,7 +14,7 @@ becomes 0.
 How: ``torch.set_flush_denormal`` sets the FTZ and DAZ bits of the MXCSR register of the thread that calls it, and
 each thread has its own register. Threads created later copy their creator's, so torch's OpenMP threads made before
 the call keep theirs: ``set_flush_denormal`` below also runs it inside one parallel region of torch's OpenMP
-runtime (``GOMP_parallel`` of the ``libgomp`` torch loaded), where each of the pool's threads calls it. Where torch
+runtime (``GOMP_parallel`` of the ``libgomp`` in torch's folder), where each of the pool's threads calls it. Where torch
 does not run on libgomp (another runtime, another platform) only the calling thread and the threads it creates
 later are set, and ``set_flush_denormal`` says so by returning ``"this thread"``.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 
 import torch
 
@@ -37,15 +38,18 @@ def flushing_denormals() -> bool:
 
 
 def _openmp_library():
-    """torch's ``libgomp`` (the one already loaded into this process), or None."""
+    """torch's own ``libgomp`` (the one loaded from torch's folder; other packages may load another copy, whose
+    threads are not torch's pool), or None."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "/libgomp" in line})
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
     except OSError:
         return None
-    for path in paths:
+    folder = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
+    own = [path for path in paths if os.path.realpath(path).startswith(folder)]
+    for path in own or (paths if len(paths) == 1 else ()):
         try:
             library = ctypes.CDLL(path)
             library.GOMP_parallel.argtypes = [_PARALLEL_REGION, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
