@@ -124,7 +124,7 @@ def calibrate_precision(objective: nn.Module, make_optimizer: Callable[[list], t
 
 
 def _time_candidates(objective: nn.Module, make_optimizer, batch: Tensor, device: torch.device,
-                     candidates: Sequence[str], timer) -> dict:
+                     candidates: Sequence[str], timer) -> tuple[dict, float]:
     """``(median ms per step of each candidate (inf where its loss was not finite), the largest slowest-over-fastest
     round of a candidate)``; the RNG states as before."""
     cpu_rng = torch.get_rng_state()
