@@ -187,9 +187,8 @@ def _rows_variance_law_backward(loops, grad_mean: Tensor | None, grad_var: Tenso
     g_var = _float32_rows(grad_var, D).reshape(D)
     mu_rows = _float32_rows(mu, D)
     grad_mu, grad_logvar = np.empty(mu_rows.shape, np.float32), np.empty(mu_rows.shape, np.float32)
-    mean_np, logvar_rows = _float32_rows(mean, D).reshape(D), _float32_rows(logvar, D)
-    philox.split(lambda a, b: loops.rows_variance_law_backward(g_mean, g_var, mu_rows, mean_np, logvar_rows, grad_mu,
-                                                               grad_logvar, a, b), mu_rows.shape[0], mu_rows.size)
+    loops.rows_variance_law_backward(g_mean, g_var, mu_rows, _float32_rows(mean, D).reshape(D),
+                                     _float32_rows(logvar, D), grad_mu, grad_logvar)
     return (_as_dtype(torch.from_numpy(grad_mu), mu.dtype).view(*mu.shape),
             _as_dtype(torch.from_numpy(grad_logvar), logvar.dtype).view(*logvar.shape))
 

@@ -46,7 +46,7 @@ def _probe(loops: ModuleType) -> None:
     cube = np.zeros((1, 1, 1), np.float32)
     loops.column_moments(cube, 0, cube, True, row.copy(), row.copy())
     column = np.zeros(1, np.float32)
-    loops.rows_variance_law_backward(column, column, row, column, row, row.copy(), row.copy(), 0, 1)
+    loops.rows_variance_law_backward(column, column, row, column, row, row.copy(), row.copy())
 
 
 @functools.lru_cache(maxsize=1)
