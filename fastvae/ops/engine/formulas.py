@@ -516,7 +516,8 @@ def _pixels_at(t: Tensor) -> tuple[int, int, int, Tensor]:
 def _channels_last(rows: np.ndarray, like: Tensor) -> Tensor:
     """A C-contiguous ``(B P, C)`` array of pixels as the channels_last tensor of ``like``'s shape it holds."""
     n = like.dim()
-    return torch.from_numpy(rows).view(like.shape[0], *like.shape[2:], like.shape[1]).permute(0, n - 1, *range(1, n - 1))
+    pixels = torch.from_numpy(rows).view(like.shape[0], *like.shape[2:], like.shape[1])
+    return pixels.permute(0, n - 1, *range(1, n - 1))
 
 
 def _pixel_parts(B: int, P: int, C: int) -> int:

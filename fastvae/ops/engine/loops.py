@@ -368,7 +368,8 @@ def _through_clamp(d, raw, clamp, lo, hi):
 def _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved, eps, raw, clamp, lo, hi, first, step, seed_lo,
                      seed_hi, d_lv):
     """``d_lv[j] = g_kl (std^2 - 1) / 2 + g_z eps std / 2`` through the clamp, ``eps`` read from ``eps`` when
-    ``saved``, else drawn from the seed (counters ``first + j step``; ``g_kl``, ``g``, ``elementwise`` as in ``_grad_mu_row``)."""
+    ``saved``, else drawn from the seed (counters ``first + j step``; ``g_kl``, ``g``, ``elementwise`` as in
+    ``_grad_mu_row``)."""
     E = raw.shape[0]
     if not has_grad_z and elementwise:
         for j in range(E):
