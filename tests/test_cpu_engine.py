@@ -263,7 +263,7 @@ def test_compiled_reparameterize_kl_matches_the_spec(dtype, reduction, layout, c
     mu, logvar, event_dims = _event_latents(layout, dtype)
     seed = torch.tensor([2**40 + 3])
     z, kl, eps = engine.reparameterize_kl(mu, logvar, seed, reduction, clamp, event_dims, keep_noise=True)
-    assert eps.dtype == torch.float32 and eps.shape == mu.shape and eps.is_contiguous()
+    assert eps.dtype == torch.float32 and eps.shape == mu.shape and eps.is_contiguous()  # (4 channels: copies)
     _close(eps, reference.philox_randn(seed, mu.shape), torch.float32, noise=True)  # z's noise, kept for backward
     z_ref, kl_ref = reference.reparameterize_kl(mu.double(), logvar.double(), seed=seed, reduction=reduction,
                                                       event_dims=event_dims, logvar_clamp=clamp)
@@ -332,7 +332,8 @@ def test_every_loop_asks_llvm_for_512_bit_vectors():
     fresh(1, 0, 1, np.empty(1, np.float32))
     assert '"prefer-vector-width"="512"' in "".join(fresh.inspect_llvm().values())
     for name in ("normal_loop", "reparameterize_kl_rows", "reparameterize_kl_rows_backward", "column_moments",
-                 "rows_variance_law_backward", "_row_sum"):
+                 "rows_variance_law_backward", "_row_sum", "reparameterize_kl_pixels",
+                 "reparameterize_kl_pixels_backward"):
         assert "_wide_vectors()" in inspect.getsource(getattr(loops, name).py_func), name
 
 
@@ -360,6 +361,69 @@ def test_the_halves_of_an_encoder_output_are_read_in_place(reduction):
         want_grads = engine.reparameterize_kl_backward(g_z, g_kl, mean.contiguous(), logvar.contiguous(), seed,
                                                        reduction, (-2.0, 2.0), 3, eps)
         assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+
+
+def _channels_last_halves(shape, dtype=torch.float32):
+    """The halves of ``chunk(2, dim=1)`` of a channels_last encoder output of ``shape`` (4-D or 5-D)."""
+    g = torch.Generator().manual_seed(len(shape) + shape[0])
+    h = (2 * torch.randn(shape, generator=g)).to(dtype)
+    h = h.contiguous(memory_format=torch.channels_last if h.dim() == 4 else torch.channels_last_3d)
+    return h.chunk(2, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 2 * 32, 4, 6), (2, 2 * 16, 2, 3, 3), (1, 2 * 16, 8, 8)], ids=["4d", "5d", "one"])
+@pytest.mark.parametrize("reduction", ["none", "per_sample", "batchmean", "sum", None])
+def test_channels_last_latents_run_in_memory_order(monkeypatch, dtype, shape, reduction):
+    """channels_last latents (the halves of a channels_last encoder output) are read in place and z, the elementwise
+    KL, the kept noise and the gradients written channels_last, in memory order, no copy either way: the noise still
+    that of the logical flat index (z, eps and the gradients bit for bit those of contiguous copies), the KL within
+    float32 rounding (summed in another order), whatever the threads' split and the parts of a single sample."""
+    _compiled_or_skip()
+    monkeypatch.setattr(_philox, "DRAWING_PARALLEL_MIN", 16)  # a single sample cut into parts, split over threads
+    monkeypatch.setattr(_philox, "PARALLEL_MIN", 16)
+    mean, logvar = _channels_last_halves(shape, dtype)
+    read = []
+    real_at = formulas._pixels_at
+    monkeypatch.setattr(formulas, "_pixels_at", lambda t: read.append(t) or real_at(t))
+    seed, clamp = torch.tensor([13]), (-2.0, 1.0)
+    fmt = torch.empty_like(mean).stride()
+    got = engine.reparameterize_kl(mean, logvar, seed, reduction, clamp, mean.dim() - 1, keep_noise=True)
+    assert len(read) == 2 and read[0] is mean and read[1] is logvar
+    if dtype == torch.float32:  # read in place
+        assert real_at(mean)[3] is mean and real_at(logvar)[3] is logvar
+    want = engine.reparameterize_kl(mean.contiguous(), logvar.contiguous(), seed, reduction, clamp, mean.dim() - 1,
+                                    keep_noise=True)
+    z, kl, eps = got
+    assert z.stride() == fmt and eps.stride() == torch.empty_like(mean, dtype=torch.float32).stride()
+    assert torch.equal(z, want[0]) and torch.equal(eps, want[2])
+    if reduction == "none":
+        assert kl.stride() == fmt and torch.equal(kl, want[1])
+    elif reduction is not None:
+        assert kl.shape == want[1].shape and kl.dtype == want[1].dtype
+        torch.testing.assert_close(kl, want[1], rtol=2e-7, atol=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = engine.reparameterize_kl(mean, logvar, seed, reduction, clamp, mean.dim() - 1, keep_noise=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(got, one_thread))
+    g = torch.Generator().manual_seed(2)
+    g_z = torch.randn(mean.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last
+                                                                     if mean.dim() == 4 else torch.channels_last_3d)
+    g_kl = None if reduction is None else torch.randn(want[1].shape, generator=g).to(want[1].dtype)
+    for g_z_in in (g_z, g_z.contiguous()):  # a gradient in the other format is copied, the same values
+        for noise in (eps, None):  # the kept noise, and the noise drawn again
+            read.clear()
+            grads = engine.reparameterize_kl_backward(g_z_in, g_kl, mean, logvar, seed, reduction or "none", clamp,
+                                                      mean.dim() - 1, noise)
+            assert read[0] is mean and read[1] is logvar and any(t is g_z_in for t in read)
+            want_grads = engine.reparameterize_kl_backward(g_z.contiguous(), g_kl, mean.contiguous(),
+                                                           logvar.contiguous(), seed, reduction or "none", clamp,
+                                                           mean.dim() - 1, None if noise is None else want[2])
+            for a, b in zip(grads, want_grads):
+                assert a.stride() == fmt and a.dtype == dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("reduction", ["per_sample", "batchmean", "none"])
@@ -472,3 +536,20 @@ def test_compiled_moments_and_variance_law_match_the_spec(dtype, monkeypatch):
         assert a.dtype == dtype and a.shape == w.shape
         _close(a, w, dtype)
     assert backward_calls == [1]
+
+
+
+@pytest.mark.parametrize("shape", [(1000, 24), (7, 3), (300, 2048)])
+def test_variance_law_backward_loop_in_flat_blocks_matches_the_spec(shape):
+    """The backward loop runs blocks of whole rows as flat loops against tiled per-column factors: rows that fill a
+    block unevenly, a last block cut short, a row longer than a block, against the float64 spec."""
+    _compiled_or_skip()
+    g = torch.Generator().manual_seed(5)
+    mu, logvar = (torch.randn(shape, generator=g).requires_grad_() for _ in range(2))
+    g_mean, g_var = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    got = torch.autograd.grad(fastvae.variance_law(mu, logvar), (mu, logvar), (g_mean, g_var))
+    mu64, logvar64 = (t.detach().double().requires_grad_() for t in (mu, logvar))
+    want = torch.autograd.grad(reference.variance_law(mu64, logvar64), (mu64, logvar64),
+                               (g_mean.double(), g_var.double()))
+    for a, w in zip(got, want):
+        _close(a, w, torch.float32)

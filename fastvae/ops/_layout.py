@@ -58,6 +58,46 @@ def in_format(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return target.copy_(result)
 
 
+def pixel_strides(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(sample stride, pixel stride)`` of a ``(B, C, *spatial)`` tensor held as channels_last memory: its channels
+    contiguous (stride 1), its spatial dims merging into one dim of pixels (pixel ``p`` of sample ``b`` at
+    ``b sample + p pixel``), at least ``C`` elements apart, and its samples outside the pixels. A channels_last
+    tensor (pixel stride ``C``) and the halves of ``chunk(2, dim=1)`` of one (``2 C``) are; None for any other."""
+    if t.dim() < 3 or t.stride(1) != 1:
+        return None
+    pixel = expected = None
+    for d in range(t.dim() - 1, 1, -1):
+        size, stride = t.shape[d], t.stride(d)
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return None
+        pixel = stride if pixel is None else pixel
+        expected = stride * size
+    pixel = t.shape[1] if pixel is None else pixel
+    if pixel < t.shape[1] or (t.shape[0] > 1 and t.stride(0) < pixel * (t.numel() // (t.shape[0] * t.shape[1]))):
+        return None
+    return t.stride(0), pixel
+
+
+PIXEL_CHANNELS = 16
+"""The pixel loops vectorize over a pixel's channels: a multiple of 16 (float32 lanes of a 512-bit vector) runs
+whole vectors; fewer channels would leave them scalar, and a contiguous copy costs less."""
+
+
+def channels_last_latents(t: torch.Tensor, event_dims: int) -> bool:
+    """Whether ``reparameterize_kl``'s CPU engine runs ``t`` (``(B, C, H, W)`` or ``(B, C, T, H, W)`` samples, one to
+    a batch item, ``C`` a multiple of ``PIXEL_CHANNELS``) in channels_last memory order: ``t`` not contiguous, in
+    ``pixel_strides``' layout, and so ``torch.empty_like(t)`` channels_last. Then the noise it keeps for backward is
+    channels_last too (its fake says so from this test alone)."""
+    return (t.dim() in (4, 5) and event_dims == t.dim() - 1 and t.shape[1] % PIXEL_CHANNELS == 0
+            and t.numel() > 0 and not t.is_contiguous() and pixel_strides(t) is not None)
+
+
+def channels_last_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+
+
 # ------------------------------------------------------------------------------- batches of samples
 def sample_rows(x: torch.Tensor) -> torch.Tensor:
     """``(N, *)`` as ``(N, prod(*))``."""

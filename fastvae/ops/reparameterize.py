@@ -28,7 +28,7 @@ from ._checks import (
     REDUCTIONS, check_choice, check_event_dims, check_finite, check_float_tensor, check_logvar_clamp, check_same_layout,
     seed_tensor,
 )
-from ._layout import in_format
+from ._layout import channels_last_latents, in_format
 from ._op import Op
 
 try:
@@ -54,7 +54,8 @@ def _keeps_noise(mu: Tensor, seed: Optional[Tensor], keep_noise: bool) -> bool:
 
 
 def _present_noise(eps: Optional[Tensor], mu: Tensor) -> Tensor:
-    """The noise kept for backward (float32, contiguous, mu's shape), or an empty float32 tensor."""
+    """The noise kept for backward (float32, mu's shape; contiguous, or channels_last for channels_last latents), or
+    an empty float32 tensor."""
     return eps if eps is not None else mu.new_empty(0, dtype=torch.float32)
 
 
@@ -77,7 +78,10 @@ def _present(t: Optional[Tensor], mu: Tensor) -> Tensor:
 def _fake(mu, logvar, seed, reduction, logvar_clamp=None, event_dims=1, keep_noise=False):
     z = torch.empty_like(mu) if seed is not None else mu.new_empty(0)
     kept = backend.decide(mu) == "torch" and _keeps_noise(mu, seed, keep_noise)
-    eps = mu.new_empty(mu.shape, dtype=torch.float32) if kept else _present_noise(None, mu)
+    eps = _present_noise(None, mu)
+    if kept:  # the engine keeps it in channels_last memory order for channels_last latents, contiguous otherwise
+        eps = (torch.empty_like(mu, dtype=torch.float32) if channels_last_latents(mu, event_dims)
+               else mu.new_empty(mu.shape, dtype=torch.float32))
     if reduction is None:
         return z, mu.new_empty(0), eps
     if reduction == "none":
@@ -117,9 +121,12 @@ def _examples(n: int, d: int, device: torch.device) -> list[tuple]:
     mu, logvar = (half.float().requires_grad_() for half in h.chunk(2, dim=-1))  # strided views
     seed = torch.tensor([7], device=device)
     lat = torch.randn(2, 3, 4, 5, device=device).requires_grad_()
+    cl = torch.randn(2, 32, 2, 3, device=device).contiguous(memory_format=torch.channels_last)
+    mean_cl, logvar_cl = (half.detach().requires_grad_() for half in cl.chunk(2, dim=1))  # run in memory order
     return [(mu, logvar, seed, "batchmean", [-0.7, 0.4], 1, True), (mu, logvar, seed, None, None, 1),
             (mu, logvar, None, "none", [-0.2, 0.3], 1), (lat, lat.flip(1).detach() * 0.5, seed, "per_sample", None, 3),
-            (lat, lat.flip(1).detach() * 0.5, seed, "none", [-0.5, 0.5], 3, True)]
+            (lat, lat.flip(1).detach() * 0.5, seed, "none", [-0.5, 0.5], 3, True),
+            (mean_cl, logvar_cl, seed, "per_sample", [-0.5, 0.5], 3, True)]
 
 
 REPARAMETERIZE_KL = Op(

@@ -17,7 +17,7 @@ from torch import Tensor
 from ...reference.balanced_mse import HALF_LOG_2PI, sample_dims
 from ...reference.reduce import accumulation_dtype, expand_reduced_grad, reduce_loss
 from ...reference.reparameterize import clamp_logvar, clamp_logvar_grad
-from .._layout import in_format
+from .._layout import channels_last_format, channels_last_latents, in_format, pixel_strides
 from . import philox
 
 
@@ -257,13 +257,17 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
                       event_dims: int, keep_noise: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``reparameterize_kl`` on latents whose last ``event_dims`` dims form one sample, ``logvar`` clamped
     first: ``z`` and the elementwise KL in mu's memory format, a ``per_sample`` KL of shape
-    ``mu.shape[:-event_dims]``, and with ``keep_noise`` (and a seed) the float32 noise drawn, contiguous of mu's
-    shape, for the backward to read instead of drawing it again. Float32 accumulation with numba: ``loops``'s one
+    ``mu.shape[:-event_dims]``, and with ``keep_noise`` (and a seed) the float32 noise drawn, of mu's shape
+    (contiguous; channels_last for ``channels_last_latents``, which run in memory order), for the backward to read
+    instead of drawing it again. Float32 accumulation with numba: ``loops``'s one
     pass; otherwise the engine above on ``(samples, event elements)`` rows (a copy where no view exists)."""
     E = math.prod(mu.shape[mu.dim() - event_dims:])
     keep_noise = keep_noise and seed is not None
     loops = _loops_for(mu)
-    if loops is not None:  # z, the elementwise KL and eps already of mu's shape, contiguous
+    pixels = channels_last_latents(mu, event_dims)
+    if loops is not None and pixels:  # z, the elementwise KL and eps channels_last, in memory order
+        z, kl, eps = _pixel_forward(loops, mu, logvar, seed, reduction, logvar_clamp, keep_noise)
+    elif loops is not None:  # z, the elementwise KL and eps already of mu's shape, contiguous
         z, kl, eps = _fused_forward(loops, mu, logvar, seed, reduction, logvar_clamp, E, keep_noise)
     else:
         eps = philox.philox_randn(seed, (mu.numel() // E, E), mu.device) if keep_noise else None
@@ -273,10 +277,12 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
         eps = None if eps is None else eps.view(*mu.shape)
         z = None if z is None else z.view(*mu.shape)
         kl = kl.view(*mu.shape) if kl is not None and reduction == "none" else kl
-    if z is not None:
+    if pixels and loops is None and eps is not None:  # the noise in the format the fake states
+        eps = in_format(eps, mu)
+    if z is not None and not (pixels and loops is not None):  # (the pixel loops wrote it channels_last)
         z = in_format(z, mu)
     if kl is not None and reduction == "none":
-        kl = in_format(kl, mu)
+        kl = kl if pixels and loops is not None else in_format(kl, mu)
     elif kl is not None and reduction == "per_sample":
         kl = kl.view([*mu.shape[: mu.dim() - event_dims]])
     elif kl is not None and kl.dim():
@@ -292,6 +298,8 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
     E = math.prod(mu.shape[mu.dim() - event_dims:])
     eps = None if eps is None or grad_z is None else eps
     loops = _loops_for(mu)
+    if loops is not None and channels_last_latents(mu, event_dims):  # channels_last, in memory order
+        return _pixel_backward(loops, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, eps)
     if loops is not None:  # contiguous, of mu's shape
         grad_mu, grad_logvar = _fused_backward(loops, grad_z, grad_kl, mu, logvar, seed, reduction, logvar_clamp, E,
                                                eps)
@@ -489,3 +497,115 @@ def _fused_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Te
         has_grad_z and not saved_eps)
     del mu_owner, logvar_owner, g_z_owner, eps_owner  # (the copies, where any, lived through the loop)
     return _as_dtype(torch.from_numpy(grad_mu_np), mu.dtype), _as_dtype(torch.from_numpy(grad_logvar_np), mu.dtype)
+
+
+# ------------------------------------------------- reparameterize_kl on channels_last latents, in memory order
+def _pixels_at(t: Tensor) -> tuple[int, int, int, Tensor]:
+    """``(address, sample stride, pixel stride, owner)`` of ``t`` (``(B, C, *spatial)``) as the pixel loops read it:
+    ``t``'s own memory where it is float32 in ``pixel_strides``' layout (a channels_last tensor, a half of
+    ``chunk(2, dim=1)`` of one), else a channels_last float32 copy's (``owner``: what must live while a loop reads)."""
+    if t.dtype == torch.float32:
+        strides = pixel_strides(t)
+        if strides is not None:
+            return t.data_ptr(), strides[0], strides[1], t
+    copy = t.detach().to(torch.float32, memory_format=channels_last_format(t))
+    sample, pixel = pixel_strides(copy)
+    return copy.data_ptr(), sample, pixel, copy
+
+
+def _channels_last(rows: np.ndarray, like: Tensor) -> Tensor:
+    """A C-contiguous ``(B P, C)`` array of pixels as the channels_last tensor of ``like``'s shape it holds."""
+    n = like.dim()
+    pixels = torch.from_numpy(rows).view(like.shape[0], *like.shape[2:], like.shape[1])
+    return pixels.permute(0, n - 1, *range(1, n - 1))
+
+
+def _pixel_parts(B: int, P: int, C: int) -> int:
+    """Into how many parts of pixels the forward cuts each sample: up to 8 units of work in all where a part keeps
+    ``philox.DRAWING_PARALLEL_MIN`` elements (so that a batch of one splits over threads); from the shape only."""
+    parts = 1
+    while B * parts < 8 and P % (2 * parts) == 0 and P * C // (2 * parts) >= philox.DRAWING_PARALLEL_MIN:
+        parts *= 2
+    return parts
+
+
+def _pixel_forward(loops, mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction: str | None, logvar_clamp,
+                   keep_noise: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(z, kl, eps)`` of ``_fused_forward`` for ``channels_last_latents``: ``loops.reparameterize_kl_pixels`` reads
+    ``mu`` and ``logvar`` in place and writes ``z``, an elementwise KL and ``eps`` channels_last, so that no copy
+    of the latents is made in either direction; the noise is that of the logical flat index, bit for bit."""
+    B, C = mu.shape[0], mu.shape[1]
+    P = mu.numel() // (B * C)
+    mu_at, mu_sample, mu_pixel, mu_owner = _pixels_at(mu)
+    logvar_at, logvar_sample, logvar_pixel, logvar_owner = _pixels_at(logvar)
+    parts = _pixel_parts(B, P, C)
+    units = B * parts
+    z = terms = eps = _NONE
+    if seed is not None:
+        z = np.empty((B * P, C), np.float32)
+    if reduction == "none":
+        terms = np.empty((B * P, C), np.float32)
+    if keep_noise and seed is not None:
+        eps = np.empty((B * P, C), np.float32)
+    want_z, want_terms, want_eps = z is not _NONE, terms is not _NONE, eps is not _NONE
+    want_sums = reduction is not None and reduction != "none"
+    want_total = reduction == "batchmean" or reduction == "sum"
+    sums = np.empty(units if want_sums else 0)
+    total = np.empty((), np.float32)
+    total_np = total.reshape(1)
+    scale = 1.0 / B if reduction == "batchmean" else 1.0
+    seed_value = 0 if seed is None else seed.item()
+    clamp, lo, hi = _clamp_args(logvar_clamp)
+
+    def run(a: int, b: int) -> None:
+        loops.reparameterize_kl_pixels(mu_at, mu_sample, mu_pixel, logvar_at, logvar_sample, logvar_pixel, C, P,
+                                       parts, seed_value, a, b, clamp, lo, hi, want_z, z, want_terms, terms,
+                                       want_sums, sums, want_eps, eps, want_total and a == 0 and b == units, scale,
+                                       total_np)
+
+    if philox.split(run, units, B * P * C, draws=want_z) and want_total:
+        loops.scaled_total(sums, scale, total_np)
+    del mu_owner, logvar_owner  # (the copies, where any, lived through the loop)
+    z = _as_dtype(_channels_last(z, mu), mu.dtype) if want_z else None
+    eps = _channels_last(eps, mu) if want_eps else None
+    if reduction is None:
+        return z, None, eps
+    if want_total:
+        return z, torch.from_numpy(total), eps
+    if want_terms:
+        return z, _as_dtype(_channels_last(terms, mu), mu.dtype), eps
+    if parts > 1:  # each sample's parts, added in order
+        sums = sums.reshape(B, parts).sum(axis=1)
+    return z, torch.from_numpy(sums).to(torch.float32), eps
+
+
+def _pixel_backward(loops, grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+                    seed: Tensor | None, reduction: str, logvar_clamp, eps: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(d mu, d logvar)`` of ``_fused_backward`` for ``channels_last_latents``, channels_last, from
+    ``loops.reparameterize_kl_pixels_backward``: the latents, ``grad_z``, the kept ``eps`` and an elementwise
+    ``grad_kl`` read in place where they are channels_last (channels_last copies otherwise)."""
+    B, C = mu.shape[0], mu.shape[1]
+    P = mu.numel() // (B * C)
+    mu_at, mu_sample, mu_pixel, mu_owner = _pixels_at(mu)
+    logvar_at, logvar_sample, logvar_pixel, logvar_owner = _pixels_at(logvar)
+    g_z_at, g_z_sample, g_z_pixel, g_z_owner = (0, 0, 0, None) if grad_z is None else _pixels_at(grad_z)
+    eps_at, eps_sample, eps_pixel, eps_owner = (0, 0, 0, None) if eps is None else _pixels_at(eps)
+    elementwise = grad_kl is not None and reduction == "none"
+    g_kl_at, g_kl_sample, g_kl_pixel, g_kl_owner = _pixels_at(grad_kl) if elementwise else (0, 0, 0, None)
+    if grad_kl is None or elementwise:
+        g_values = _ZERO_GRAD[0]
+    elif reduction == "per_sample":
+        g_values = _float32_rows(grad_kl, 1).reshape(B)
+    else:  # one gradient for every element: a number, divided here for batchmean
+        g_values = np.array([float(grad_kl) / (B if reduction == "batchmean" else 1)], np.float32)
+    grad_mu, grad_logvar = np.empty((B * P, C), np.float32), np.empty((B * P, C), np.float32)
+    seed_value = 0 if grad_z is None or eps is not None else seed.item()
+    clamp, lo, hi = _clamp_args(logvar_clamp)
+    has_grad_z, has_grad_kl, saved_eps = grad_z is not None, grad_kl is not None, eps is not None
+    philox.split(lambda a, b: loops.reparameterize_kl_pixels_backward(
+        g_z_at, g_z_sample, g_z_pixel, g_kl_at, g_kl_sample, g_kl_pixel, g_values, mu_at, mu_sample, mu_pixel,
+        logvar_at, logvar_sample, logvar_pixel, C, P, seed_value, a, b, clamp, lo, hi, has_grad_z, has_grad_kl,
+        elementwise, grad_mu, grad_logvar, saved_eps, eps_at, eps_sample, eps_pixel), B * P, B * P * C,
+        has_grad_z and not saved_eps)
+    del mu_owner, logvar_owner, g_z_owner, eps_owner, g_kl_owner  # (the copies lived through the loop)
+    return (_as_dtype(_channels_last(grad_mu, mu), mu.dtype), _as_dtype(_channels_last(grad_logvar, mu), mu.dtype))

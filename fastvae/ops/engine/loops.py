@@ -96,7 +96,7 @@ _from_bits32 = _bitcast(types.int32, types.float32)
 _M32, _H32, _S32 = np.uint64(M32), np.uint64(2**31), np.uint64(32)
 _RA, _RB, _KA, _KB = np.uint64(ROUND_A), np.uint64(ROUND_B), np.uint64(KEY_A), np.uint64(KEY_B)
 _SCALE, _TINY = np.float32(INT32_TO_UNIFORM), np.float32(MIN_UNIFORM)
-_TWO_PI32, _ZERO = np.float32(2 * math.pi), np.uint64(0)
+_TWO_PI32, _ZERO, _STEP1 = np.float32(2 * math.pi), np.uint64(0), np.uint64(1)
 
 
 @_jit(inline="always")
@@ -247,31 +247,32 @@ def _clamped(logvar, clamp, lo, hi):
 # LLVM vectorizes a loop only when it can check at run time that its arrays do not overlap (it gives up beyond a
 # handful of such checks) and when its body has no control flow it cannot turn into selects.
 @_jit(inline="always")
-def _z_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, z):
-    """``z[j] = mu[j] + exp(logvar[j] / 2) eps(first + j)`` over one row."""
+def _z_row(mu, logvar, clamp, lo, hi, first, step, seed_lo, seed_hi, z):
+    """``z[j] = mu[j] + exp(logvar[j] / 2) eps(first + j step)`` over one row (``step``: 1 along a row of the logical
+    order, the pixels' count ``P`` along a pixel's channels)."""
     for j in range(mu.shape[0]):
         std = _exp(_HALF * _clamped(logvar[j], clamp, lo, hi))
-        z[j] = mu[j] + std * _normal(first + np.uint64(j), seed_lo, seed_hi)
+        z[j] = mu[j] + std * _normal(first + np.uint64(j) * step, seed_lo, seed_hi)
 
 
 @_jit(inline="always")
-def _z_eps_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, z, eps):
+def _z_eps_row(mu, logvar, clamp, lo, hi, first, step, seed_lo, seed_hi, z, eps):
     """``_z_row``, and the noise it drew in ``eps``."""
     for j in range(mu.shape[0]):
         std = _exp(_HALF * _clamped(logvar[j], clamp, lo, hi))
-        e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+        e = _normal(first + np.uint64(j) * step, seed_lo, seed_hi)
         eps[j] = e
         z[j] = mu[j] + std * e
 
 
 @_jit(inline="always")
-def _z_kl_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z, eps, terms):
+def _z_kl_row(mu, logvar, clamp, lo, hi, first, step, seed_lo, seed_hi, want_eps, z, eps, terms):
     """``_z_row`` (``_z_eps_row`` when ``want_eps``) and ``_kl_row`` in one pass, ``std`` computed once."""
     if want_eps:
         for j in range(mu.shape[0]):
             m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
             std = _exp(_HALF * lv)
-            e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+            e = _normal(first + np.uint64(j) * step, seed_lo, seed_hi)
             eps[j] = e
             z[j] = m + std * e
             terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
@@ -279,7 +280,7 @@ def _z_kl_row(mu, logvar, clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z, e
         for j in range(mu.shape[0]):
             m, lv = mu[j], _clamped(logvar[j], clamp, lo, hi)
             std = _exp(_HALF * lv)
-            z[j] = m + std * _normal(first + np.uint64(j), seed_lo, seed_hi)
+            z[j] = m + std * _normal(first + np.uint64(j) * step, seed_lo, seed_hi)
             terms[j] = _HALF * ((m * m + std * std) - lv - _ONE)
 
 
@@ -315,12 +316,12 @@ def reparameterize_kl_rows(mu, mu_stride, logvar, logvar_stride, E, parts, seed,
         first = np.uint64(r * E)
         m, lv = _part_at(mu, mu_stride, r, parts, E), _part_at(logvar, logvar_stride, r, parts, E)
         if want_z and (want_terms or want_sums):
-            _z_kl_row(m, lv, clamp, lo, hi, first, seed_lo, seed_hi, want_eps, z[r],
+            _z_kl_row(m, lv, clamp, lo, hi, first, _STEP1, seed_lo, seed_hi, want_eps, z[r],
                       eps[r if want_eps else 0], terms[r] if want_terms else scratch)
         elif want_z and want_eps:
-            _z_eps_row(m, lv, clamp, lo, hi, first, seed_lo, seed_hi, z[r], eps[r])
+            _z_eps_row(m, lv, clamp, lo, hi, first, _STEP1, seed_lo, seed_hi, z[r], eps[r])
         elif want_z:
-            _z_row(m, lv, clamp, lo, hi, first, seed_lo, seed_hi, z[r])
+            _z_row(m, lv, clamp, lo, hi, first, _STEP1, seed_lo, seed_hi, z[r])
         elif want_terms:
             _kl_row(m, lv, clamp, lo, hi, terms[r])
         elif want_sums:
@@ -364,10 +365,11 @@ def _through_clamp(d, raw, clamp, lo, hi):
 
 
 @_jit(inline="always")
-def _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved, eps, raw, clamp, lo, hi, first, seed_lo, seed_hi,
-                     d_lv):
+def _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved, eps, raw, clamp, lo, hi, first, step, seed_lo,
+                     seed_hi, d_lv):
     """``d_lv[j] = g_kl (std^2 - 1) / 2 + g_z eps std / 2`` through the clamp, ``eps`` read from ``eps`` when
-    ``saved``, else drawn from the seed (``g_kl``, ``g``, ``elementwise`` as in ``_grad_mu_row``)."""
+    ``saved``, else drawn from the seed (counters ``first + j step``; ``g_kl``, ``g``, ``elementwise`` as in
+    ``_grad_mu_row``)."""
     E = raw.shape[0]
     if not has_grad_z and elementwise:
         for j in range(E):
@@ -386,12 +388,12 @@ def _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved, eps, raw, cla
     elif elementwise:
         for j in range(E):
             d, std = _kl_grad(g_kl[j], raw[j], clamp, lo, hi)
-            e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+            e = _normal(first + np.uint64(j) * step, seed_lo, seed_hi)
             d_lv[j] = _through_clamp(d + _HALF * g_z[j] * std * e, raw[j], clamp, lo, hi)
     else:
         for j in range(E):
             d, std = _kl_grad(g, raw[j], clamp, lo, hi)
-            e = _normal(first + np.uint64(j), seed_lo, seed_hi)
+            e = _normal(first + np.uint64(j) * step, seed_lo, seed_hi)
             d_lv[j] = _through_clamp(d + _HALF * g_z[j] * std * e, raw[j], clamp, lo, hi)
 
 
@@ -418,8 +420,96 @@ def reparameterize_kl_rows_backward(grad_z, grad_z_stride, grad_kl, mu, mu_strid
         _grad_mu_row(g_z, g_kl, g, elementwise, has_grad_z, _row_at(mu, mu_stride, r, E), grad_mu[r])
         _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved_eps,
                          _row_at(eps, eps_stride, r if saved_eps else 0, E if saved_eps else 0),
-                         _row_at(logvar, logvar_stride, r, E), clamp, lo, hi, np.uint64(r * E), seed_lo, seed_hi,
-                         grad_logvar[r])
+                         _row_at(logvar, logvar_stride, r, E), clamp, lo, hi, np.uint64(r * E), _STEP1, seed_lo,
+                         seed_hi, grad_logvar[r])
+
+
+# ------------------------------------------------------------------ reparameterize_kl on channels_last latents
+@_jit(inline="always")
+def _pixel_at(address, sample_stride, pixel_stride, b, p, C):
+    """The ``C`` contiguous channels of pixel ``p`` of sample ``b`` of float32 latents whose samples are
+    ``sample_stride`` and pixels ``pixel_stride`` elements apart from ``address`` on (``_layout.pixel_strides``)."""
+    return numba.carray(_float32_at(address + (b * sample_stride + p * pixel_stride) * 4), C)
+
+
+_PIXEL_BLOCK = 4096
+"""The elementwise KL of this many elements (whole pixels) goes through a scratch block in L1 before it is summed."""
+
+
+@_jit
+def reparameterize_kl_pixels(mu, mu_sample, mu_pixel, logvar, logvar_sample, logvar_pixel, C, P, parts, seed,
+                             first_unit, end_unit, clamp, lo, hi, want_z, z, want_terms, terms, want_sums, sums,
+                             want_eps, eps, want_total, scale, total):
+    """``reparameterize_kl_rows`` on ``(B, C, *spatial)`` latents in channels_last memory, read and written in memory
+    order: ``mu`` and ``logvar`` are read in place (``_pixel_at``: the halves of ``chunk(2, dim=1)`` of a
+    channels_last encoder output), and ``z``, ``terms`` and ``eps`` are C-contiguous ``(B P, C)`` arrays, row
+    ``b P + p`` the channels of pixel ``p`` of sample ``b`` (a channels_last tensor's memory). The noise stays that of
+    the logical (NCHW) flat index: element ``(b, c, p)`` draws counter ``b C P + c P + p``, ``eps`` bit for bit that of
+    ``reparameterize_kl_rows``. A unit is part ``u % parts`` (``P / parts`` pixels) of sample ``u // parts``;
+    ``sums[u]`` its KL in float64, summed over blocks of pixels in order; units ``first_unit .. end_unit - 1`` run
+    here (threads split the units; the sums do not depend on the split). ``total`` and the flags as in
+    ``reparameterize_kl_rows``."""
+    _wide_vectors()
+    seed_lo, seed_hi = _seed_words(seed)
+    step = np.uint64(P)
+    block = max(1, _PIXEL_BLOCK // C)
+    scratch = np.empty((block if want_sums else 1, C), np.float32)
+    flat = scratch.reshape(-1)
+    part_pixels = P // parts
+    for u in range(first_unit, end_unit):
+        b = u // parts
+        start = (u % parts) * part_pixels
+        end = start + part_pixels
+        acc = 0.0
+        for p0 in range(start, end, block):
+            p1 = min(p0 + block, end)
+            for p in range(p0, p1):
+                r = b * P + p
+                m = _pixel_at(mu, mu_sample, mu_pixel, b, p, C)
+                lv = _pixel_at(logvar, logvar_sample, logvar_pixel, b, p, C)
+                first = np.uint64(b * C * P + p)
+                out = terms[r if want_terms else 0] if want_terms else scratch[p - p0 if want_sums else 0]
+                if want_z and (want_terms or want_sums):
+                    _z_kl_row(m, lv, clamp, lo, hi, first, step, seed_lo, seed_hi, want_eps, z[r],
+                              eps[r if want_eps else 0], out)
+                elif want_z and want_eps:
+                    _z_eps_row(m, lv, clamp, lo, hi, first, step, seed_lo, seed_hi, z[r], eps[r])
+                elif want_z:
+                    _z_row(m, lv, clamp, lo, hi, first, step, seed_lo, seed_hi, z[r])
+                else:
+                    _kl_row(m, lv, clamp, lo, hi, out)
+            if want_sums:
+                acc += _row_sum(flat[: (p1 - p0) * C])
+        if want_sums:
+            sums[u] = acc
+    if want_total:
+        scaled_total(sums, scale, total)
+
+
+@_jit
+def reparameterize_kl_pixels_backward(grad_z, grad_z_sample, grad_z_pixel, grad_kl, grad_kl_sample, grad_kl_pixel,
+                                      g_values, mu, mu_sample, mu_pixel, logvar, logvar_sample, logvar_pixel, C, P,
+                                      seed, first_row, end_row, clamp, lo, hi, has_grad_z, has_grad_kl, elementwise,
+                                      grad_mu, grad_logvar, saved_eps, eps, eps_sample, eps_pixel):
+    """``reparameterize_kl_rows_backward`` on channels_last latents in memory order, as
+    ``reparameterize_kl_pixels`` reads them: rows ``first_row .. end_row - 1`` of ``B P`` pixels (row ``b P + p``),
+    ``grad_z``, ``mu``, ``logvar``, ``eps`` and an elementwise ``grad_kl`` (``elementwise``) read in place at their
+    sample and pixel strides, ``grad_mu`` and ``grad_logvar`` C-contiguous ``(B P, C)``; ``g_values`` the gradient
+    of a reduced KL, one per sample (``B``) or one for all (``1``). The noise drawn again (no ``saved_eps``) is that
+    of the logical flat index."""
+    _wide_vectors()
+    seed_lo, seed_hi = _seed_words(seed)
+    step = np.uint64(P)
+    for r in range(first_row, end_row):
+        b, p = r // P, r % P
+        g = g_values[b if g_values.shape[0] > 1 else 0] if has_grad_kl and not elementwise else _F(0.0)
+        g_z = _pixel_at(grad_z, grad_z_sample, grad_z_pixel, b, p, C if has_grad_z else 0)
+        g_kl = _pixel_at(grad_kl, grad_kl_sample, grad_kl_pixel, b, p, C if elementwise else 0)
+        _grad_mu_row(g_z, g_kl, g, elementwise, has_grad_z, _pixel_at(mu, mu_sample, mu_pixel, b, p, C), grad_mu[r])
+        _grad_logvar_row(g_z, g_kl, g, elementwise, has_grad_z, saved_eps,
+                         _pixel_at(eps, eps_sample, eps_pixel, b, p, C if saved_eps else 0),
+                         _pixel_at(logvar, logvar_sample, logvar_pixel, b, p, C), clamp, lo, hi,
+                         np.uint64(b * C * P + p), step, seed_lo, seed_hi, grad_logvar[r])
 
 
 # ------------------------------------------------------------------------------ moments, variance_law
@@ -459,26 +549,48 @@ def column_moments(z, correction, logvar, with_logvar, mean, var):
             var[a, c] = squares[c] / (N - correction) + spread[c] / N
 
 
+_TILE = 1024
+"""``rows_variance_law_backward`` runs blocks of whole rows of about this many elements as one flat loop, against
+per-column factors tiled to the block's length: rows of a few columns would each pay a loop's setup."""
+
+
+@_jit(inline="always")
+def _affine_flat(x, shift, center, scale, out):
+    """``out[j] = shift[j] + (x[j] - center[j]) scale[j]``."""
+    for j in range(x.shape[0]):
+        out[j] = shift[j] + (x[j] - center[j]) * scale[j]
+
+
+@_jit(inline="always")
+def _exp_scaled_flat(x, scale, out):
+    """``out[j] = exp(x[j]) scale[j]``."""
+    for j in range(x.shape[0]):
+        out[j] = _exp(x[j]) * scale[j]
+
+
 @_jit
 def rows_variance_law_backward(grad_mean, grad_var, mu, mean, logvar, grad_mu, grad_logvar):
     """The gradients of ``variance_law`` over the ``N`` rows of float32 ``(N, C)`` ``mu`` and ``logvar``
     (C-contiguous), float32: ``d mu = g_mean / N + g_var 2 (mu - mean) / N``, ``d logvar = g_var exp(logvar) / N``,
-    with ``g_mean`` and ``g_var`` of ``(C,)`` (zeros where no gradient flows)."""
+    with ``g_mean`` and ``g_var`` of ``(C,)`` (zeros where no gradient flows), in flat blocks of whole rows
+    (``_TILE``). One thread: a second costs more than it saves at 10000 x 16 (memory-bound)."""
     _wide_vectors()
     N, C = mu.shape
     n = _F(N)
-    shift = np.empty(C, np.float32)
-    scale = np.empty(C, np.float32)
-    spread = np.empty(C, np.float32)
-    for c in range(C):
-        shift[c] = grad_mean[c] / n
-        scale[c] = grad_var[c] * _F(2.0 / N)
-        spread[c] = grad_var[c] / n
-    for r in range(N):
-        m, d_mu = mu[r], grad_mu[r]
+    k = max(1, _TILE // C)
+    shift = np.empty(k * C, np.float32)
+    center = np.empty(k * C, np.float32)
+    scale = np.empty(k * C, np.float32)
+    spread = np.empty(k * C, np.float32)
+    for i in range(k):
         for c in range(C):
-            d_mu[c] = shift[c] + (m[c] - mean[c]) * scale[c]
-    for r in range(N):
-        lv, d_lv = logvar[r], grad_logvar[r]
-        for c in range(C):
-            d_lv[c] = _exp(lv[c]) * spread[c]
+            shift[i * C + c] = grad_mean[c] / n
+            center[i * C + c] = mean[c]
+            scale[i * C + c] = grad_var[c] * _F(2.0 / N)
+            spread[i * C + c] = grad_var[c] / n
+    m, d_mu = mu.reshape(-1), grad_mu.reshape(-1)
+    lv, d_lv = logvar.reshape(-1), grad_logvar.reshape(-1)
+    for r in range(0, N, k):
+        base, count = r * C, (min(r + k, N) - r) * C
+        _affine_flat(m[base:base + count], shift, center, scale, d_mu[base:base + count])
+        _exp_scaled_flat(lv[base:base + count], spread, d_lv[base:base + count])

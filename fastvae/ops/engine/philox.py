@@ -38,6 +38,10 @@ def _probe(loops: ModuleType) -> None:
     at = row.ctypes.data
     loops.reparameterize_kl_rows_backward(at, 1, row, at, 1, at, 1, 1, 1, 0, 1, True, lo, hi, True, True, row.copy(),
                                           row.copy(), True, at, 1)
+    loops.reparameterize_kl_pixels(at, 1, 1, at, 1, 1, 1, 1, 1, 1, 0, 1, True, lo, hi, True, row.copy(), True,
+                                   row.copy(), True, sums, True, row.copy(), True, 1.0, np.empty(1, np.float32))
+    loops.reparameterize_kl_pixels_backward(at, 1, 1, at, 1, 1, np.zeros(1, np.float32), at, 1, 1, at, 1, 1, 1, 1, 1, 0,
+                                            1, True, lo, hi, True, True, True, row.copy(), row.copy(), True, at, 1, 1)
     loops.scaled_total(sums, 1.0, np.empty(1, np.float32))
     cube = np.zeros((1, 1, 1), np.float32)
     loops.column_moments(cube, 0, cube, True, row.copy(), row.copy())
