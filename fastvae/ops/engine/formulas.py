@@ -265,7 +265,8 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
     keep_noise = keep_noise and seed is not None
     loops = _loops_for(mu)
     pixels = channels_last_latents(mu, event_dims)
-    if loops is not None and pixels:  # z, the elementwise KL and eps channels_last, in memory order
+    in_memory_order = loops is not None and pixels  # z, the elementwise KL and eps written channels_last
+    if in_memory_order:
         z, kl, eps = _pixel_forward(loops, mu, logvar, seed, reduction, logvar_clamp, keep_noise)
     elif loops is not None:  # z, the elementwise KL and eps already of mu's shape, contiguous
         z, kl, eps = _fused_forward(loops, mu, logvar, seed, reduction, logvar_clamp, E, keep_noise)
@@ -277,15 +278,13 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, seed: Tensor | None, reduction
         eps = None if eps is None else eps.view(*mu.shape)
         z = None if z is None else z.view(*mu.shape)
         kl = kl.view(*mu.shape) if kl is not None and reduction == "none" else kl
-    if pixels and loops is None and eps is not None:  # the noise in the format the fake states
-        eps = in_format(eps, mu)
-    if z is not None and not (pixels and loops is not None):  # (the pixel loops wrote it channels_last)
-        z = in_format(z, mu)
-    if kl is not None and reduction == "none":
-        kl = kl if pixels and loops is not None else in_format(kl, mu)
-    elif kl is not None and reduction == "per_sample":
+    if not in_memory_order:  # into mu's memory format (the noise too, as the fake states, for channels_last latents)
+        eps = in_format(eps, mu) if pixels and eps is not None else eps
+        z = None if z is None else in_format(z, mu)
+        kl = in_format(kl, mu) if kl is not None and reduction == "none" else kl
+    if kl is not None and reduction == "per_sample":
         kl = kl.view([*mu.shape[: mu.dim() - event_dims]])
-    elif kl is not None and kl.dim():
+    elif kl is not None and reduction != "none" and kl.dim():
         kl = kl.view(())
     return z, kl, eps
 
